@@ -1,0 +1,46 @@
+// Command m2ctl is the user's command line for the Mamba-2 training system:
+// model numerics checks, single-process training, datasets, and the job API of
+// the coordinator. Each command group lives in its own file and registers
+// itself on the root command in an init function.
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+
+	"github.com/spf13/cobra"
+)
+
+// Exit codes: 0 success, 1 a failure of the operation, 2 bad usage or input.
+const (
+	exitFailure = 1
+	exitUsage   = 2
+)
+
+// usageError marks an error caused by the user's input (flags, files, specs);
+// m2ctl exits with exitUsage for it.
+type usageError struct{ err error }
+
+func (e usageError) Error() string { return e.err.Error() }
+func (e usageError) Unwrap() error { return e.err }
+
+func usagef(format string, args ...any) error { return usageError{fmt.Errorf(format, args...)} }
+
+var root = &cobra.Command{
+	Use:           "m2ctl",
+	Short:         "Train Mamba-2 language models on one machine or a cluster",
+	SilenceUsage:  true,
+	SilenceErrors: true,
+}
+
+func main() {
+	if err := root.Execute(); err != nil {
+		fmt.Fprintln(os.Stderr, "m2ctl:", err)
+		var ue usageError
+		if errors.As(err, &ue) {
+			os.Exit(exitUsage)
+		}
+		os.Exit(exitFailure)
+	}
+}
