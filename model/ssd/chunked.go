@@ -1,0 +1,288 @@
+package ssd
+
+import (
+	"math"
+
+	"github.com/m2train/m2train/model"
+)
+
+// Workspace holds the buffers of the chunked algorithm so that repeated
+// calls (one forward and one backward per layer per training step) do not
+// allocate. The zero value is ready to use; buffers grow to the largest
+// problem seen. A Workspace must not be used by two calls at once.
+type Workspace[T model.Float] struct {
+	a     []float64 // (H): A = -exp(A_log)
+	dt    []float64 // (Bt, H, L): clamped dt
+	cs    []float64 // (Bt, H, L): inclusive cumsum of dt·A, restarting at every chunk
+	lam   []float64 // (Bt, H, nc): chunk totals Λ_c
+	dlam  []float64 // (Bt, H, nc): ∂loss/∂Λ_c (backward)
+	st    []T       // (Bt, H, nc+1, P, N): chunk states, then Hin_c; [nc] is the final state
+	gst   []T       // (Bt, H, nc+1, P, N): dP_c, then ∂loss/∂Hin_c; [c+1] is Gc_c (backward)
+	cb    []T       // (Bt, G, nc, Q, Q): C_i·B_j, lower triangle (backward)
+	ddt   []float64 // (Bt, H, L): direct ∂loss/∂dt (backward)
+	da    []float64 // (Bt, H, L): ∂loss/∂a (backward)
+	dD    []float64 // (Bt, H, nc, P or 1): per-chunk partials of ∂loss/∂D (backward)
+	accum paramAccum
+	work  []chunkScratch[T]
+}
+
+// chunkScratch is the per-goroutine scratch space of the chunked algorithm.
+type chunkScratch[T model.Float] struct {
+	cb    []T       // (Q, Q)
+	dcb   []T       // (Q, Q): dCB summed over the heads of a group
+	br    []T       // (Q, P): the bracket of §4.6 B3 for dx and ddt
+	gB    []T       // (P)
+	tmp   []T       // (N)
+	f64   []float64 // (3Q): intra, u, v of §4.6 B4
+	coefs []T       // (Q)
+}
+
+// Forward runs the chunked SSD algorithm of §3 with chunk length o.Chunk and
+// writes Y, FinalState and LogDecay. It allocates its scratch space; see
+// Workspace.Forward to reuse it.
+func Forward[T model.Float](d Dims, o Options, in *Inputs[T], out *Outputs[T]) error {
+	var ws Workspace[T]
+	return ws.Forward(d, o, in, out)
+}
+
+// Backward computes every gradient of the chunked forward (§4.6 B1–B4, then
+// the scalar chain of §4.4), recomputing the forward quantities it needs from
+// the inputs. dY is ∂loss/∂Y and dFinal ∂loss/∂FinalState (nil means zero).
+// It allocates its scratch space; see Workspace.Backward to reuse it.
+func Backward[T model.Float](d Dims, o Options, in *Inputs[T], dY, dFinal []T, g *Grads[T]) error {
+	var ws Workspace[T]
+	return ws.Backward(d, o, in, dY, dFinal, g)
+}
+
+// chunkGeom describes the chunking of one call.
+type chunkGeom struct {
+	Dims
+	Q, nc, R, PN int
+	dPer         int
+	lo, hi       float64
+}
+
+func newGeom(d Dims, o Options) chunkGeom {
+	lo, hi := o.dtLimit()
+	dPer := 1
+	if o.DHasHdim {
+		dPer = d.P
+	}
+	// A chunk longer than the sequence is the whole sequence.
+	q := min(o.Chunk, d.L)
+	return chunkGeom{Dims: d, Q: q, nc: (d.L + q - 1) / q, R: d.H / d.G, PN: d.P * d.N, dPer: dPer, lo: lo, hi: hi}
+}
+
+// span returns the first position and the number of real positions of
+// chunk c. Positions past L are the padding of §3.3 (dt = 0, x = B = C = 0);
+// they contribute nothing and are never visited.
+func (k *chunkGeom) span(c int) (t0, q int) {
+	t0 = c * k.Q
+	return t0, min(k.Q, k.L-t0)
+}
+
+func (ws *Workspace[T]) prepare(k *chunkGeom, nw int, backward bool) {
+	bh := k.Batch * k.H
+	ws.a = grow(ws.a, k.H)
+	ws.dt = grow(ws.dt, bh*k.L)
+	ws.cs = grow(ws.cs, bh*k.L)
+	ws.lam = grow(ws.lam, bh*k.nc)
+	ws.st = grow(ws.st, bh*(k.nc+1)*k.PN)
+	if backward {
+		ws.dlam = grow(ws.dlam, bh*k.nc)
+		ws.gst = grow(ws.gst, bh*(k.nc+1)*k.PN)
+		ws.cb = grow(ws.cb, k.Batch*k.G*k.nc*k.Q*k.Q)
+		ws.ddt = grow(ws.ddt, bh*k.L)
+		ws.da = grow(ws.da, bh*k.L)
+		ws.dD = grow(ws.dD, bh*k.nc*k.dPer)
+		ws.accum.dtBias = grow(ws.accum.dtBias, bh)
+		ws.accum.dA = grow(ws.accum.dA, bh)
+		ws.accum.dD = grow(ws.accum.dD, bh*k.dPer)
+	}
+	if len(ws.work) < nw {
+		ws.work = append(ws.work, make([]chunkScratch[T], nw-len(ws.work))...)
+	}
+	for w := 0; w < nw; w++ {
+		s := &ws.work[w]
+		s.cb = grow(s.cb, k.Q*k.Q)
+		s.coefs = grow(s.coefs, k.Q)
+		if backward {
+			s.dcb = grow(s.dcb, k.Q*k.Q)
+			s.br = grow(s.br, k.Q*k.P)
+			s.gB = grow(s.gB, k.P)
+			s.tmp = grow(s.tmp, k.N)
+			s.f64 = grow(s.f64, 3*k.Q)
+		}
+	}
+}
+
+// headRow returns the P-vector of a (Bt, L, H, P) tensor at (b, t, h).
+func headRow[T model.Float](k *chunkGeom, s []T, b, t, h int) []T {
+	o := ((b*k.L+t)*k.H + h) * k.P
+	return s[o : o+k.P : o+k.P]
+}
+
+// groupRow returns the N-vector of a (Bt, L, G, N) tensor at (b, t, g).
+func groupRow[T model.Float](k *chunkGeom, s []T, b, t, g int) []T {
+	o := ((b*k.L+t)*k.G + g) * k.N
+	return s[o : o+k.N : o+k.N]
+}
+
+// stateAt returns the P×N state c of (b, h) in a (Bt, H, nc+1, P, N) buffer.
+func stateAt[T model.Float](k *chunkGeom, s []T, bh, c int) []T {
+	o := (bh*(k.nc+1) + c) * k.PN
+	return s[o : o+k.PN : o+k.PN]
+}
+
+// chunkCumsum computes dt, the per-chunk inclusive cumsum of a = dt·A and
+// the chunk totals Λ_c for every (b, h) (mamba_ssm's _chunk_cumsum_fwd).
+func (ws *Workspace[T]) chunkCumsum(k *chunkGeom, nw int, in *Inputs[T]) {
+	negA(in.ALog, ws.a)
+	parallelFor(nw, k.Batch*k.H, func(_, bh int) {
+		b, h := bh/k.H, bh%k.H
+		bias, a := float64(in.DTBias[h]), ws.a[h]
+		dt := ws.dt[bh*k.L : (bh+1)*k.L]
+		cs := ws.cs[bh*k.L : (bh+1)*k.L]
+		for t := range dt {
+			dt[t], _ = discretize(float64(in.DTRaw[(b*k.L+t)*k.H+h])+bias, k.lo, k.hi)
+		}
+		for c := 0; c < k.nc; c++ {
+			t0, q := k.span(c)
+			var run float64
+			for i := 0; i < q; i++ {
+				run += dt[t0+i] * a
+				cs[t0+i] = run
+			}
+			ws.lam[bh*k.nc+c] = run
+		}
+	})
+}
+
+// bmmChunk writes CB[i, j] = C_i·B_j for j <= i of chunk c of (b, g) into
+// cb (row stride Q).
+func bmmChunk[T model.Float](k *chunkGeom, in *Inputs[T], b, g, c int, cb []T) {
+	t0, q := k.span(c)
+	for i := 0; i < q; i++ {
+		ci := groupRow(k, in.C, b, t0+i, g)
+		row := cb[i*k.Q : i*k.Q+i+1]
+		for j := range row {
+			row[j] = dot(ci, groupRow(k, in.B, b, t0+j, g))
+		}
+	}
+}
+
+// chunkState writes S_c = Σ_j exp(Λ_c − cs_j)·dt_j·x_j B_jᵀ, the state that
+// chunk c of (b, h) produces from a zero state, into s (P×N).
+func (ws *Workspace[T]) chunkState(k *chunkGeom, in *Inputs[T], b, h, c int, s []T) {
+	t0, q := k.span(c)
+	bh := b*k.H + h
+	dt := ws.dt[bh*k.L+t0 : bh*k.L+t0+q]
+	cs := ws.cs[bh*k.L+t0 : bh*k.L+t0+q]
+	lam := cs[q-1]
+	g := h / k.R
+	clear(s)
+	for j := 0; j < q; j++ {
+		w := T(math.Exp(lam-cs[j]) * dt[j])
+		x, bj := headRow(k, in.X, b, t0+j, h), groupRow(k, in.B, b, t0+j, g)
+		for p, xp := range x {
+			axpy(w*xp, bj, s[p*k.N:(p+1)*k.N])
+		}
+	}
+}
+
+// statePassing turns the chunk states st[c+1] = S_c of (b, h) into the
+// states entering each chunk, Hin_{c+1} = exp(Λ_c)·Hin_c + S_c, with
+// st[0] = the initial state. st[nc] is then the final state.
+func (ws *Workspace[T]) statePassing(k *chunkGeom, in *Inputs[T], bh int) {
+	h0 := stateAt(k, ws.st, bh, 0)
+	if in.InitState != nil {
+		copy(h0, in.InitState[bh*k.PN:(bh+1)*k.PN])
+	} else {
+		clear(h0)
+	}
+	for c := 0; c < k.nc; c++ {
+		axpy(T(math.Exp(ws.lam[bh*k.nc+c])), stateAt(k, ws.st, bh, c), stateAt(k, ws.st, bh, c+1))
+	}
+}
+
+// Forward is the chunked forward of §3.2 using the workspace's buffers.
+func (ws *Workspace[T]) Forward(d Dims, o Options, in *Inputs[T], out *Outputs[T]) error {
+	if err := checkInputs(d, o, in, true); err != nil {
+		return err
+	}
+	if err := checkOutputs(d, o, out); err != nil {
+		return err
+	}
+	k := newGeom(d, o)
+	nw := workers()
+	ws.prepare(&k, nw, false)
+	ws.chunkCumsum(&k, nw, in)
+
+	// Steps (0)-(2) per (b, group, chunk): CB once per group, then for each
+	// head of the group the diagonal block plus D·x and the chunk state.
+	parallelFor(nw, k.Batch*k.G*k.nc, func(w, item int) {
+		s := &ws.work[w]
+		c := item % k.nc
+		b, g := item/k.nc/k.G, item/k.nc%k.G
+		t0, q := k.span(c)
+		bmmChunk(&k, in, b, g, c, s.cb)
+		for h := g * k.R; h < (g+1)*k.R; h++ {
+			bh := b*k.H + h
+			dt := ws.dt[bh*k.L+t0 : bh*k.L+t0+q]
+			cs := ws.cs[bh*k.L+t0 : bh*k.L+t0+q]
+			for i := 0; i < q; i++ {
+				y := headRow(&k, out.Y, b, t0+i, h)
+				xi := headRow(&k, in.X, b, t0+i, h)
+				if o.DHasHdim {
+					dp := in.D[h*k.P : (h+1)*k.P]
+					for p := range y {
+						y[p] = dp[p] * xi[p]
+					}
+				} else {
+					dh := in.D[h]
+					for p := range y {
+						y[p] = dh * xi[p]
+					}
+				}
+				coef := s.coefs[:i+1]
+				cbRow := s.cb[i*k.Q : i*k.Q+i+1]
+				for j := range coef {
+					coef[j] = T(math.Exp(cs[i]-cs[j])*dt[j]) * cbRow[j]
+				}
+				for j, cf := range coef {
+					axpy(cf, headRow(&k, in.X, b, t0+j, h), y)
+				}
+			}
+			ws.chunkState(&k, in, b, h, c, stateAt(&k, ws.st, bh, c+1))
+		}
+	})
+
+	// Step (3): state passing, sequential in c.
+	parallelFor(nw, k.Batch*k.H, func(_, bh int) {
+		ws.statePassing(&k, in, bh)
+		copy(out.FinalState[bh*k.PN:(bh+1)*k.PN], stateAt(&k, ws.st, bh, k.nc))
+		var lam float64
+		for c := 0; c < k.nc; c++ {
+			lam += ws.lam[bh*k.nc+c]
+		}
+		out.LogDecay[bh] = T(lam)
+	})
+
+	// Step (4): Yoff = exp(cs_i)·Hin_c C_i, per (b, head, chunk).
+	parallelFor(nw, k.Batch*k.H*k.nc, func(_, item int) {
+		bh, c := item/k.nc, item%k.nc
+		b, h := bh/k.H, bh%k.H
+		t0, q := k.span(c)
+		hin := stateAt(&k, ws.st, bh, c)
+		cs := ws.cs[bh*k.L+t0 : bh*k.L+t0+q]
+		for i := 0; i < q; i++ {
+			e := T(math.Exp(cs[i]))
+			ci := groupRow(&k, in.C, b, t0+i, h/k.R)
+			y := headRow(&k, out.Y, b, t0+i, h)
+			for p := range y {
+				y[p] += e * dot(hin[p*k.N:(p+1)*k.N], ci)
+			}
+		}
+	})
+	return nil
+}

@@ -1,0 +1,217 @@
+package ssd
+
+import (
+	"math"
+)
+
+// Backward is the chunked backward of §4.6 using the workspace's buffers.
+func (ws *Workspace[T]) Backward(d Dims, o Options, in *Inputs[T], dY, dFinal []T, g *Grads[T]) error {
+	if err := checkInputs(d, o, in, true); err != nil {
+		return err
+	}
+	if err := checkBackward(d, o, dY, dFinal, g); err != nil {
+		return err
+	}
+	k := newGeom(d, o)
+	nw := workers()
+	ws.prepare(&k, nw, true)
+	ws.chunkCumsum(&k, nw, in)
+	QQ := k.Q * k.Q
+
+	// Recompute CB and the chunk states; B1: dP_c = Σ_i exp(cs_i)·dY_i C_iᵀ.
+	parallelFor(nw, k.Batch*k.G*k.nc, func(_, item int) {
+		c := item % k.nc
+		bg := item / k.nc
+		b, grp := bg/k.G, bg%k.G
+		t0, q := k.span(c)
+		bmmChunk(&k, in, b, grp, c, ws.cb[(bg*k.nc+c)*QQ:(bg*k.nc+c+1)*QQ])
+		for h := grp * k.R; h < (grp+1)*k.R; h++ {
+			bh := b*k.H + h
+			ws.chunkState(&k, in, b, h, c, stateAt(&k, ws.st, bh, c+1))
+			dP := stateAt(&k, ws.gst, bh, c)
+			clear(dP)
+			cs := ws.cs[bh*k.L+t0 : bh*k.L+t0+q]
+			for i := 0; i < q; i++ {
+				e := T(math.Exp(cs[i]))
+				ci := groupRow(&k, in.C, b, t0+i, grp)
+				for p, dy := range headRow(&k, dY, b, t0+i, h) {
+					axpy(e*dy, ci, dP[p*k.N:(p+1)*k.N])
+				}
+			}
+		}
+	})
+
+	// Forward state passing, then B2 (reverse state passing): gst[c+1] is
+	// Gc_c, the gradient of the state at the end of chunk c, and gst[c]
+	// becomes ∂loss/∂Hin_c = exp(Λ_c)·Gc_c + dP_c.
+	parallelFor(nw, k.Batch*k.H, func(_, bh int) {
+		ws.statePassing(&k, in, bh)
+		gFin := stateAt(&k, ws.gst, bh, k.nc)
+		if dFinal != nil {
+			copy(gFin, dFinal[bh*k.PN:(bh+1)*k.PN])
+		} else {
+			clear(gFin)
+		}
+		for c := k.nc - 1; c >= 0; c-- {
+			e := math.Exp(ws.lam[bh*k.nc+c])
+			gc := stateAt(&k, ws.gst, bh, c+1)
+			ws.dlam[bh*k.nc+c] = e * dot64(gc, stateAt(&k, ws.st, bh, c))
+			axpy(T(e), gc, stateAt(&k, ws.gst, bh, c))
+		}
+		copy(g.InitState[bh*k.PN:(bh+1)*k.PN], stateAt(&k, ws.gst, bh, 0))
+	})
+
+	// B3 and B4 per (b, group, chunk), heads of the group in order.
+	parallelFor(nw, k.Batch*k.G*k.nc, func(w, item int) {
+		ws.chunkBackward(&k, o, in, dY, g, &ws.work[w], item)
+	})
+
+	// Scalar chain per (b, h); per-chunk D partials reduced in chunk order.
+	acc := &ws.accum
+	parallelFor(nw, k.Batch*k.H, func(_, bh int) {
+		b, h := bh/k.H, bh%k.H
+		off := b*k.L*k.H + h
+		acc.dtBias[bh], acc.dA[bh] = scalarChain(in.DTRaw[off:], float64(in.DTBias[h]), ws.a[h], k.lo, k.hi,
+			ws.ddt[bh*k.L:(bh+1)*k.L], ws.da[bh*k.L:(bh+1)*k.L], g.DTRaw[off:], k.H)
+		for p := 0; p < k.dPer; p++ {
+			var s float64
+			for c := 0; c < k.nc; c++ {
+				s += ws.dD[(bh*k.nc+c)*k.dPer+p]
+			}
+			acc.dD[bh*k.dPer+p] = s
+		}
+	})
+	finishParams(d, acc, ws.a, k.dPer, g)
+	return nil
+}
+
+// chunkBackward computes, for chunk c of (b, group), dx, the direct dt
+// gradient and the log-decay gradient of every head of the group, the
+// per-chunk D partials, and dB, dC summed over the heads in head order
+// (§4.6 B3, B4).
+func (ws *Workspace[T]) chunkBackward(k *chunkGeom, o Options, in *Inputs[T], dY []T, g *Grads[T], s *chunkScratch[T], item int) {
+	c := item % k.nc
+	bg := item / k.nc
+	b, grp := bg/k.G, bg%k.G
+	t0, q := k.span(c)
+	P, N, Q := k.P, k.N, k.Q
+	cb := ws.cb[(bg*k.nc+c)*Q*Q : (bg*k.nc+c+1)*Q*Q]
+	dcb := s.dcb
+	for t := t0; t < t0+q; t++ {
+		clear(groupRow(k, g.B, b, t, grp))
+		clear(groupRow(k, g.C, b, t, grp))
+	}
+	for h := grp * k.R; h < (grp+1)*k.R; h++ {
+		first := h == grp*k.R
+		bh := b*k.H + h
+		dt := ws.dt[bh*k.L+t0 : bh*k.L+t0+q]
+		cs := ws.cs[bh*k.L+t0 : bh*k.L+t0+q]
+		lam := cs[q-1]
+		hin := stateAt(k, ws.st, bh, c)
+		gc := stateAt(k, ws.gst, bh, c+1)
+		br := s.br[:q*P]
+		clear(br)
+		intra, u, v := s.f64[:q], s.f64[Q:Q+q], s.f64[2*Q:2*Q+q]
+		clear(intra)
+
+		// Intra-chunk part: dCB[i,j] = exp(seg)·dt_j·(dY_i·x_j) for j <= i,
+		// W = CB∘dCB feeding da through a row-wise prefix sum, and the
+		// bracket Σ_{i>=j} exp(seg)·CB[i,j]·dY_i of dx_j and ddt_j.
+		for i := 0; i < q; i++ {
+			dyi := headRow(k, dY, b, t0+i, h)
+			var ri float64
+			for j := 0; j <= i; j++ {
+				e := math.Exp(cs[i] - cs[j])
+				dc := T(e*dt[j]) * dot(dyi, headRow(k, in.X, b, t0+j, h))
+				if first {
+					dcb[i*Q+j] = dc
+				} else {
+					dcb[i*Q+j] += dc
+				}
+				cbv := cb[i*Q+j]
+				if j < i {
+					ri += float64(cbv * dc)
+					intra[j+1] += ri
+				}
+				axpy(T(e)*cbv, dyi, br[j*P:(j+1)*P])
+			}
+		}
+
+		// Chunk-state part: Gc B_j joins the bracket; u_j and dB_j.
+		for j := 0; j < q; j++ {
+			xj, bj := headRow(k, in.X, b, t0+j, h), groupRow(k, in.B, b, t0+j, grp)
+			ej := math.Exp(lam - cs[j])
+			for p := 0; p < P; p++ {
+				s.gB[p] = dot(gc[p*N:(p+1)*N], bj)
+			}
+			brj := br[j*P : (j+1)*P]
+			axpy(T(ej), s.gB, brj)
+			dx, dy := headRow(k, g.X, b, t0+j, h), headRow(k, dY, b, t0+j, h)
+			dtj := T(dt[j])
+			if o.DHasHdim {
+				dp := in.D[h*P : (h+1)*P]
+				for p := range dx {
+					dx[p] = dtj*brj[p] + dp[p]*dy[p]
+				}
+			} else {
+				dh := in.D[h]
+				for p := range dx {
+					dx[p] = dtj*brj[p] + dh*dy[p]
+				}
+			}
+			ws.ddt[bh*k.L+t0+j] = dot64(xj, brj)
+			u[j] = dt[j] * ej * dot64(xj, s.gB)
+			coef := T(dt[j] * ej)
+			dB := groupRow(k, g.B, b, t0+j, grp)
+			for p, xp := range xj {
+				axpy(coef*xp, gc[p*N:(p+1)*N], dB)
+			}
+		}
+
+		// Off-diagonal part: dC_i += exp(cs_i)·Hin_cᵀ dY_i and v_i.
+		tmp := s.tmp
+		for i := 0; i < q; i++ {
+			dyi, ci := headRow(k, dY, b, t0+i, h), groupRow(k, in.C, b, t0+i, grp)
+			clear(tmp)
+			for p, dy := range dyi {
+				axpy(dy, hin[p*N:(p+1)*N], tmp)
+			}
+			e := math.Exp(cs[i])
+			v[i] = e * dot64(tmp, ci)
+			axpy(T(e), tmp, groupRow(k, g.C, b, t0+i, grp))
+		}
+
+		// da_k = Σ_{i>=k} Σ_{j<k} W[i,j] + Σ_{j<k} u_j + Σ_{i>=k} v_i + dΛ_c.
+		da := ws.da[bh*k.L+t0 : bh*k.L+t0+q]
+		suffix := ws.dlam[bh*k.nc+c]
+		for i := q - 1; i >= 0; i-- {
+			suffix += v[i]
+			da[i] = intra[i] + suffix
+		}
+		var prefix float64
+		for j := 0; j < q; j++ {
+			da[j] += prefix
+			prefix += u[j]
+		}
+
+		dD := ws.dD[(bh*k.nc+c)*k.dPer : (bh*k.nc+c+1)*k.dPer]
+		clear(dD)
+		for i := 0; i < q; i++ {
+			dyi, xi := headRow(k, dY, b, t0+i, h), headRow(k, in.X, b, t0+i, h)
+			for p := range dyi {
+				dD[p%k.dPer] += float64(dyi[p]) * float64(xi[p])
+			}
+		}
+	}
+
+	// Group part of dB and dC through CB: dC_i += Σ_j dCB[i,j]·B_j and
+	// dB_j += Σ_i dCB[i,j]·C_i, with dCB summed over the group's heads.
+	for i := 0; i < q; i++ {
+		ci, dCi := groupRow(k, in.C, b, t0+i, grp), groupRow(k, g.C, b, t0+i, grp)
+		for j := 0; j <= i; j++ {
+			dc := dcb[i*Q+j]
+			axpy(dc, groupRow(k, in.B, b, t0+j, grp), dCi)
+			axpy(dc, ci, groupRow(k, g.B, b, t0+j, grp))
+		}
+	}
+}
