@@ -88,6 +88,11 @@ type namedSlice[T model.Float] struct {
 // relErr is max |got − want| divided by max |want| (or by 1 if want is
 // all zeros).
 func relErr[A, B model.Float](got []A, want []B) float64 {
+	return relErrFloor(got, want, 0)
+}
+
+// relErrFloor is relErr with the scale raised to at least floor.
+func relErrFloor[A, B model.Float](got []A, want []B, floor float64) float64 {
 	if len(got) != len(want) {
 		return math.Inf(1)
 	}
@@ -102,7 +107,14 @@ func relErr[A, B model.Float](got []A, want []B) float64 {
 	if scale == 0 {
 		scale = 1
 	}
-	return diff / scale
+	return diff / max(scale, floor)
+}
+
+func assertCloseFloor[A, B model.Float](t *testing.T, what string, got []A, want []B, tol, floor float64) {
+	t.Helper()
+	if e := relErrFloor(got, want, floor); !(e <= tol) {
+		t.Errorf("%s: relative error %.3g > %.3g (scale floor %g)", what, e, tol, floor)
+	}
 }
 
 func assertClose[A, B model.Float](t *testing.T, what string, got []A, want []B, tol float64) {
