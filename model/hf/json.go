@@ -125,6 +125,10 @@ func (o *object) int(key string, required bool, def int) int {
 		return def
 	}
 	var n json.Number
+	if t := bytes.TrimSpace(raw); len(t) > 0 && t[0] == '"' {
+		o.fail(fieldErr(ErrConfig, o.prefix+key, "must be an integer, got %s", abbreviate(raw)))
+		return def
+	}
 	if !o.decode(key, raw, &n, "an integer") {
 		return def
 	}
