@@ -1,0 +1,533 @@
+// Package ref is the pure-Go CPU reference backend of the Mamba-2 language
+// model: the numerical oracle that the CUDA backend, sequence parallelism and
+// every distributed test are checked against. It implements model.Backend
+// for float32 (training) and float64 (tests), with a hand-written backward
+// pass for every operation. Results do not depend on GOMAXPROCS: every
+// reduction runs in a fixed order.
+package ref
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+
+	"github.com/m2train/m2train/model"
+	"github.com/m2train/m2train/model/linalg"
+	"github.com/m2train/m2train/model/ssd"
+)
+
+// ErrNoTargets is returned by ForwardBackward for a batch without targets.
+var ErrNoTargets = errors.New("ref: batch has no targets")
+
+// Model is the CPU backend: parameters and gradients in flat buffers with
+// the layout of model.NewLayout, and the activations of the last forward pass
+// kept for the backward pass.
+type Model[T model.Float] struct {
+	cfg    model.Config
+	layout *model.Layout
+	layers []model.LayerTensors
+	emb    *model.Tensor
+	head   *model.Tensor // the LM head matrix: the embedding when tied
+	normF  *model.Tensor
+	params []T
+	grads  []T
+	ws     *workspace[T]
+	// SSD selects the scan: the chunked algorithm (default) or the
+	// token-by-token recurrence, for tests.
+	Recurrent bool
+}
+
+var _ model.Backend[float32] = (*Model[float32])(nil)
+
+// New returns a model with zero parameters; load or initialise them through
+// Params.
+func New[T model.Float](cfg model.Config) (*Model[T], error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	l := model.NewLayout(cfg)
+	m := &Model[T]{cfg: cfg, layout: l, params: make([]T, l.Total), grads: make([]T, l.Total)}
+	for i := 0; i < cfg.NLayer; i++ {
+		m.layers = append(m.layers, l.Layer(i))
+	}
+	m.emb = l.Must(model.NameEmbedding)
+	m.normF = l.Must(model.NameNormF)
+	m.head = m.emb
+	if !cfg.TieEmbeddings {
+		m.head = l.Must(model.NameLMHead)
+	}
+	return m, nil
+}
+
+// Name reports the backend and its precision.
+func (m *Model[T]) Name() string {
+	var z T
+	if _, ok := any(z).(float64); ok {
+		return "cpu-float64"
+	}
+	return "cpu-float32"
+}
+
+// Config returns the model configuration.
+func (m *Model[T]) Config() model.Config { return m.cfg }
+
+// Layout returns the flat-buffer layout.
+func (m *Model[T]) Layout() *model.Layout { return m.layout }
+
+// Params returns the flat parameter buffer (shared, not a copy).
+func (m *Model[T]) Params() []T { return m.params }
+
+// Grads returns the flat gradient buffer (shared, not a copy).
+func (m *Model[T]) Grads() []T { return m.grads }
+
+// ZeroGrads clears the gradient buffer.
+func (m *Model[T]) ZeroGrads() { clear(m.grads) }
+
+// layerActs holds what the backward pass of one layer needs.
+type layerActs[T model.Float] struct {
+	u, rstd     []T // normed input (n×D), its rstd (n)
+	zxbcdt      []T // in_proj output (n×F)
+	pre, act    []T // conv output before and after SiLU (n×C_d)
+	x, b, c, dt []T // contiguous SSD inputs
+	y, o, grstd []T // SSD output, gated-norm output (n×E), its rstd (n×G)
+	state, halo []T // received from the previous shard; nil when zero
+}
+
+type workspace[T model.Float] struct {
+	bt, l int
+	res   [][]T // residual stream: res[0] = embedding, res[i+1] = after layer i
+	acts  []layerActs[T]
+	hf    []T // final norm output (n×D)
+	frstd []T
+	final []T // scratch for the SSD final state
+	decay []T
+}
+
+func (m *Model[T]) workspace(bt, l int) *workspace[T] {
+	if m.ws != nil && m.ws.bt == bt && m.ws.l == l {
+		return m.ws
+	}
+	c := m.cfg
+	n := bt * l
+	D, E, F, Cd, G, N, H := c.DModel, c.DInner(), c.InProjDim(), c.ConvDim(), c.NGroups, c.DState, c.NHeads
+	ws := &workspace[T]{bt: bt, l: l, hf: make([]T, n*D), frstd: make([]T, n),
+		final: make([]T, bt*H*c.HeadDim*N), decay: make([]T, bt*H)}
+	for i := 0; i <= c.NLayer; i++ {
+		ws.res = append(ws.res, make([]T, n*D))
+	}
+	for i := 0; i < c.NLayer; i++ {
+		ws.acts = append(ws.acts, layerActs[T]{
+			u: make([]T, n*D), rstd: make([]T, n), zxbcdt: make([]T, n*F),
+			pre: make([]T, n*Cd), act: make([]T, n*Cd),
+			x: make([]T, n*E), b: make([]T, n*G*N), c: make([]T, n*G*N), dt: make([]T, n*H),
+			y: make([]T, n*E), o: make([]T, n*E), grstd: make([]T, n*G),
+		})
+	}
+	m.ws = ws
+	return ws
+}
+
+func (m *Model[T]) ssdDims(bt, l int) (ssd.Dims, ssd.Options) {
+	c := m.cfg
+	return ssd.Dims{Batch: bt, L: l, H: c.NHeads, P: c.HeadDim, N: c.DState, G: c.NGroups},
+		ssd.Options{Chunk: c.ChunkSize, DTLimit: c.DTLimit, DHasHdim: c.DHasHdim}
+}
+
+func (m *Model[T]) convShape(bt, l int) convShape {
+	c := m.cfg
+	return convShape{bt: bt, l: l, cd: c.ConvDim(), w: c.DConv, ld: c.InProjDim(), off: c.DInner()}
+}
+
+func (m *Model[T]) gatedNorm(n int) gatedNorm {
+	c := m.cfg
+	return gatedNorm{n: n, e: c.DInner(), groups: c.NGroups, ldz: c.InProjDim(), eps: c.GatedNormEps,
+		beforeGate: c.NormBeforeGate, enabled: c.GatedNorm}
+}
+
+// Forward runs the model without gradients.
+func (m *Model[T]) Forward(ctx context.Context, b *model.Batch, o model.StepOptions) (model.StepResult, error) {
+	return m.run(ctx, b, o, false)
+}
+
+// ForwardBackward runs the model and adds the gradients of LossSum/Count
+// into Grads.
+func (m *Model[T]) ForwardBackward(ctx context.Context, b *model.Batch, o model.StepOptions) (model.StepResult, error) {
+	if b.Targets == nil {
+		return model.StepResult{}, ErrNoTargets
+	}
+	return m.run(ctx, b, o, true)
+}
+
+func (m *Model[T]) run(ctx context.Context, b *model.Batch, o model.StepOptions, backward bool) (model.StepResult, error) {
+	c := m.cfg
+	if err := b.Validate(c.VocabSize); err != nil {
+		return model.StepResult{}, err
+	}
+	if o.Boundary != nil && b.SeqLen < c.DConv-1 {
+		return model.StepResult{}, fmt.Errorf("ref: a sequence shard of %d positions is shorter than the conv halo d_conv−1 = %d", b.SeqLen, c.DConv-1)
+	}
+	ws := m.workspace(b.Batch, b.SeqLen)
+	n, D := b.Batch*b.SeqLen, c.DModel
+	emb := model.View(m.params, m.emb)
+	for t, id := range b.Inputs {
+		copy(ws.res[0][t*D:(t+1)*D], emb[int(id)*D:(int(id)+1)*D])
+	}
+	for i := range m.layers {
+		if err := ctx.Err(); err != nil {
+			return model.StepResult{}, err
+		}
+		if err := m.layerForward(ctx, i, b, o.Boundary); err != nil {
+			return model.StepResult{}, err
+		}
+	}
+	last := ws.res[c.NLayer]
+	rmsNormFwd(ws.hf, ws.frstd, last, model.View(m.params, m.normF), n, D, c.NormEps)
+
+	count := o.Count
+	if count == 0 {
+		count = b.Counted()
+	}
+	res := model.StepResult{Count: count}
+	var dhf []T
+	if backward {
+		dhf = make([]T, n*D)
+	}
+	var logits []float64
+	if o.KeepLogits {
+		logits = make([]float64, n*c.VocabSize)
+	}
+	res.LossSum = m.lmHeadLoss(b, ws.hf, count, dhf, logits)
+	if count > 0 {
+		res.Loss = res.LossSum / float64(count)
+	}
+	res.Logits = logits
+	if o.KeepHidden {
+		for i := 1; i <= c.NLayer; i++ {
+			res.Hidden = append(res.Hidden, toFloat64(ws.res[i]))
+		}
+		res.Hidden = append(res.Hidden, toFloat64(ws.hf))
+	}
+	if !backward {
+		return res, nil
+	}
+
+	// Backward: dres is the gradient of the residual stream, carried down.
+	dres := make([]T, n*D)
+	rmsNormBwd(dres, model.View(m.grads, m.normF), dhf, last, ws.frstd, model.View(m.params, m.normF), n, D)
+	for i := c.NLayer - 1; i >= 0; i-- {
+		if err := ctx.Err(); err != nil {
+			return model.StepResult{}, err
+		}
+		if err := m.layerBackward(ctx, i, b, dres, o.Boundary); err != nil {
+			return model.StepResult{}, err
+		}
+	}
+	gemb := model.View(m.grads, m.emb)
+	for t, id := range b.Inputs {
+		linalg.Axpy(1, dres[t*D:(t+1)*D], gemb[int(id)*D:(int(id)+1)*D])
+	}
+	return res, nil
+}
+
+// headBlock is the number of positions whose logits are materialised at a
+// time: the LM head and the cross-entropy (and its gradient) are fused per
+// block so the full Batch×L×V probability tensor never exists.
+const headBlock = 128
+
+// lmHeadLoss computes the logits of every position, the summed cross-entropy of
+// the counted targets, and, when dhf is non-nil, the gradient of the loss
+// mean (over count positions) with respect to the final norm output (written
+// into dhf) and the head matrix (added into the gradient buffer).
+func (m *Model[T]) lmHeadLoss(b *model.Batch, hf []T, count int, dhf []T, keep []float64) float64 {
+	c := m.cfg
+	D, V := c.DModel, c.VocabSize
+	n := b.Batch * b.SeqLen
+	w := model.View(m.params, m.head)
+	var gw []T
+	if dhf != nil {
+		gw = model.View(m.grads, m.head)
+	}
+	logits := make([]T, headBlock*V)
+	rowLoss := make([]float64, n)
+	for t0 := 0; t0 < n; t0 += headBlock {
+		nb := min(headBlock, n-t0)
+		lg := logits[:nb*V]
+		linalg.Gemm(false, true, nb, V, D, 1, hf[t0*D:], D, w, D, 0, lg, V)
+		if keep != nil {
+			for i, v := range lg {
+				keep[t0*V+i] = float64(v)
+			}
+		}
+		parallelFor(nb, 4, func(lo, hi int) {
+			for r := lo; r < hi; r++ {
+				row := lg[r*V : (r+1)*V]
+				tgt := -1
+				if b.Targets != nil {
+					tgt = int(b.Targets[t0+r])
+				}
+				if tgt < 0 {
+					if dhf != nil {
+						clear(row)
+					}
+					continue
+				}
+				mx := math.Inf(-1)
+				for _, v := range row {
+					mx = math.Max(mx, float64(v))
+				}
+				var s float64
+				for _, v := range row {
+					s += math.Exp(float64(v) - mx)
+				}
+				lse := mx + math.Log(s)
+				rowLoss[t0+r] = lse - float64(row[tgt])
+				if dhf == nil {
+					continue
+				}
+				inv := 1 / float64(count)
+				for j, v := range row {
+					row[j] = T(math.Exp(float64(v)-lse) * inv)
+				}
+				row[tgt] -= T(inv)
+			}
+		})
+		if dhf != nil && count > 0 {
+			linalg.Gemm(false, false, nb, D, V, 1, lg, V, w, D, 0, dhf[t0*D:], D)
+			linalg.Gemm(true, false, V, D, nb, 1, lg, V, hf[t0*D:], D, 1, gw, D)
+		}
+	}
+	var sum float64
+	for _, v := range rowLoss {
+		sum += v
+	}
+	return sum
+}
+
+func (m *Model[T]) layerForward(ctx context.Context, i int, b *model.Batch, bd model.Boundary) error {
+	c, ws, lt := m.cfg, m.ws, &m.layers[i]
+	a := &ws.acts[i]
+	bt, l := b.Batch, b.SeqLen
+	n := bt * l
+	D, E, F, Cd, GN, H := c.DModel, c.DInner(), c.InProjDim(), c.ConvDim(), c.NGroups*c.DState, c.NHeads
+	p := m.params
+	in, out := ws.res[i], ws.res[i+1]
+
+	rmsNormFwd(a.u, a.rstd, in, model.View(p, lt.Norm), n, D, c.NormEps)
+	linalg.Gemm(false, true, n, F, D, 1, a.u, D, model.View(p, lt.InProj), D, 0, a.zxbcdt, F)
+	if lt.InProjBias != nil {
+		addBias(a.zxbcdt, model.View(p, lt.InProjBias), n, F)
+	}
+	a.state, a.halo = nil, nil
+	if bd != nil {
+		st, halo, err := bd.RecvForward(ctx, i)
+		if err != nil {
+			return fmt.Errorf("ref: layer %d: receive state: %w", i, err)
+		}
+		if a.state, err = fromFloat64[T](st, bt*H*c.HeadDim*c.DState, "state"); err != nil {
+			return err
+		}
+		if a.halo, err = fromFloat64[T](halo, bt*(c.DConv-1)*Cd, "halo"); err != nil {
+			return err
+		}
+	}
+	var convB []T
+	if lt.ConvBias != nil {
+		convB = model.View(p, lt.ConvBias)
+	}
+	cs := m.convShape(bt, l)
+	convFwd(cs, a.pre, a.act, a.zxbcdt, a.halo, model.View(p, lt.Conv), convB)
+	for t := 0; t < n; t++ {
+		row := a.act[t*Cd : (t+1)*Cd]
+		copy(a.x[t*E:(t+1)*E], row[:E])
+		copy(a.b[t*GN:(t+1)*GN], row[E:E+GN])
+		copy(a.c[t*GN:(t+1)*GN], row[E+GN:])
+		copy(a.dt[t*H:(t+1)*H], a.zxbcdt[t*F+E+Cd:t*F+F])
+	}
+	dims, opts := m.ssdDims(bt, l)
+	sin := m.ssdInputs(a, lt)
+	sout := &ssd.Outputs[T]{Y: a.y, FinalState: ws.final, LogDecay: ws.decay}
+	var err error
+	if m.Recurrent {
+		err = ssd.ForwardRecurrent(dims, opts, sin, sout)
+	} else {
+		err = ssd.Forward(dims, opts, sin, sout)
+	}
+	if err != nil {
+		return fmt.Errorf("ref: layer %d: %w", i, err)
+	}
+	if bd != nil {
+		if err := bd.SendForward(ctx, i, toFloat64(ws.final), toFloat64(m.haloOut(a.zxbcdt, bt, l))); err != nil {
+			return fmt.Errorf("ref: layer %d: send state: %w", i, err)
+		}
+	}
+	var gw []T
+	if lt.GatedNorm != nil {
+		gw = model.View(p, lt.GatedNorm)
+	}
+	gatedNormFwd(m.gatedNorm(n), a.o, a.grstd, a.y, a.zxbcdt, gw)
+	copy(out, in)
+	linalg.Gemm(false, true, n, D, E, 1, a.o, E, model.View(p, lt.OutProj), E, 1, out, D)
+	if lt.OutProjBias != nil {
+		addBias(out, model.View(p, lt.OutProjBias), n, D)
+	}
+	return nil
+}
+
+// haloOut returns the last W−1 positions of the pre-conv xBC of each
+// sequence: what the next shard convolves with (Batch×(W−1)×C_d).
+func (m *Model[T]) haloOut(zxbcdt []T, bt, l int) []T {
+	c := m.cfg
+	W, Cd, F, E := c.DConv, c.ConvDim(), c.InProjDim(), c.DInner()
+	h := make([]T, bt*(W-1)*Cd)
+	for b := 0; b < bt; b++ {
+		for j := 0; j < W-1; j++ {
+			t := l - (W - 1) + j
+			copy(h[(b*(W-1)+j)*Cd:(b*(W-1)+j+1)*Cd], zxbcdt[(b*l+t)*F+E:(b*l+t)*F+E+Cd])
+		}
+	}
+	return h
+}
+
+func (m *Model[T]) ssdInputs(a *layerActs[T], lt *model.LayerTensors) *ssd.Inputs[T] {
+	p := m.params
+	return &ssd.Inputs[T]{X: a.x, DTRaw: a.dt, DTBias: model.View(p, lt.DTBias), ALog: model.View(p, lt.ALog),
+		B: a.b, C: a.c, D: model.View(p, lt.D), InitState: a.state}
+}
+
+func (m *Model[T]) layerBackward(ctx context.Context, i int, b *model.Batch, dres []T, bd model.Boundary) error {
+	c, ws, lt := m.cfg, m.ws, &m.layers[i]
+	a := &ws.acts[i]
+	bt, l := b.Batch, b.SeqLen
+	n := bt * l
+	D, E, F, Cd, GN, H, W := c.DModel, c.DInner(), c.InProjDim(), c.ConvDim(), c.NGroups*c.DState, c.NHeads, c.DConv
+	p, g := m.params, m.grads
+
+	// out_proj: out = o·Woutᵀ.
+	linalg.Gemm(true, false, D, E, n, 1, dres, D, a.o, E, 1, model.View(g, lt.OutProj), E)
+	if lt.OutProjBias != nil {
+		columnSum(model.View(g, lt.OutProjBias), dres, n, D)
+	}
+	do := make([]T, n*E)
+	linalg.Gemm(false, false, n, E, D, 1, dres, D, model.View(p, lt.OutProj), E, 0, do, E)
+
+	// Gated norm: dy, and dz straight into the z columns of dzxbcdt.
+	dz := make([]T, n*F)
+	dy := make([]T, n*E)
+	var gw, ggw []T
+	if lt.GatedNorm != nil {
+		gw, ggw = model.View(p, lt.GatedNorm), model.View(g, lt.GatedNorm)
+	}
+	gatedNormBwd(m.gatedNorm(n), dy, dz, ggw, do, a.grstd, a.y, a.zxbcdt, gw)
+
+	var dFinal, dHaloNext []T
+	if bd != nil {
+		st, halo, err := bd.RecvBackward(ctx, i)
+		if err != nil {
+			return fmt.Errorf("ref: layer %d: receive state gradient: %w", i, err)
+		}
+		if dFinal, err = fromFloat64[T](st, bt*H*c.HeadDim*c.DState, "state gradient"); err != nil {
+			return err
+		}
+		if dHaloNext, err = fromFloat64[T](halo, bt*(W-1)*Cd, "halo gradient"); err != nil {
+			return err
+		}
+	}
+	dims, opts := m.ssdDims(bt, l)
+	sg := &ssd.Grads[T]{X: make([]T, n*E), DTRaw: make([]T, n*H), B: make([]T, n*GN), C: make([]T, n*GN),
+		DTBias: make([]T, H), ALog: make([]T, H), D: make([]T, c.DSize()), InitState: make([]T, bt*H*c.HeadDim*c.DState)}
+	var err error
+	if m.Recurrent {
+		err = ssd.BackwardRecurrent(dims, opts, m.ssdInputs(a, lt), dy, dFinal, sg)
+	} else {
+		err = ssd.Backward(dims, opts, m.ssdInputs(a, lt), dy, dFinal, sg)
+	}
+	if err != nil {
+		return fmt.Errorf("ref: layer %d: %w", i, err)
+	}
+	linalg.Axpy(1, sg.DTBias, model.View(g, lt.DTBias))
+	linalg.Axpy(1, sg.ALog, model.View(g, lt.ALog))
+	linalg.Axpy(1, sg.D, model.View(g, lt.D))
+
+	// Conv: the gradient of the activated xBC is [dx | dB | dC].
+	dact := make([]T, n*Cd)
+	for t := 0; t < n; t++ {
+		row := dact[t*Cd : (t+1)*Cd]
+		copy(row[:E], sg.X[t*E:(t+1)*E])
+		copy(row[E:E+GN], sg.B[t*GN:(t+1)*GN])
+		copy(row[E+GN:], sg.C[t*GN:(t+1)*GN])
+		copy(dz[t*F+E+Cd:t*F+F], sg.DTRaw[t*H:(t+1)*H])
+	}
+	var dhalo, convGB []T
+	if a.halo != nil {
+		dhalo = make([]T, bt*(W-1)*Cd)
+	}
+	if lt.ConvBias != nil {
+		convGB = model.View(g, lt.ConvBias)
+	}
+	convBwd(m.convShape(bt, l), dz, model.View(g, lt.Conv), convGB, dhalo, dact, a.pre, a.zxbcdt, a.halo, model.View(p, lt.Conv))
+	if dHaloNext != nil {
+		for bb := 0; bb < bt; bb++ {
+			for j := 0; j < W-1; j++ {
+				t := bb*l + l - (W - 1) + j
+				linalg.Axpy(1, dHaloNext[(bb*(W-1)+j)*Cd:(bb*(W-1)+j+1)*Cd], dz[t*F+E:t*F+E+Cd])
+			}
+		}
+	}
+	if bd != nil {
+		var dInit []T
+		if a.state != nil {
+			dInit = sg.InitState
+		}
+		if err := bd.SendBackward(ctx, i, toFloat64(dInit), toFloat64(dhalo)); err != nil {
+			return fmt.Errorf("ref: layer %d: send state gradient: %w", i, err)
+		}
+	}
+
+	// in_proj: zxbcdt = u·Winᵀ.
+	linalg.Gemm(true, false, F, D, n, 1, dz, F, a.u, D, 1, model.View(g, lt.InProj), D)
+	if lt.InProjBias != nil {
+		columnSum(model.View(g, lt.InProjBias), dz, n, F)
+	}
+	du := make([]T, n*D)
+	linalg.Gemm(false, false, n, D, F, 1, dz, F, model.View(p, lt.InProj), D, 0, du, D)
+	rmsNormBwd(dres, model.View(g, lt.Norm), du, ws.res[i], a.rstd, model.View(p, lt.Norm), n, D)
+	return nil
+}
+
+func addBias[T model.Float](x, bias []T, n, w int) {
+	for t := 0; t < n; t++ {
+		linalg.Axpy(1, bias, x[t*w:(t+1)*w])
+	}
+}
+
+func columnSum[T model.Float](out, x []T, n, w int) {
+	columnReduce(n, w, out, func(t int, acc []T) {
+		linalg.Axpy(1, x[t*w:(t+1)*w], acc)
+	})
+}
+
+func toFloat64[T model.Float](x []T) []float64 {
+	if x == nil {
+		return nil
+	}
+	out := make([]float64, len(x))
+	for i, v := range x {
+		out[i] = float64(v)
+	}
+	return out
+}
+
+func fromFloat64[T model.Float](x []float64, want int, what string) ([]T, error) {
+	if x == nil {
+		return nil, nil
+	}
+	if len(x) != want {
+		return nil, fmt.Errorf("ref: received %s of %d values, want %d", what, len(x), want)
+	}
+	out := make([]T, len(x))
+	for i, v := range x {
+		out[i] = T(v)
+	}
+	return out, nil
+}
