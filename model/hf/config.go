@@ -20,6 +20,7 @@ const (
 	FormatMambaSSM
 )
 
+// String is "hf" or "mamba_ssm".
 func (f Format) String() string {
 	switch f {
 	case FormatHF:

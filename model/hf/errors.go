@@ -29,6 +29,7 @@ type FieldError struct {
 	Err   error
 }
 
+// Error formats the sentinel, the field and the rule.
 func (e *FieldError) Error() string { return fmt.Sprintf("%v: %s: %s", e.Err, e.Field, e.Rule) }
 
 // Unwrap returns the sentinel error.
@@ -48,6 +49,7 @@ type TensorProblem struct {
 	Problem  string
 }
 
+// String formats the problem with the tensor name and both shapes.
 func (p TensorProblem) String() string {
 	exp, act := "none (not part of the model)", "none (missing)"
 	if p.Expected != nil {
@@ -67,6 +69,7 @@ type CheckpointError struct {
 	Problems []TensorProblem
 }
 
+// Error lists every problem, one per line.
 func (e *CheckpointError) Error() string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "%v", ErrCheckpoint)

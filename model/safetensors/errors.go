@@ -34,6 +34,7 @@ type Error struct {
 	Err    error
 }
 
+// Error formats the sentinel, the tensor (if any) and the rule.
 func (e *Error) Error() string {
 	if e.Tensor == "" {
 		return fmt.Sprintf("%v: %s", e.Err, e.Rule)

@@ -17,7 +17,9 @@ type MappedFile struct {
 
 // Open maps the safetensors file at path and validates it. It is the path
 // for multi-GiB checkpoints: pages are read on demand and never copied to
-// the Go heap. Call Close when done with every tensor's Data.
+// the Go heap. Call Close when done with every tensor's Data. The file must
+// not be truncated or rewritten in place while mapped (WriteFile replaces
+// files by rename, which is safe).
 func Open(path string) (*MappedFile, error) {
 	data, unmap, err := mapFile(path)
 	if err != nil {
