@@ -170,6 +170,8 @@ const (
 	FailureReason_FAILURE_REASON_CLOSED FailureReason = 3
 	// The culprit sent data that does not match the operation.
 	FailureReason_FAILURE_REASON_MISMATCH FailureReason = 4
+	// The culprit abandoned an operation (its caller cancelled it).
+	FailureReason_FAILURE_REASON_ABORTED FailureReason = 5
 )
 
 // Enum value maps for FailureReason.
@@ -180,6 +182,7 @@ var (
 		2: "FAILURE_REASON_LOST",
 		3: "FAILURE_REASON_CLOSED",
 		4: "FAILURE_REASON_MISMATCH",
+		5: "FAILURE_REASON_ABORTED",
 	}
 	FailureReason_value = map[string]int32{
 		"FAILURE_REASON_UNSPECIFIED": 0,
@@ -187,6 +190,7 @@ var (
 		"FAILURE_REASON_LOST":        2,
 		"FAILURE_REASON_CLOSED":      3,
 		"FAILURE_REASON_MISMATCH":    4,
+		"FAILURE_REASON_ABORTED":     5,
 	}
 )
 
@@ -237,7 +241,9 @@ type StreamHeader struct {
 	// count is the number of elements of the operation's buffer.
 	Count uint64 `protobuf:"varint,9,opt,name=count,proto3" json:"count,omitempty"`
 	// root is the root rank of a broadcast (group rank).
-	Root          uint32 `protobuf:"varint,10,opt,name=root,proto3" json:"root,omitempty"`
+	Root uint32 `protobuf:"varint,10,opt,name=root,proto3" json:"root,omitempty"`
+	// chunk_elems is the number of elements per chunk; both ends must agree.
+	ChunkElems    uint32 `protobuf:"varint,11,opt,name=chunk_elems,json=chunkElems,proto3" json:"chunk_elems,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -338,6 +344,13 @@ func (x *StreamHeader) GetCount() uint64 {
 func (x *StreamHeader) GetRoot() uint32 {
 	if x != nil {
 		return x.Root
+	}
+	return 0
+}
+
+func (x *StreamHeader) GetChunkElems() uint32 {
+	if x != nil {
+		return x.ChunkElems
 	}
 	return 0
 }
@@ -807,7 +820,7 @@ var File_collective_v1_collective_proto protoreflect.FileDescriptor
 
 const file_collective_v1_collective_proto_rawDesc = "" +
 	"\n" +
-	"\x1ecollective/v1/collective.proto\x12\x15m2train.collective.v1\"\xb4\x02\n" +
+	"\x1ecollective/v1/collective.proto\x12\x15m2train.collective.v1\"\xd5\x02\n" +
 	"\fStreamHeader\x12\x1e\n" +
 	"\n" +
 	"generation\x18\x01 \x01(\x04R\n" +
@@ -821,7 +834,9 @@ const file_collective_v1_collective_proto_rawDesc = "" +
 	"\x05dtype\x18\b \x01(\x0e2\x1c.m2train.collective.v1.DTypeR\x05dtype\x12\x14\n" +
 	"\x05count\x18\t \x01(\x04R\x05count\x12\x12\n" +
 	"\x04root\x18\n" +
-	" \x01(\rR\x04root\"\x83\x01\n" +
+	" \x01(\rR\x04root\x12\x1f\n" +
+	"\vchunk_elems\x18\v \x01(\rR\n" +
+	"chunkElems\"\x83\x01\n" +
 	"\x05Chunk\x12\x1e\n" +
 	"\n" +
 	"generation\x18\x01 \x01(\x04R\n" +
@@ -867,13 +882,14 @@ const file_collective_v1_collective_proto_rawDesc = "" +
 	"\x0eD_TYPE_FLOAT32\x10\x01\x12\x12\n" +
 	"\x0eD_TYPE_FLOAT64\x10\x02\x12\x13\n" +
 	"\x0fD_TYPE_BFLOAT16\x10\x03\x12\x10\n" +
-	"\fD_TYPE_UINT8\x10\x04*\x9c\x01\n" +
+	"\fD_TYPE_UINT8\x10\x04*\xb8\x01\n" +
 	"\rFailureReason\x12\x1e\n" +
 	"\x1aFAILURE_REASON_UNSPECIFIED\x10\x00\x12\x1a\n" +
 	"\x16FAILURE_REASON_TIMEOUT\x10\x01\x12\x17\n" +
 	"\x13FAILURE_REASON_LOST\x10\x02\x12\x19\n" +
 	"\x15FAILURE_REASON_CLOSED\x10\x03\x12\x1b\n" +
-	"\x17FAILURE_REASON_MISMATCH\x10\x042\xbb\x01\n" +
+	"\x17FAILURE_REASON_MISMATCH\x10\x04\x12\x1a\n" +
+	"\x16FAILURE_REASON_ABORTED\x10\x052\xbb\x01\n" +
 	"\n" +
 	"Collective\x12[\n" +
 	"\aControl\x12%.m2train.collective.v1.ControlMessage\x1a%.m2train.collective.v1.ControlMessage(\x010\x01\x12P\n" +
