@@ -1,8 +1,6 @@
 package ssd
 
 import (
-	"math"
-
 	"github.com/m2train/m2train/model"
 )
 
@@ -27,14 +25,21 @@ type Workspace[T model.Float] struct {
 }
 
 // chunkScratch is the per-goroutine scratch space of the chunked algorithm.
+// The transposed copies put the reduction index of a product last, so that
+// gemmNT reads every operand along contiguous rows.
 type chunkScratch[T model.Float] struct {
 	cb    []T       // (Q, Q)
-	dcb   []T       // (Q, Q): dCB summed over the heads of a group
-	br    []T       // (Q, P): the bracket of §4.6 B3 for dx and ddt
-	gB    []T       // (P)
-	tmp   []T       // (N)
-	f64   []float64 // (3Q): intra, u, v of §4.6 B4
 	coefs []T       // (Q)
+	xT    []T       // (P, Q): a scaled, transposed chunk of X or dY
+	bT    []T       // (N, Q): the chunk of B, transposed
+	cT    []T       // (N, Q): the chunk of C, transposed (backward)
+	mQP   []T       // (Q, P): Yoff before scaling; Gc B_j (backward)
+	dcb   []T       // (Q, Q): dCB summed over the heads of a group (backward)
+	br    []T       // (Q, P): the bracket of §4.6 B3 for dx and ddt (backward)
+	xs    []T       // (Q, P): rows dt_j·exp(Λ−cs_j)·x_j (backward)
+	mQN   []T       // (Q, N): state parts of dB and dC (backward)
+	tNP   []T       // (N, P): Gc or Hin_c, transposed (backward)
+	f64   []float64 // (3Q): intra, u, v of §4.6 B4 (backward)
 }
 
 // Forward runs the chunked SSD algorithm of §3 with chunk length o.Chunk and
@@ -60,9 +65,10 @@ type chunkGeom struct {
 	Q, nc, R, PN int
 	dPer         int
 	lo, hi       float64
+	cut          float64 // flushBelow of the element type
 }
 
-func newGeom(d Dims, o Options) chunkGeom {
+func newGeom[T model.Float](d Dims, o Options) chunkGeom {
 	lo, hi := o.dtLimit()
 	dPer := 1
 	if o.DHasHdim {
@@ -70,7 +76,7 @@ func newGeom(d Dims, o Options) chunkGeom {
 	}
 	// A chunk longer than the sequence is the whole sequence.
 	q := min(o.Chunk, d.L)
-	return chunkGeom{Dims: d, Q: q, nc: (d.L + q - 1) / q, R: d.H / d.G, PN: d.P * d.N, dPer: dPer, lo: lo, hi: hi}
+	return chunkGeom{Dims: d, Q: q, nc: (d.L + q - 1) / q, R: d.H / d.G, PN: d.P * d.N, dPer: dPer, lo: lo, hi: hi, cut: flushBelow[T]()}
 }
 
 // span returns the first position and the number of real positions of
@@ -106,11 +112,16 @@ func (ws *Workspace[T]) prepare(k *chunkGeom, nw int, backward bool) {
 		s := &ws.work[w]
 		s.cb = grow(s.cb, k.Q*k.Q)
 		s.coefs = grow(s.coefs, k.Q)
+		s.xT = grow(s.xT, k.P*k.Q)
+		s.bT = grow(s.bT, k.N*k.Q)
+		s.mQP = grow(s.mQP, k.Q*k.P)
 		if backward {
+			s.cT = grow(s.cT, k.N*k.Q)
 			s.dcb = grow(s.dcb, k.Q*k.Q)
 			s.br = grow(s.br, k.Q*k.P)
-			s.gB = grow(s.gB, k.P)
-			s.tmp = grow(s.tmp, k.N)
+			s.xs = grow(s.xs, k.Q*k.P)
+			s.mQN = grow(s.mQN, k.Q*k.N)
+			s.tNP = grow(s.tNP, k.N*k.P)
 			s.f64 = grow(s.f64, 3*k.Q)
 		}
 	}
@@ -171,23 +182,33 @@ func bmmChunk[T model.Float](k *chunkGeom, in *Inputs[T], b, g, c int, cb []T) {
 	}
 }
 
+// transposeBC fills scr.bT (and scr.cT when withC) with the chunk c of B
+// (and C) of (b, g), transposed to N×Q.
+func transposeBC[T model.Float](k *chunkGeom, in *Inputs[T], b, g, c int, scr *chunkScratch[T], withC bool) {
+	t0, q := k.span(c)
+	o := ((b*k.L+t0)*k.G + g) * k.N
+	transposeInto(q, k.N, in.B[o:], k.G*k.N, nil, scr.bT, k.Q)
+	if withC {
+		transposeInto(q, k.N, in.C[o:], k.G*k.N, nil, scr.cT, k.Q)
+	}
+}
+
 // chunkState writes S_c = Σ_j exp(Λ_c − cs_j)·dt_j·x_j B_jᵀ, the state that
-// chunk c of (b, h) produces from a zero state, into s (P×N).
-func (ws *Workspace[T]) chunkState(k *chunkGeom, in *Inputs[T], b, h, c int, s []T) {
+// chunk c of (b, h) produces from a zero state, into s (P×N), as the product
+// (X̃ᵀ)(Bᵀ)ᵀ with X̃ the decay-scaled chunk of X. scr.bT must hold the
+// chunk's B transposed (transposeBC).
+func (ws *Workspace[T]) chunkState(k *chunkGeom, in *Inputs[T], b, h, c int, s []T, scr *chunkScratch[T]) {
 	t0, q := k.span(c)
 	bh := b*k.H + h
 	dt := ws.dt[bh*k.L+t0 : bh*k.L+t0+q]
 	cs := ws.cs[bh*k.L+t0 : bh*k.L+t0+q]
 	lam := cs[q-1]
-	g := h / k.R
-	clear(s)
-	for j := 0; j < q; j++ {
-		w := T(math.Exp(lam-cs[j]) * dt[j])
-		x, bj := headRow(k, in.X, b, t0+j, h), groupRow(k, in.B, b, t0+j, g)
-		for p, xp := range x {
-			axpy(w*xp, bj, s[p*k.N:(p+1)*k.N])
-		}
+	w := scr.coefs[:q]
+	for j := range w {
+		w[j] = T(decay(lam-cs[j], k.cut) * dt[j])
 	}
+	transposeInto(q, k.P, in.X[((b*k.L+t0)*k.H+h)*k.P:], k.H*k.P, w, scr.xT, k.Q)
+	gemmNT(k.P, k.N, q, scr.xT, k.Q, scr.bT, k.Q, s, k.N)
 }
 
 // statePassing turns the chunk states st[c+1] = S_c of (b, h) into the
@@ -201,7 +222,7 @@ func (ws *Workspace[T]) statePassing(k *chunkGeom, in *Inputs[T], bh int) {
 		clear(h0)
 	}
 	for c := 0; c < k.nc; c++ {
-		axpy(T(math.Exp(ws.lam[bh*k.nc+c])), stateAt(k, ws.st, bh, c), stateAt(k, ws.st, bh, c+1))
+		axpy(T(decay(ws.lam[bh*k.nc+c], k.cut)), stateAt(k, ws.st, bh, c), stateAt(k, ws.st, bh, c+1))
 	}
 }
 
@@ -213,7 +234,7 @@ func (ws *Workspace[T]) Forward(d Dims, o Options, in *Inputs[T], out *Outputs[T
 	if err := checkOutputs(d, o, out); err != nil {
 		return err
 	}
-	k := newGeom(d, o)
+	k := newGeom[T](d, o)
 	nw := workers()
 	ws.prepare(&k, nw, false)
 	ws.chunkCumsum(&k, nw, in)
@@ -226,6 +247,7 @@ func (ws *Workspace[T]) Forward(d Dims, o Options, in *Inputs[T], out *Outputs[T
 		b, g := item/k.nc/k.G, item/k.nc%k.G
 		t0, q := k.span(c)
 		bmmChunk(&k, in, b, g, c, s.cb)
+		transposeBC(&k, in, b, g, c, s, false)
 		for h := g * k.R; h < (g+1)*k.R; h++ {
 			bh := b*k.H + h
 			dt := ws.dt[bh*k.L+t0 : bh*k.L+t0+q]
@@ -247,13 +269,15 @@ func (ws *Workspace[T]) Forward(d Dims, o Options, in *Inputs[T], out *Outputs[T
 				coef := s.coefs[:i+1]
 				cbRow := s.cb[i*k.Q : i*k.Q+i+1]
 				for j := range coef {
-					coef[j] = T(math.Exp(cs[i]-cs[j])*dt[j]) * cbRow[j]
+					coef[j] = T(decay(cs[i]-cs[j], k.cut)*dt[j]) * cbRow[j]
 				}
 				for j, cf := range coef {
-					axpy(cf, headRow(&k, in.X, b, t0+j, h), y)
+					if cf != 0 {
+						axpy(cf, headRow(&k, in.X, b, t0+j, h), y)
+					}
 				}
 			}
-			ws.chunkState(&k, in, b, h, c, stateAt(&k, ws.st, bh, c+1))
+			ws.chunkState(&k, in, b, h, c, stateAt(&k, ws.st, bh, c+1), s)
 		}
 	})
 
@@ -269,18 +293,16 @@ func (ws *Workspace[T]) Forward(d Dims, o Options, in *Inputs[T], out *Outputs[T
 	})
 
 	// Step (4): Yoff = exp(cs_i)·Hin_c C_i, per (b, head, chunk).
-	parallelFor(nw, k.Batch*k.H*k.nc, func(_, item int) {
+	parallelFor(nw, k.Batch*k.H*k.nc, func(w, item int) {
 		bh, c := item/k.nc, item%k.nc
 		b, h := bh/k.H, bh%k.H
 		t0, q := k.span(c)
-		hin := stateAt(&k, ws.st, bh, c)
 		cs := ws.cs[bh*k.L+t0 : bh*k.L+t0+q]
+		m := ws.work[w].mQP
+		gemmNT(q, k.P, k.N, in.C[((b*k.L+t0)*k.G+h/k.R)*k.N:], k.G*k.N, stateAt(&k, ws.st, bh, c), k.N, m, k.P)
 		for i := 0; i < q; i++ {
-			e := T(math.Exp(cs[i]))
-			ci := groupRow(&k, in.C, b, t0+i, h/k.R)
-			y := headRow(&k, out.Y, b, t0+i, h)
-			for p := range y {
-				y[p] += e * dot(hin[p*k.N:(p+1)*k.N], ci)
+			if e := T(decay(cs[i], k.cut)); e != 0 {
+				axpy(e, m[i*k.P:(i+1)*k.P], headRow(&k, out.Y, b, t0+i, h))
 			}
 		}
 	})

@@ -1,9 +1,5 @@
 package ssd
 
-import (
-	"math"
-)
-
 // Backward is the chunked backward of §4.6 using the workspace's buffers.
 func (ws *Workspace[T]) Backward(d Dims, o Options, in *Inputs[T], dY, dFinal []T, g *Grads[T]) error {
 	if err := checkInputs(d, o, in, true); err != nil {
@@ -12,32 +8,31 @@ func (ws *Workspace[T]) Backward(d Dims, o Options, in *Inputs[T], dY, dFinal []
 	if err := checkBackward(d, o, dY, dFinal, g); err != nil {
 		return err
 	}
-	k := newGeom(d, o)
+	k := newGeom[T](d, o)
 	nw := workers()
 	ws.prepare(&k, nw, true)
 	ws.chunkCumsum(&k, nw, in)
 	QQ := k.Q * k.Q
 
 	// Recompute CB and the chunk states; B1: dP_c = Σ_i exp(cs_i)·dY_i C_iᵀ.
-	parallelFor(nw, k.Batch*k.G*k.nc, func(_, item int) {
+	parallelFor(nw, k.Batch*k.G*k.nc, func(w, item int) {
+		s := &ws.work[w]
 		c := item % k.nc
 		bg := item / k.nc
 		b, grp := bg/k.G, bg%k.G
 		t0, q := k.span(c)
 		bmmChunk(&k, in, b, grp, c, ws.cb[(bg*k.nc+c)*QQ:(bg*k.nc+c+1)*QQ])
+		transposeBC(&k, in, b, grp, c, s, true)
 		for h := grp * k.R; h < (grp+1)*k.R; h++ {
 			bh := b*k.H + h
-			ws.chunkState(&k, in, b, h, c, stateAt(&k, ws.st, bh, c+1))
-			dP := stateAt(&k, ws.gst, bh, c)
-			clear(dP)
+			ws.chunkState(&k, in, b, h, c, stateAt(&k, ws.st, bh, c+1), s)
 			cs := ws.cs[bh*k.L+t0 : bh*k.L+t0+q]
-			for i := 0; i < q; i++ {
-				e := T(math.Exp(cs[i]))
-				ci := groupRow(&k, in.C, b, t0+i, grp)
-				for p, dy := range headRow(&k, dY, b, t0+i, h) {
-					axpy(e*dy, ci, dP[p*k.N:(p+1)*k.N])
-				}
+			e := s.coefs[:q]
+			for i := range e {
+				e[i] = T(decay(cs[i], k.cut))
 			}
+			transposeInto(q, k.P, dY[((b*k.L+t0)*k.H+h)*k.P:], k.H*k.P, e, s.xT, k.Q)
+			gemmNT(k.P, k.N, q, s.xT, k.Q, s.cT, k.Q, stateAt(&k, ws.gst, bh, c), k.N)
 		}
 	})
 
@@ -53,7 +48,7 @@ func (ws *Workspace[T]) Backward(d Dims, o Options, in *Inputs[T], dY, dFinal []
 			clear(gFin)
 		}
 		for c := k.nc - 1; c >= 0; c-- {
-			e := math.Exp(ws.lam[bh*k.nc+c])
+			e := decay(ws.lam[bh*k.nc+c], k.cut)
 			gc := stateAt(&k, ws.gst, bh, c+1)
 			ws.dlam[bh*k.nc+c] = e * dot64(gc, stateAt(&k, ws.st, bh, c))
 			axpy(T(e), gc, stateAt(&k, ws.gst, bh, c))
@@ -121,8 +116,11 @@ func (ws *Workspace[T]) chunkBackward(k *chunkGeom, o Options, in *Inputs[T], dY
 			dyi := headRow(k, dY, b, t0+i, h)
 			var ri float64
 			for j := 0; j <= i; j++ {
-				e := math.Exp(cs[i] - cs[j])
-				dc := T(e*dt[j]) * dot(dyi, headRow(k, in.X, b, t0+j, h))
+				e := decay(cs[i]-cs[j], k.cut)
+				var dc T
+				if e != 0 {
+					dc = T(e*dt[j]) * dot(dyi, headRow(k, in.X, b, t0+j, h))
+				}
 				if first {
 					dcb[i*Q+j] = dc
 				} else {
@@ -133,19 +131,24 @@ func (ws *Workspace[T]) chunkBackward(k *chunkGeom, o Options, in *Inputs[T], dY
 					ri += float64(cbv * dc)
 					intra[j+1] += ri
 				}
-				axpy(T(e)*cbv, dyi, br[j*P:(j+1)*P])
+				if e != 0 {
+					axpy(T(e)*cbv, dyi, br[j*P:(j+1)*P])
+				}
 			}
 		}
 
 		// Chunk-state part: Gc B_j joins the bracket; u_j and dB_j.
+		gb := s.mQP
+		gemmNT(q, P, N, in.B[((b*k.L+t0)*k.G+grp)*N:], k.G*N, gc, N, gb, P)
+		xs := s.xs[:q*P]
 		for j := 0; j < q; j++ {
-			xj, bj := headRow(k, in.X, b, t0+j, h), groupRow(k, in.B, b, t0+j, grp)
-			ej := math.Exp(lam - cs[j])
-			for p := 0; p < P; p++ {
-				s.gB[p] = dot(gc[p*N:(p+1)*N], bj)
-			}
+			xj := headRow(k, in.X, b, t0+j, h)
+			ej := decay(lam-cs[j], k.cut)
 			brj := br[j*P : (j+1)*P]
-			axpy(T(ej), s.gB, brj)
+			gbj := gb[j*P : (j+1)*P]
+			if ej != 0 {
+				axpy(T(ej), gbj, brj)
+			}
 			dx, dy := headRow(k, g.X, b, t0+j, h), headRow(k, dY, b, t0+j, h)
 			dtj := T(dt[j])
 			if o.DHasHdim {
@@ -160,24 +163,35 @@ func (ws *Workspace[T]) chunkBackward(k *chunkGeom, o Options, in *Inputs[T], dY
 				}
 			}
 			ws.ddt[bh*k.L+t0+j] = dot64(xj, brj)
-			u[j] = dt[j] * ej * dot64(xj, s.gB)
+			u[j] = dt[j] * ej * dot64(xj, gbj)
 			coef := T(dt[j] * ej)
-			dB := groupRow(k, g.B, b, t0+j, grp)
+			xsj := xs[j*P : (j+1)*P]
 			for p, xp := range xj {
-				axpy(coef*xp, gc[p*N:(p+1)*N], dB)
+				xsj[p] = coef * xp
+			}
+		}
+		// dB_j += Σ_p xs_j[p]·Gc[p,:], as xs·(Gcᵀ)ᵀ.
+		transposeInto(P, N, gc, N, nil, s.tNP, P)
+		gemmNT(q, N, P, xs, P, s.tNP, P, s.mQN, N)
+		for j := 0; j < q; j++ {
+			dB, m := groupRow(k, g.B, b, t0+j, grp), s.mQN[j*N:(j+1)*N]
+			for n := range dB {
+				dB[n] += m[n]
 			}
 		}
 
 		// Off-diagonal part: dC_i += exp(cs_i)·Hin_cᵀ dY_i and v_i.
-		tmp := s.tmp
+		// tmp_i = Hin_cᵀ dY_i for every i, as dY·(Hinᵀ)ᵀ.
+		transposeInto(P, N, hin, N, nil, s.tNP, P)
+		gemmNT(q, N, P, dY[((b*k.L+t0)*k.H+h)*P:], k.H*P, s.tNP, P, s.mQN, N)
 		for i := 0; i < q; i++ {
-			dyi, ci := headRow(k, dY, b, t0+i, h), groupRow(k, in.C, b, t0+i, grp)
-			clear(tmp)
-			for p, dy := range dyi {
-				axpy(dy, hin[p*N:(p+1)*N], tmp)
+			e := decay(cs[i], k.cut)
+			v[i] = 0
+			if e == 0 {
+				continue
 			}
-			e := math.Exp(cs[i])
-			v[i] = e * dot64(tmp, ci)
+			tmp := s.mQN[i*N : (i+1)*N]
+			v[i] = e * dot64(tmp, groupRow(k, in.C, b, t0+i, grp))
 			axpy(T(e), tmp, groupRow(k, g.C, b, t0+i, grp))
 		}
 

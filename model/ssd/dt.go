@@ -2,6 +2,7 @@ package ssd
 
 import (
 	"math"
+	"unsafe"
 
 	"github.com/m2train/m2train/model"
 )
@@ -27,6 +28,30 @@ func discretize(u, lo, hi float64) (dt, grad float64) {
 		return hi, 0
 	}
 	return sp, dsp
+}
+
+// flushBelow returns the log-decay below which a decay factor exp(x) is
+// taken to be exactly zero for element type T: about 2^-101 for float32 and
+// 2^-966 for float64. Such factors scale terms that lie far below the
+// rounding error of any sum they join (every decayed sum also holds an
+// undecayed term), but computing them would produce subnormal numbers, whose
+// arithmetic is two orders of magnitude slower on common CPUs. It is the
+// flush-to-zero that GPU kernels get from their floating-point mode, applied
+// with a margin so that products of the factor stay normal.
+func flushBelow[T model.Float]() float64 {
+	var z T
+	if unsafe.Sizeof(z) == 4 {
+		return -70
+	}
+	return -670
+}
+
+// decay returns exp(x), or 0 when x < cut (see flushBelow).
+func decay(x, cut float64) float64 {
+	if x < cut {
+		return 0
+	}
+	return math.Exp(x)
 }
 
 // negA returns A = -exp(A_log) per head, in float64.

@@ -20,6 +20,7 @@ func ForwardRecurrent[T model.Float](d Dims, o Options, in *Inputs[T], out *Outp
 		return err
 	}
 	lo, hi := o.dtLimit()
+	cut := flushBelow[T]()
 	a := make([]float64, d.H)
 	negA(in.ALog, a)
 	nw := workers()
@@ -45,7 +46,7 @@ func ForwardRecurrent[T model.Float](d Dims, o Options, in *Inputs[T], out *Outp
 			dt, _ := discretize(float64(in.DTRaw[row*H+h])+bias, lo, hi)
 			at := dt * a[h]
 			logDecay += at
-			alpha := T(math.Exp(at))
+			alpha := T(decay(at, cut))
 			x := in.X[(row*H+h)*P : (row*H+h+1)*P]
 			bt := in.B[(row*G+g)*N : (row*G+g+1)*N]
 			ct := in.C[(row*G+g)*N : (row*G+g+1)*N]
@@ -87,6 +88,7 @@ func BackwardRecurrent[T model.Float](d Dims, o Options, in *Inputs[T], dY, dFin
 		return err
 	}
 	lo, hi := o.dtLimit()
+	cut := flushBelow[T]()
 	a := make([]float64, d.H)
 	negA(in.ALog, a)
 	P, N, H, G, L := d.P, d.N, d.H, d.G, d.L
@@ -135,7 +137,7 @@ func BackwardRecurrent[T model.Float](d Dims, o Options, in *Inputs[T], dY, dFin
 			cRow := func(t int) []T { ob := ((b*L+t)*G + grp) * N; return in.C[ob : ob+N] }
 			// step advances state st (h_{t-1} → h_t) in place.
 			step := func(t int, st []T) {
-				alpha := T(math.Exp(s.dt[t] * a[h]))
+				alpha := T(decay(s.dt[t]*a[h], cut))
 				x, bt := xRow(t), bRow(t)
 				for p := 0; p < P; p++ {
 					f := T(s.dt[t]) * x[p]
@@ -181,7 +183,7 @@ func BackwardRecurrent[T model.Float](d Dims, o Options, in *Inputs[T], dY, dFin
 						hprev = s.buf[(t-t0-1)*PN : (t-t0)*PN]
 					}
 					dt := s.dt[t]
-					alpha := T(math.Exp(dt * a[h]))
+					alpha := T(decay(dt*a[h], cut))
 					x, bt, ct := xRow(t), bRow(t), cRow(t)
 					xo := ((b*L+t)*H + h) * P
 					dy, dx := dY[xo:xo+P], g.X[xo:xo+P]
