@@ -27,18 +27,40 @@ func (e usageError) Unwrap() error { return e.err }
 
 func usagef(format string, args ...any) error { return usageError{fmt.Errorf(format, args...)} }
 
+// commandStarted is set once flags and arguments have been accepted and a
+// command's own hooks begin to run; an error before that is a usage error.
+var commandStarted bool
+
 var root = &cobra.Command{
 	Use:           "m2ctl",
 	Short:         "Train Mamba-2 language models on one machine or a cluster",
 	SilenceUsage:  true,
 	SilenceErrors: true,
+	PersistentPreRunE: func(cmd *cobra.Command, _ []string) error {
+		// cobra checks required flags only after the persistent hooks;
+		// checking them here makes a missing flag a usage error.
+		if err := cmd.ValidateRequiredFlags(); err != nil {
+			return usageError{err}
+		}
+		if err := cmd.ValidateFlagGroups(); err != nil {
+			return usageError{err}
+		}
+		commandStarted = true
+		return nil
+	},
+}
+
+func init() {
+	// Every command's persistent hooks run, the root's included, so that
+	// commandStarted is reliable whatever hooks the command groups add.
+	cobra.EnableTraverseRunHooks = true
 }
 
 func main() {
 	if err := root.Execute(); err != nil {
 		fmt.Fprintln(os.Stderr, "m2ctl:", err)
 		var ue usageError
-		if errors.As(err, &ue) {
+		if errors.As(err, &ue) || !commandStarted {
 			os.Exit(exitUsage)
 		}
 		os.Exit(exitFailure)

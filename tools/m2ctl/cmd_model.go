@@ -1,0 +1,163 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strconv"
+
+	"github.com/spf13/cobra"
+
+	"github.com/m2train/m2train/model"
+	"github.com/m2train/m2train/model/hf"
+	"github.com/m2train/m2train/model/ref"
+	"github.com/m2train/m2train/model/safetensors"
+)
+
+func init() { root.AddCommand(newModelCmd()) }
+
+func newModelCmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "model", Short: "Inspect and check the numerics of a model"}
+	cmd.AddCommand(newModelGradsCmd())
+	return cmd
+}
+
+// gradsArgs are the inputs of `m2ctl model grads`.
+type gradsArgs struct {
+	modelDir, tokens, out, precision string
+}
+
+func newModelGradsCmd() *cobra.Command {
+	var a gradsArgs
+	cmd := &cobra.Command{
+		Use:   "grads --model DIR --tokens FILE --out FILE",
+		Short: "Write logits, loss and every parameter gradient of a checkpoint on given tokens",
+		Long: `Loads a Hugging Face Mamba-2 checkpoint directory (config.json + model.safetensors),
+reads input_ids (int64, [batch, L]) from a safetensors file, runs the CPU reference
+backend forward and backward, and writes a safetensors file holding logits
+([batch, L, V]), loss ([1]: mean causal-LM cross-entropy over positions 0..L-2, each
+predicting the next token), hidden_states.K (the residual stream after layer K, and
+the final norm output for K = n_layer) and grad.<name> for every parameter, all in
+the chosen precision. This is how the numerics are checked against another
+implementation.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			switch a.precision {
+			case "float64":
+				return modelGrads[float64](cmd.Context(), a, safetensors.F64)
+			case "float32":
+				return modelGrads[float32](cmd.Context(), a, safetensors.F32)
+			default:
+				return usagef("--precision: must be float64 or float32, got %q", a.precision)
+			}
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&a.modelDir, "model", "", "Hugging Face checkpoint directory (required)")
+	f.StringVar(&a.tokens, "tokens", "", "safetensors file with input_ids, int64 [batch, L] (required)")
+	f.StringVar(&a.out, "out", "", "output safetensors file (required)")
+	f.StringVar(&a.precision, "precision", "float64", "float64 or float32")
+	for _, n := range []string{"model", "tokens", "out"} {
+		_ = cmd.MarkFlagRequired(n)
+	}
+	return cmd
+}
+
+func modelGrads[T model.Float](ctx context.Context, a gradsArgs, dtype safetensors.DType) error {
+	cfg, _, err := hf.ReadConfigFile(a.modelDir + "/config.json")
+	if err != nil {
+		return usageError{err}
+	}
+	m, err := ref.New[T](cfg)
+	if err != nil {
+		return usageError{err}
+	}
+	params, err := hf.LoadParams[T](a.modelDir, cfg, m.Layout())
+	if err != nil {
+		return usageError{err}
+	}
+	copy(m.Params(), params)
+	b, err := readInputIDs(a.tokens)
+	if err != nil {
+		return err
+	}
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	r, err := m.ForwardBackward(ctx, b, model.StepOptions{KeepLogits: true, KeepHidden: true})
+	if err != nil {
+		return usageError{err}
+	}
+	var out []safetensors.Tensor
+	add := func(name string, shape []int, v []float64) error {
+		t, err := safetensors.FromFloat64s(name, shape, v, dtype)
+		if err != nil {
+			return err
+		}
+		out = append(out, t)
+		return nil
+	}
+	bt, l, V, D := b.Batch, b.SeqLen, cfg.VocabSize, cfg.DModel
+	if err := add("logits", []int{bt, l, V}, r.Logits); err != nil {
+		return err
+	}
+	if err := add("loss", []int{1}, []float64{r.Loss}); err != nil {
+		return err
+	}
+	for k, h := range r.Hidden {
+		if err := add("hidden_states."+strconv.Itoa(k), []int{bt, l, D}, h); err != nil {
+			return err
+		}
+	}
+	g := m.Grads()
+	for _, t := range m.Layout().Tensors {
+		v := model.View(g, &t)
+		f := make([]float64, len(v))
+		for i, x := range v {
+			f[i] = float64(x)
+		}
+		if err := add("grad."+t.Name, t.Shape, f); err != nil {
+			return err
+		}
+	}
+	meta := map[string]string{"backend": m.Name(), "loss": "mean causal-LM cross-entropy over positions 0..L-2"}
+	if err := safetensors.WriteFile(a.out, out, meta); err != nil {
+		return err
+	}
+	fmt.Fprintf(os.Stderr, "m2ctl: loss %.10g over %d positions; wrote %d tensors to %s\n", r.Loss, r.Count, len(out), a.out)
+	return nil
+}
+
+// readInputIDs reads input_ids (integer, [batch, L]) and builds the batch
+// with the causal-LM targets: position t predicts token t+1 and the last
+// position of each row has no target.
+func readInputIDs(path string) (*model.Batch, error) {
+	f, err := safetensors.ReadFile(path)
+	if err != nil {
+		return nil, usageError{err}
+	}
+	t, ok := f.Get("input_ids")
+	if !ok {
+		return nil, usagef("%s: no tensor named input_ids", path)
+	}
+	if len(t.Shape) != 2 || t.Shape[0] <= 0 || t.Shape[1] <= 0 {
+		return nil, usagef("%s: input_ids must have shape [batch, L] with both positive, got %v", path, t.Shape)
+	}
+	ids, err := t.Int64s()
+	if err != nil {
+		return nil, usagef("%s: input_ids: %v", path, err)
+	}
+	bt, l := t.Shape[0], t.Shape[1]
+	b := &model.Batch{Batch: bt, SeqLen: l, Inputs: make([]int32, bt*l), Targets: make([]int32, bt*l)}
+	for i, v := range ids {
+		if v < 0 || v > 1<<31-1 {
+			return nil, usagef("%s: input_ids[%d] = %d is not a valid token id", path, i, v)
+		}
+		b.Inputs[i] = int32(v)
+		b.Targets[i] = -1
+		if i%l != l-1 {
+			b.Targets[i] = int32(ids[i+1])
+		}
+	}
+	return b, nil
+}

@@ -1,0 +1,122 @@
+package checkpoint
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"reflect"
+	"testing"
+
+	"github.com/m2train/m2train/model"
+)
+
+func testState(step int) *State[float32] {
+	cfg := model.DefaultConfig(16, 1, 32)
+	cfg.HeadDim, cfg.NHeads, cfg.DState = 8, 4, 4
+	l := model.NewLayout(cfg)
+	s := &State[float32]{Config: cfg, Layout: l, Params: make([]float32, l.Total), M: make([]float32, l.Total), V: make([]float32, l.Total),
+		Trainer: TrainerState{Step: step, Cursor: uint64(step * 8), Seed: 3, OptimizerStep: int64(step), Loss: 1.5, Precision: "float32"}}
+	for i := range s.Params {
+		s.Params[i] = float32(i) * 0.25
+		s.M[i] = float32(i) * -0.5
+		s.V[i] = float32(i) * 0.125
+	}
+	return s
+}
+
+func TestSaveLoadRoundTrip(t *testing.T) {
+	ctx := context.Background()
+	store := LocalStore{Root: t.TempDir()}
+	want := testState(40)
+	if err := Save(ctx, store, "job-1", want); err != nil {
+		t.Fatal(err)
+	}
+	got, err := LoadLatest[float32](ctx, store, "job-1", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(got.Params, want.Params) || !reflect.DeepEqual(got.M, want.M) || !reflect.DeepEqual(got.V, want.V) {
+		t.Error("tensors differ after a round trip")
+	}
+	if !reflect.DeepEqual(got.Trainer, want.Trainer) {
+		t.Errorf("trainer state %+v, want %+v", got.Trainer, want.Trainer)
+	}
+	if got.Config.DModel != 16 || got.Layout.Total != want.Layout.Total {
+		t.Errorf("config %+v", got.Config)
+	}
+	// The checkpoint directory is a Hugging Face model directory.
+	for _, f := range []string{ConfigObject, ModelObject} {
+		if _, err := os.Stat(filepath.Join(store.Root, "job-1", StepDir(40), f)); err != nil {
+			t.Error(err)
+		}
+	}
+}
+
+func TestUncommittedAndCorruptCheckpointsAreSkipped(t *testing.T) {
+	ctx := context.Background()
+	store := LocalStore{Root: t.TempDir()}
+	for _, step := range []int{10, 20, 30} {
+		if err := Save(ctx, store, "", testState(step)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Step 30 lost its manifest (an upload that never finished): it does not exist.
+	if err := store.Delete(ctx, StepDir(30)+"/"+ManifestObject); err != nil {
+		t.Fatal(err)
+	}
+	// Step 20 has a corrupted optimizer state: it fails verification.
+	p := filepath.Join(store.Root, StepDir(20), OptimizerObject)
+	b, _ := os.ReadFile(p)
+	b[100] ^= 1
+	os.WriteFile(p, b, 0o644)
+
+	steps, err := Steps(ctx, store, "")
+	if err != nil || !reflect.DeepEqual(steps, []int{20, 10}) {
+		t.Fatalf("committed steps %v (%v), want [20 10]", steps, err)
+	}
+	if _, _, err := ReadVerified(ctx, store, "", 20); !errors.Is(err, ErrCorrupt) {
+		t.Errorf("corrupt checkpoint verified: %v", err)
+	}
+	s, err := LoadLatest[float32](ctx, store, "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.Trainer.Step != 10 {
+		t.Errorf("loaded step %d, want 10", s.Trainer.Step)
+	}
+}
+
+func TestPruneKeepsNewest(t *testing.T) {
+	ctx := context.Background()
+	store := LocalStore{Root: t.TempDir()}
+	for _, step := range []int{1, 2, 3, 4} {
+		if err := Save(ctx, store, "p", testState(step)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := Prune(ctx, store, "p", 2); err != nil {
+		t.Fatal(err)
+	}
+	steps, _ := Steps(ctx, store, "p")
+	if !reflect.DeepEqual(steps, []int{4, 3}) {
+		t.Errorf("kept %v, want [4 3]", steps)
+	}
+	names, _ := store.List(ctx, "p/"+StepDir(1))
+	if len(names) != 0 {
+		t.Errorf("pruned checkpoint left objects %v", names)
+	}
+}
+
+func TestLoadLatestWithNothing(t *testing.T) {
+	if _, err := LoadLatest[float32](context.Background(), LocalStore{Root: t.TempDir()}, "", nil); !errors.Is(err, ErrNone) {
+		t.Errorf("got %v, want ErrNone", err)
+	}
+}
+
+func TestLocalStoreRejectsEscapingNames(t *testing.T) {
+	s := LocalStore{Root: t.TempDir()}
+	if err := s.Put(context.Background(), "../outside", []byte("x")); err == nil {
+		t.Error("a name escaping the root was accepted")
+	}
+}

@@ -1,0 +1,284 @@
+// Package train owns the training loop of one rank: reading its
+// micro-batches, forward and backward on a model.Backend, gradient
+// accumulation with the loss normalised by the step's count of target
+// tokens, clipping, AdamW with the learning-rate schedule, progress
+// reporting, checkpoints and resume. The loop is the same for the CPU and
+// the CUDA backends.
+package train
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math"
+	"time"
+
+	"github.com/m2train/m2train/coordinator/jobspec"
+	"github.com/m2train/m2train/model"
+	"github.com/m2train/m2train/model/hf"
+	"github.com/m2train/m2train/worker/checkpoint"
+	"github.com/m2train/m2train/worker/data"
+)
+
+// ErrDiverged is returned when the loss or the gradient norm stops being finite.
+var ErrDiverged = errors.New("train: loss is not finite")
+
+// ModelConfig turns the spec's architecture into a model configuration,
+// with mamba_ssm's defaults for the fields the spec leaves out.
+func ModelConfig(c *jobspec.ModelConfig) model.Config {
+	cfg := model.DefaultConfig(c.DModel, c.NLayer, c.VocabSize)
+	set := func(dst *int, v int) {
+		if v > 0 {
+			*dst = v
+		}
+	}
+	set(&cfg.DState, c.DState)
+	set(&cfg.HeadDim, c.HeadDim)
+	set(&cfg.Expand, c.Expand)
+	set(&cfg.NGroups, c.NGroups)
+	set(&cfg.DConv, c.DConv)
+	set(&cfg.ChunkSize, c.ChunkSize)
+	cfg.NHeads = cfg.Expand * cfg.DModel / cfg.HeadDim
+	cfg.PadVocabMultiple = 16
+	return cfg
+}
+
+// Progress is reported after every optimizer step.
+type Progress struct {
+	Step, TotalSteps int
+	Loss             float64
+	LR               float64
+	GradNorm         float64
+	Tokens           int64 // target tokens of this step
+	TokensPerSec     float64
+	StepTime         time.Duration
+	Elapsed          time.Duration
+	ETA              time.Duration
+}
+
+// Options configure a Trainer beyond its spec.
+type Options struct {
+	Log *slog.Logger
+	// Store and Prefix say where checkpoints go; a nil Store disables them.
+	Store  checkpoint.Store
+	Prefix string
+	// OnProgress is called after every step.
+	OnProgress func(Progress)
+	// OnCheckpoint is called after a checkpoint is committed.
+	OnCheckpoint func(step int)
+}
+
+// Trainer trains one model replica on one process.
+type Trainer[T model.Float] struct {
+	spec    *jobspec.Spec
+	backend model.Backend[T]
+	opt     *model.AdamW[T]
+	sched   model.Schedule
+	loader  *data.Loader
+	opts    Options
+	log     *slog.Logger
+	step    int
+	loss    float64
+	started time.Time
+	rate    float64 // smoothed tokens per second
+}
+
+// New builds a trainer for spec on backend, reading ds. The backend's
+// parameters must already be initialised or loaded; Resume replaces them
+// with a checkpoint's when one exists.
+func New[T model.Float](spec *jobspec.Spec, backend model.Backend[T], ds *data.Dataset, opts Options) (*Trainer[T], error) {
+	if spec.Parallel.World() != 1 {
+		return nil, fmt.Errorf("train: parallel: a single-process trainer needs dp = sp = 1, got dp %d sp %d", spec.Parallel.DP, spec.Parallel.SP)
+	}
+	cfg := backend.Config()
+	if v := int(ds.Vocab()); v > cfg.VocabSize {
+		return nil, fmt.Errorf("train: data: the dataset's vocabulary %d exceeds the model's vocab_size %d", v, cfg.VocabSize)
+	}
+	ac := model.AdamWConfig{Beta1: spec.Optimizer.Betas[0], Beta2: spec.Optimizer.Betas[1], Eps: spec.Optimizer.Eps, WeightDecay: spec.Optimizer.WeightDecay}
+	opt, err := model.NewAdamW[T](backend.Layout(), ac)
+	if err != nil {
+		return nil, err
+	}
+	sched := model.Schedule{PeakLR: spec.Optimizer.LR, MinLR: spec.Schedule.MinLR, WarmupSteps: spec.Schedule.WarmupSteps, TotalSteps: spec.Schedule.TotalSteps}
+	if err := sched.Validate(); err != nil {
+		return nil, err
+	}
+	loader, err := data.NewLoader(ds, data.LoaderConfig{
+		SeqLen: spec.Data.SeqLen, MicroBatch: spec.Batch.MicroBatch, GlobalBatch: spec.Batch.GlobalBatch,
+		DPRank: 0, DPSize: 1, Seed: spec.Seed,
+	})
+	if err != nil {
+		return nil, err
+	}
+	log := opts.Log
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Trainer[T]{spec: spec, backend: backend, opt: opt, sched: sched, loader: loader, opts: opts, log: log}, nil
+}
+
+// Step returns the number of optimizer steps done.
+func (t *Trainer[T]) Step() int { return t.step }
+
+// Loss returns the loss of the last step.
+func (t *Trainer[T]) Loss() float64 { return t.loss }
+
+// Resume loads the newest checkpoint that verifies, if any, and reports
+// whether it did.
+func (t *Trainer[T]) Resume(ctx context.Context) (bool, error) {
+	if t.opts.Store == nil {
+		return false, nil
+	}
+	s, err := checkpoint.LoadLatest[T](ctx, t.opts.Store, t.opts.Prefix, t.log)
+	if errors.Is(err, checkpoint.ErrNone) {
+		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	if s.Layout.Total != t.backend.Layout().Total || s.Config.NLayer != t.backend.Config().NLayer {
+		return false, fmt.Errorf("train: checkpoint at step %d has a different model (%d parameters) than the spec (%d)", s.Trainer.Step, s.Layout.Total, t.backend.Layout().Total)
+	}
+	copy(t.backend.Params(), s.Params)
+	copy(t.opt.M, s.M)
+	copy(t.opt.V, s.V)
+	t.opt.Step = s.Trainer.OptimizerStep
+	t.step = s.Trainer.Step
+	t.loss = s.Trainer.Loss
+	t.loader.Seek(s.Trainer.Cursor)
+	t.log.Info("resumed from checkpoint", "step", t.step, "cursor", s.Trainer.Cursor)
+	return true, nil
+}
+
+// Run trains until the schedule's total steps, checkpointing on the way.
+func (t *Trainer[T]) Run(ctx context.Context) error {
+	return t.RunUntil(ctx, t.spec.Schedule.TotalSteps)
+}
+
+// RunUntil trains until step stop (at most the schedule's total steps),
+// checkpointing on the way as Run does.
+func (t *Trainer[T]) RunUntil(ctx context.Context, stop int) error {
+	t.started = time.Now()
+	startStep := t.step
+	total := t.spec.Schedule.TotalSteps
+	stop = min(stop, total)
+	for t.step < stop {
+		p, err := t.TrainStep(ctx)
+		if err != nil {
+			return err
+		}
+		elapsed := time.Since(t.started)
+		p.Elapsed = elapsed
+		if done := t.step - startStep; done > 0 {
+			p.ETA = time.Duration(float64(elapsed) / float64(done) * float64(stop-t.step))
+		}
+		if t.opts.OnProgress != nil {
+			t.opts.OnProgress(p)
+		}
+		every := t.spec.Checkpoint.EverySteps
+		if t.opts.Store != nil && (t.step == total || (every > 0 && t.step%every == 0)) {
+			if err := t.Checkpoint(ctx); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// TrainStep runs one optimizer step: every micro-batch of the step forward
+// and backward with the loss averaged over the step's target tokens, then
+// clipping and the AdamW update.
+func (t *Trainer[T]) TrainStep(ctx context.Context) (Progress, error) {
+	start := time.Now()
+	batches, err := t.loader.Next(ctx)
+	if err != nil {
+		return Progress{}, err
+	}
+	mbs := make([]*model.Batch, len(batches))
+	count := 0
+	for i, b := range batches {
+		mbs[i] = &model.Batch{Batch: b.Rows(), SeqLen: b.SeqLen, Inputs: b.Inputs, Targets: b.Targets}
+		count += mbs[i].Counted()
+	}
+	t.backend.ZeroGrads()
+	var lossSum float64
+	for _, mb := range mbs {
+		r, err := t.backend.ForwardBackward(ctx, mb, model.StepOptions{Count: count})
+		if err != nil {
+			return Progress{}, err
+		}
+		lossSum += r.LossSum
+	}
+	loss := lossSum / float64(count)
+	norm := model.ClipGrads(t.backend.Grads(), t.spec.Optimizer.GradClip)
+	if math.IsNaN(loss) || math.IsInf(loss, 0) || math.IsNaN(norm) || math.IsInf(norm, 0) {
+		return Progress{}, fmt.Errorf("%w at step %d: loss %v, gradient norm %v", ErrDiverged, t.step, loss, norm)
+	}
+	lr := t.sched.LR(t.step)
+	t.opt.Update(t.backend.Params(), t.backend.Grads(), lr)
+	t.step++
+	t.loss = loss
+	dt := time.Since(start)
+	rate := float64(count) / dt.Seconds()
+	if t.rate == 0 {
+		t.rate = rate
+	} else {
+		t.rate = 0.8*t.rate + 0.2*rate
+	}
+	return Progress{Step: t.step, TotalSteps: t.spec.Schedule.TotalSteps, Loss: loss, LR: lr, GradNorm: norm,
+		Tokens: int64(count), TokensPerSec: t.rate, StepTime: dt}, nil
+}
+
+// Checkpoint writes the current state and prunes old checkpoints.
+func (t *Trainer[T]) Checkpoint(ctx context.Context) error {
+	specJSON, err := json.Marshal(t.spec)
+	if err != nil {
+		return err
+	}
+	var z T
+	prec := "float32"
+	if _, ok := any(z).(float64); ok {
+		prec = "float64"
+	}
+	s := &checkpoint.State[T]{
+		Config: t.backend.Config(), Layout: t.backend.Layout(),
+		Params: t.backend.Params(), M: t.opt.M, V: t.opt.V,
+		Trainer: checkpoint.TrainerState{Step: t.step, Cursor: t.loader.Cursor(), Seed: t.spec.Seed,
+			OptimizerStep: t.opt.Step, Loss: t.loss, Precision: prec, Spec: specJSON},
+	}
+	if err := checkpoint.Save(ctx, t.opts.Store, t.opts.Prefix, s); err != nil {
+		return err
+	}
+	t.log.Info("checkpoint committed", "step", t.step, "store", t.opts.Store.String())
+	if t.opts.OnCheckpoint != nil {
+		t.opts.OnCheckpoint(t.step)
+	}
+	return checkpoint.Prune(ctx, t.opts.Store, t.opts.Prefix, t.spec.Checkpoint.Keep)
+}
+
+// LoadInit fills params from the spec's init_from Hugging Face checkpoint
+// directory, or initialises them from the seed.
+func LoadInit[T model.Float](spec *jobspec.Spec, cfg model.Config, layout *model.Layout, params []T) error {
+	if spec.Model.InitFrom != "" {
+		p, err := hf.LoadParams[T](spec.Model.InitFrom, cfg, layout)
+		if err != nil {
+			return err
+		}
+		copy(params, p)
+		return nil
+	}
+	return model.Init(cfg, layout, params, spec.Seed)
+}
+
+// ConfigFromSpec returns the model configuration of spec: the spec's own
+// architecture, or the config.json of its init_from checkpoint.
+func ConfigFromSpec(spec *jobspec.Spec) (model.Config, error) {
+	if spec.Model.InitFrom != "" {
+		cfg, _, err := hf.ReadConfigFile(spec.Model.InitFrom + "/config.json")
+		return cfg, err
+	}
+	cfg := ModelConfig(spec.Model.Config)
+	return cfg, cfg.Validate()
+}
