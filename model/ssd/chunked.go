@@ -29,6 +29,8 @@ type Workspace[T model.Float] struct {
 // gemmNT reads every operand along contiguous rows.
 type chunkScratch[T model.Float] struct {
 	cb    []T       // (Q, Q)
+	mQQ   []T       // (Q, Q): decay-weighted CB (lower, forward; transposed, backward)
+	dd    []T       // (Q, Q): dY_i·x_j of one head (backward)
 	coefs []T       // (Q)
 	xT    []T       // (P, Q): a scaled, transposed chunk of X or dY
 	bT    []T       // (N, Q): the chunk of B, transposed
@@ -111,6 +113,7 @@ func (ws *Workspace[T]) prepare(k *chunkGeom, nw int, backward bool) {
 	for w := 0; w < nw; w++ {
 		s := &ws.work[w]
 		s.cb = grow(s.cb, k.Q*k.Q)
+		s.mQQ = grow(s.mQQ, k.Q*k.Q)
 		s.coefs = grow(s.coefs, k.Q)
 		s.xT = grow(s.xT, k.P*k.Q)
 		s.bT = grow(s.bT, k.N*k.Q)
@@ -118,6 +121,7 @@ func (ws *Workspace[T]) prepare(k *chunkGeom, nw int, backward bool) {
 		if backward {
 			s.cT = grow(s.cT, k.N*k.Q)
 			s.dcb = grow(s.dcb, k.Q*k.Q)
+			s.dd = grow(s.dd, k.Q*k.Q)
 			s.br = grow(s.br, k.Q*k.P)
 			s.xs = grow(s.xs, k.Q*k.P)
 			s.mQN = grow(s.mQN, k.Q*k.N)
@@ -208,7 +212,7 @@ func (ws *Workspace[T]) chunkState(k *chunkGeom, in *Inputs[T], b, h, c int, s [
 		w[j] = T(decay(lam-cs[j], k.cut) * dt[j])
 	}
 	transposeInto(q, k.P, in.X[((b*k.L+t0)*k.H+h)*k.P:], k.H*k.P, w, scr.xT, k.Q)
-	gemmNT(k.P, k.N, q, scr.xT, k.Q, scr.bT, k.Q, s, k.N)
+	gemmNT(k.P, k.N, q, scr.xT, k.Q, scr.bT, k.Q, s, k.N, full)
 }
 
 // statePassing turns the chunk states st[c+1] = S_c of (b, h) into the
@@ -252,28 +256,33 @@ func (ws *Workspace[T]) Forward(d Dims, o Options, in *Inputs[T], out *Outputs[T
 			bh := b*k.H + h
 			dt := ws.dt[bh*k.L+t0 : bh*k.L+t0+q]
 			cs := ws.cs[bh*k.L+t0 : bh*k.L+t0+q]
+			// Ydiag = (L ∘ CB ∘ exp(seg) · diag(dt)) X, a lower-triangular
+			// product; M[i, i+1] is zeroed for the kernel's row pairs.
+			mm := s.mQQ
+			for i := 0; i < q; i++ {
+				row, cbRow := mm[i*k.Q:i*k.Q+i+1], s.cb[i*k.Q:i*k.Q+i+1]
+				for j := range row {
+					row[j] = T(decay(cs[i]-cs[j], k.cut)*dt[j]) * cbRow[j]
+				}
+				if i+1 < q {
+					mm[i*k.Q+i+1] = 0
+				}
+			}
+			transposeInto(q, k.P, in.X[((b*k.L+t0)*k.H+h)*k.P:], k.H*k.P, nil, s.xT, k.Q)
+			gemmNT(q, k.P, q, mm, k.Q, s.xT, k.Q, s.mQP, k.P, lowerA)
 			for i := 0; i < q; i++ {
 				y := headRow(&k, out.Y, b, t0+i, h)
 				xi := headRow(&k, in.X, b, t0+i, h)
+				yd := s.mQP[i*k.P : (i+1)*k.P]
 				if o.DHasHdim {
 					dp := in.D[h*k.P : (h+1)*k.P]
 					for p := range y {
-						y[p] = dp[p] * xi[p]
+						y[p] = dp[p]*xi[p] + yd[p]
 					}
 				} else {
 					dh := in.D[h]
 					for p := range y {
-						y[p] = dh * xi[p]
-					}
-				}
-				coef := s.coefs[:i+1]
-				cbRow := s.cb[i*k.Q : i*k.Q+i+1]
-				for j := range coef {
-					coef[j] = T(decay(cs[i]-cs[j], k.cut)*dt[j]) * cbRow[j]
-				}
-				for j, cf := range coef {
-					if cf != 0 {
-						axpy(cf, headRow(&k, in.X, b, t0+j, h), y)
+						y[p] = dh*xi[p] + yd[p]
 					}
 				}
 			}
@@ -299,7 +308,7 @@ func (ws *Workspace[T]) Forward(d Dims, o Options, in *Inputs[T], out *Outputs[T
 		t0, q := k.span(c)
 		cs := ws.cs[bh*k.L+t0 : bh*k.L+t0+q]
 		m := ws.work[w].mQP
-		gemmNT(q, k.P, k.N, in.C[((b*k.L+t0)*k.G+h/k.R)*k.N:], k.G*k.N, stateAt(&k, ws.st, bh, c), k.N, m, k.P)
+		gemmNT(q, k.P, k.N, in.C[((b*k.L+t0)*k.G+h/k.R)*k.N:], k.G*k.N, stateAt(&k, ws.st, bh, c), k.N, m, k.P, full)
 		for i := 0; i < q; i++ {
 			if e := T(decay(cs[i], k.cut)); e != 0 {
 				axpy(e, m[i*k.P:(i+1)*k.P], headRow(&k, out.Y, b, t0+i, h))

@@ -32,7 +32,7 @@ func (ws *Workspace[T]) Backward(d Dims, o Options, in *Inputs[T], dY, dFinal []
 				e[i] = T(decay(cs[i], k.cut))
 			}
 			transposeInto(q, k.P, dY[((b*k.L+t0)*k.H+h)*k.P:], k.H*k.P, e, s.xT, k.Q)
-			gemmNT(k.P, k.N, q, s.xT, k.Q, s.cT, k.Q, stateAt(&k, ws.gst, bh, c), k.N)
+			gemmNT(k.P, k.N, q, s.xT, k.Q, s.cT, k.Q, stateAt(&k, ws.gst, bh, c), k.N, full)
 		}
 	})
 
@@ -105,22 +105,22 @@ func (ws *Workspace[T]) chunkBackward(k *chunkGeom, o Options, in *Inputs[T], dY
 		hin := stateAt(k, ws.st, bh, c)
 		gc := stateAt(k, ws.gst, bh, c+1)
 		br := s.br[:q*P]
-		clear(br)
 		intra, u, v := s.f64[:q], s.f64[Q:Q+q], s.f64[2*Q:2*Q+q]
 		clear(intra)
 
 		// Intra-chunk part: dCB[i,j] = exp(seg)·dt_j·(dY_i·x_j) for j <= i,
 		// W = CB∘dCB feeding da through a row-wise prefix sum, and the
-		// bracket Σ_{i>=j} exp(seg)·CB[i,j]·dY_i of dx_j and ddt_j.
+		// bracket Σ_{i>=j} exp(seg)·CB[i,j]·dY_i of dx_j and ddt_j, the
+		// product of the upper-triangular M2[j,i] = exp(seg[i,j])·CB[i,j]
+		// with dY.
+		dyOff := ((b*k.L+t0)*k.H + h) * P
+		dd, m2 := s.dd, s.mQQ
+		gemmNT(q, q, P, dY[dyOff:], k.H*P, in.X[dyOff:], k.H*P, dd, Q, lowerC)
 		for i := 0; i < q; i++ {
-			dyi := headRow(k, dY, b, t0+i, h)
 			var ri float64
 			for j := 0; j <= i; j++ {
 				e := decay(cs[i]-cs[j], k.cut)
-				var dc T
-				if e != 0 {
-					dc = T(e*dt[j]) * dot(dyi, headRow(k, in.X, b, t0+j, h))
-				}
+				dc := T(e*dt[j]) * dd[i*Q+j]
 				if first {
 					dcb[i*Q+j] = dc
 				} else {
@@ -131,15 +131,18 @@ func (ws *Workspace[T]) chunkBackward(k *chunkGeom, o Options, in *Inputs[T], dY
 					ri += float64(cbv * dc)
 					intra[j+1] += ri
 				}
-				if e != 0 {
-					axpy(T(e)*cbv, dyi, br[j*P:(j+1)*P])
-				}
+				m2[j*Q+i] = T(e) * cbv
+			}
+			if i+1 < q {
+				m2[(i+1)*Q+i] = 0
 			}
 		}
+		transposeInto(q, P, dY[dyOff:], k.H*P, nil, s.xT, Q)
+		gemmNT(q, P, q, m2, Q, s.xT, Q, br, P, upperA)
 
 		// Chunk-state part: Gc B_j joins the bracket; u_j and dB_j.
 		gb := s.mQP
-		gemmNT(q, P, N, in.B[((b*k.L+t0)*k.G+grp)*N:], k.G*N, gc, N, gb, P)
+		gemmNT(q, P, N, in.B[((b*k.L+t0)*k.G+grp)*N:], k.G*N, gc, N, gb, P, full)
 		xs := s.xs[:q*P]
 		for j := 0; j < q; j++ {
 			xj := headRow(k, in.X, b, t0+j, h)
@@ -172,7 +175,7 @@ func (ws *Workspace[T]) chunkBackward(k *chunkGeom, o Options, in *Inputs[T], dY
 		}
 		// dB_j += Σ_p xs_j[p]·Gc[p,:], as xs·(Gcᵀ)ᵀ.
 		transposeInto(P, N, gc, N, nil, s.tNP, P)
-		gemmNT(q, N, P, xs, P, s.tNP, P, s.mQN, N)
+		gemmNT(q, N, P, xs, P, s.tNP, P, s.mQN, N, full)
 		for j := 0; j < q; j++ {
 			dB, m := groupRow(k, g.B, b, t0+j, grp), s.mQN[j*N:(j+1)*N]
 			for n := range dB {
@@ -183,7 +186,7 @@ func (ws *Workspace[T]) chunkBackward(k *chunkGeom, o Options, in *Inputs[T], dY
 		// Off-diagonal part: dC_i += exp(cs_i)·Hin_cᵀ dY_i and v_i.
 		// tmp_i = Hin_cᵀ dY_i for every i, as dY·(Hinᵀ)ᵀ.
 		transposeInto(P, N, hin, N, nil, s.tNP, P)
-		gemmNT(q, N, P, dY[((b*k.L+t0)*k.H+h)*P:], k.H*P, s.tNP, P, s.mQN, N)
+		gemmNT(q, N, P, dY[((b*k.L+t0)*k.H+h)*P:], k.H*P, s.tNP, P, s.mQN, N, full)
 		for i := 0; i < q; i++ {
 			e := decay(cs[i], k.cut)
 			v[i] = 0
