@@ -42,14 +42,6 @@ func axpy[T model.Float](alpha T, x, y []T) {
 	}
 }
 
-// scaleAdd computes y = alpha·y + x over len(y) elements.
-func scaleAdd[T model.Float](alpha T, x, y []T) {
-	x = x[:len(y)]
-	for k := range y {
-		y[k] = alpha*y[k] + x[k]
-	}
-}
-
 // dot64 returns Σ_k a[k]·b[k] accumulated in float64, for the few long
 // reductions that feed scalar gradients.
 func dot64[T model.Float](a, b []T) float64 {

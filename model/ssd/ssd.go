@@ -19,6 +19,12 @@
 // whatever the value of GOMAXPROCS: work is split over goroutines only where
 // each item writes disjoint memory, and every reduction runs in a fixed order.
 //
+// Scalar quantities (dt, the cumulative log-decays, parameter-gradient sums)
+// are computed in float64 whatever T is. Decay factors exp(x) are only
+// evaluated for x <= 0, and those below about 2^-101 (float32) or 2^-966
+// (float64) are taken to be zero so that no subnormal numbers arise (see
+// flushBelow).
+//
 // The package does not gate the output (no z), does not know about
 // convolutions or projections, and performs no I/O.
 package ssd
