@@ -69,6 +69,7 @@ type transportCase struct {
 
 var transports = []transportCase{
 	{"mem", startMem},
+	{"grpc", startGRPC},
 }
 
 func startMem(t *testing.T, n int, cfg collective.Config) []*collective.Communicator {
