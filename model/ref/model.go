@@ -33,7 +33,8 @@ type Model[T model.Float] struct {
 	params []T
 	grads  []T
 	ws     *workspace[T]
-	// SSD selects the scan: the chunked algorithm (default) or the
+	scan   ssd.Workspace[T] // reused by every layer's chunked scan
+	// Recurrent selects the scan: the chunked algorithm (default) or the
 	// token-by-token recurrence, for tests.
 	Recurrent bool
 }
@@ -102,6 +103,9 @@ type workspace[T model.Float] struct {
 	frstd []T
 	final []T // scratch for the SSD final state
 	decay []T
+	// Backward scratch, shared by the layers (one runs at a time).
+	do, dy, dz, dact, du []T
+	sg                   ssd.Grads[T]
 }
 
 func (m *Model[T]) workspace(bt, l int) *workspace[T] {
@@ -112,7 +116,10 @@ func (m *Model[T]) workspace(bt, l int) *workspace[T] {
 	n := bt * l
 	D, E, F, Cd, G, N, H := c.DModel, c.DInner(), c.InProjDim(), c.ConvDim(), c.NGroups, c.DState, c.NHeads
 	ws := &workspace[T]{bt: bt, l: l, hf: make([]T, n*D), frstd: make([]T, n),
-		final: make([]T, bt*H*c.HeadDim*N), decay: make([]T, bt*H)}
+		final: make([]T, bt*H*c.HeadDim*N), decay: make([]T, bt*H),
+		do: make([]T, n*E), dy: make([]T, n*E), dz: make([]T, n*F), dact: make([]T, n*Cd), du: make([]T, n*D),
+		sg: ssd.Grads[T]{X: make([]T, n*E), DTRaw: make([]T, n*H), B: make([]T, n*G*N), C: make([]T, n*G*N),
+			DTBias: make([]T, H), ALog: make([]T, H), D: make([]T, c.DSize()), InitState: make([]T, bt*H*c.HeadDim*N)}}
 	for i := 0; i <= c.NLayer; i++ {
 		ws.res = append(ws.res, make([]T, n*D))
 	}
@@ -351,7 +358,7 @@ func (m *Model[T]) layerForward(ctx context.Context, i int, b *model.Batch, bd m
 	if m.Recurrent {
 		err = ssd.ForwardRecurrent(dims, opts, sin, sout)
 	} else {
-		err = ssd.Forward(dims, opts, sin, sout)
+		err = m.scan.Forward(dims, opts, sin, sout)
 	}
 	if err != nil {
 		return fmt.Errorf("ref: layer %d: %w", i, err)
@@ -408,12 +415,11 @@ func (m *Model[T]) layerBackward(ctx context.Context, i int, b *model.Batch, dre
 	if lt.OutProjBias != nil {
 		columnSum(model.View(g, lt.OutProjBias), dres, n, D)
 	}
-	do := make([]T, n*E)
+	do := ws.do
 	linalg.Gemm(false, false, n, E, D, 1, dres, D, model.View(p, lt.OutProj), E, 0, do, E)
 
 	// Gated norm: dy, and dz straight into the z columns of dzxbcdt.
-	dz := make([]T, n*F)
-	dy := make([]T, n*E)
+	dz, dy := ws.dz, ws.dy
 	var gw, ggw []T
 	if lt.GatedNorm != nil {
 		gw, ggw = model.View(p, lt.GatedNorm), model.View(g, lt.GatedNorm)
@@ -434,13 +440,12 @@ func (m *Model[T]) layerBackward(ctx context.Context, i int, b *model.Batch, dre
 		}
 	}
 	dims, opts := m.ssdDims(bt, l)
-	sg := &ssd.Grads[T]{X: make([]T, n*E), DTRaw: make([]T, n*H), B: make([]T, n*GN), C: make([]T, n*GN),
-		DTBias: make([]T, H), ALog: make([]T, H), D: make([]T, c.DSize()), InitState: make([]T, bt*H*c.HeadDim*c.DState)}
+	sg := &ws.sg
 	var err error
 	if m.Recurrent {
 		err = ssd.BackwardRecurrent(dims, opts, m.ssdInputs(a, lt), dy, dFinal, sg)
 	} else {
-		err = ssd.Backward(dims, opts, m.ssdInputs(a, lt), dy, dFinal, sg)
+		err = m.scan.Backward(dims, opts, m.ssdInputs(a, lt), dy, dFinal, sg)
 	}
 	if err != nil {
 		return fmt.Errorf("ref: layer %d: %w", i, err)
@@ -450,7 +455,7 @@ func (m *Model[T]) layerBackward(ctx context.Context, i int, b *model.Batch, dre
 	linalg.Axpy(1, sg.D, model.View(g, lt.D))
 
 	// Conv: the gradient of the activated xBC is [dx | dB | dC].
-	dact := make([]T, n*Cd)
+	dact := ws.dact
 	for t := 0; t < n; t++ {
 		row := dact[t*Cd : (t+1)*Cd]
 		copy(row[:E], sg.X[t*E:(t+1)*E])
@@ -489,7 +494,7 @@ func (m *Model[T]) layerBackward(ctx context.Context, i int, b *model.Batch, dre
 	if lt.InProjBias != nil {
 		columnSum(model.View(g, lt.InProjBias), dz, n, F)
 	}
-	du := make([]T, n*D)
+	du := ws.du
 	linalg.Gemm(false, false, n, D, F, 1, dz, F, model.View(p, lt.InProj), D, 0, du, D)
 	rmsNormBwd(dres, model.View(g, lt.Norm), du, ws.res[i], a.rstd, model.View(p, lt.Norm), n, D)
 	return nil
