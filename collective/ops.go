@@ -268,7 +268,7 @@ func (o *opRun) fail(peer int, err error) error {
 	}
 	wr := o.c.members[peer]
 	o.c.w.suspect(Report{Culprit: wr, Reason: reason, Since: time.Now(),
-		Detail: fmt.Sprintf("%s: stream with rank %d: %v", o.name, wr, err)}, true)
+		Detail: fmt.Sprintf("%s: stream with rank %d: %s", o.name, wr, detail(err))}, true)
 	return err
 }
 

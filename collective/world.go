@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -136,7 +137,7 @@ func (w *world) PeerLost(peer int, err error) {
 	if w.peerGone[peer].Load() {
 		return
 	}
-	w.decide(Report{Culprit: peer, Reason: ReasonLost, Since: time.Now(), Detail: err.Error()})
+	w.decide(Report{Culprit: peer, Reason: ReasonLost, Since: time.Now(), Detail: detail(err)})
 }
 
 // PeerClosed implements Handler. A peer that closes is not a failure by
@@ -249,6 +250,18 @@ func (w *world) opError(op string, cause error) error {
 		return fmt.Errorf("collective: %s: %w", op, ErrClosed)
 	}
 	return cause
+}
+
+// detail is the message of err without the leading sentinels, which the
+// PeerError adds back.
+func detail(err error) string {
+	msg := err.Error()
+	for _, s := range []error{ErrPeerLost, ErrPeerClosed, ErrPeerAborted, ErrPeerTimeout, ErrMismatch, ErrStaleGeneration} {
+		for strings.HasPrefix(msg, s.Error()+": ") {
+			msg = strings.TrimPrefix(msg, s.Error()+": ")
+		}
+	}
+	return msg
 }
 
 func (w *world) close() error {

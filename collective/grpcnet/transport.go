@@ -29,6 +29,7 @@ import (
 	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/experimental"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -64,6 +65,7 @@ type Transport struct {
 
 	mu    sync.Mutex
 	slots map[collective.StreamKey]chan *recvStream
+	raw   map[net.Conn]bool // dialled connections, closed hard at the end
 }
 
 // peer is the state of the connection to one other rank.
@@ -105,7 +107,7 @@ func Listen(cfg collective.Config, rank int, addrs []string, lis net.Listener) (
 		}
 	}
 	t := &Transport{cfg: cfg, rank: rank, addrs: addrs, lis: lis, started: make(chan struct{}),
-		closing: make(chan struct{}), slots: make(map[collective.StreamKey]chan *recvStream)}
+		closing: make(chan struct{}), slots: make(map[collective.StreamKey]chan *recvStream), raw: make(map[net.Conn]bool)}
 	t.log = cfg.Logger
 	if t.log == nil {
 		t.log = slog.New(slog.DiscardHandler)
@@ -128,6 +130,7 @@ func Listen(cfg collective.Config, rank int, addrs []string, lis net.Listener) (
 		grpc.WriteBufferSize(ioBuffer),
 		grpc.MaxRecvMsgSize(maxMsg),
 		grpc.MaxSendMsgSize(maxMsg),
+		experimental.BufferPool(framePool),
 	)
 	t.srv.RegisterService(&collectivev1.Collective_ServiceDesc, &server{t: t})
 	dial := []grpc.DialOption{
@@ -138,6 +141,8 @@ func Listen(cfg collective.Config, rank int, addrs []string, lis net.Listener) (
 		grpc.WithWriteBufferSize(ioBuffer),
 		grpc.WithDefaultCallOptions(grpc.ForceCodecV2(rawCodec{}), grpc.MaxCallRecvMsgSize(maxMsg), grpc.MaxCallSendMsgSize(maxMsg)),
 		grpc.WithDisableRetry(),
+		experimental.WithBufferPool(framePool),
+		grpc.WithContextDialer(t.dial),
 		grpc.WithConnectParams(grpc.ConnectParams{
 			Backoff:           backoff.Config{BaseDelay: 20 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second},
 			MinConnectTimeout: 5 * time.Second,
@@ -526,10 +531,53 @@ func (t *Transport) Close() error {
 			t.srv.Stop()
 			<-stopped
 		}
+		// A connection whose peer stopped reading blocks gRPC's writer;
+		// closing the socket first lets the client connections close at
+		// once.
+		t.mu.Lock()
+		for c := range t.raw {
+			_ = c.Close()
+		}
+		t.mu.Unlock()
 		t.wg.Wait()
 		t.closeConns()
 	})
 	return nil
+}
+
+// dial opens a TCP connection to a peer and remembers it for Close.
+func (t *Transport) dial(ctx context.Context, addr string) (net.Conn, error) {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	select {
+	case <-t.closing:
+		_ = c.Close()
+		return nil, collective.ErrClosed
+	default:
+	}
+	t.raw[c] = true
+	return &trackedConn{Conn: c, t: t}, nil
+}
+
+// trackedConn forgets itself when gRPC closes it.
+type trackedConn struct {
+	net.Conn
+	t    *Transport
+	once sync.Once
+}
+
+func (c *trackedConn) Close() error {
+	c.once.Do(func() {
+		c.t.mu.Lock()
+		delete(c.t.raw, c.Conn)
+		c.t.mu.Unlock()
+	})
+	return c.Conn.Close()
 }
 
 func (t *Transport) closeConns() {
