@@ -44,7 +44,8 @@ type Config struct {
 	// AttemptTimeout bounds one unary attempt (5s when 0), so that a
 	// replica that hangs does not use up the caller's whole deadline.
 	AttemptTimeout time.Duration
-	// MaxBackoff caps the pause between retries (500ms when 0).
+	// MaxBackoff caps the pause between retries (100ms when 0): short, so
+	// that a client notices a new leader soon after an election.
 	MaxBackoff time.Duration
 }
 
@@ -74,7 +75,7 @@ func New(cfg Config) (*Client, error) {
 		cfg.AttemptTimeout = 5 * time.Second
 	}
 	if cfg.MaxBackoff == 0 {
-		cfg.MaxBackoff = 500 * time.Millisecond
+		cfg.MaxBackoff = 100 * time.Millisecond
 	}
 	creds := cfg.Creds
 	if creds == nil {
