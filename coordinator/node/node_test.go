@@ -17,6 +17,7 @@ import (
 
 	"github.com/m2train/m2train/coordinator/fsm"
 	"github.com/m2train/m2train/coordinator/jobspec"
+	"github.com/m2train/m2train/coordinator/security"
 )
 
 func TestMain(m *testing.M) {
@@ -452,5 +453,75 @@ func TestParsePeers(t *testing.T) {
 		if _, err := ParsePeers(bad); !errors.Is(err, ErrConfig) {
 			t.Errorf("ParsePeers(%q) = %v, want ErrConfig", bad, err)
 		}
+	}
+}
+
+// TestMutualTLSTransport runs a cluster whose raft traffic uses mutual TLS
+// and checks that it commits, and that a replica without the cluster's
+// certificate cannot join the conversation.
+func TestMutualTLSTransport(t *testing.T) {
+	files, err := security.GenerateDevPKI(t.TempDir(), "127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	peerTLS, err := files.Peer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	log := testLogger(t)
+	var peers []Peer
+	for i := range 3 {
+		peers = append(peers, Peer{ID: fmt.Sprintf("t%d", i), Addr: freeAddr(t)})
+	}
+	nodes := make([]*Node, 3)
+	for i, p := range peers {
+		n, err := Start(Config{ID: p.ID, DataDir: t.TempDir(), BindAddr: p.Addr, Peers: peers, TLS: peerTLS, Logger: log,
+			HeartbeatTimeout: 300 * time.Millisecond, ElectionTimeout: 300 * time.Millisecond, LeaderLeaseTimeout: 150 * time.Millisecond})
+		if err != nil {
+			t.Fatal(err)
+		}
+		nodes[i] = n
+		defer n.Close()
+	}
+	var r *fsm.Result
+	waitFor(t, 20*time.Second, "a commit over TLS", func() bool {
+		for _, n := range nodes {
+			if n.IsLeader() {
+				r, err = n.Propose(context.Background(), &fsm.SubmitJob{At: 1, Spec: spec(t, "tls")})
+				return err == nil
+			}
+		}
+		return false
+	})
+	if r.Err != nil {
+		t.Fatal(r.Err)
+	}
+	waitFor(t, 20*time.Second, "replication over TLS", func() bool {
+		for _, n := range nodes {
+			if _, ok := n.FSM().Job(r.JobID); !ok {
+				return false
+			}
+		}
+		return true
+	})
+
+	// A replica without a certificate cannot handshake with the cluster.
+	intruder, err := listenTCP("127.0.0.1:0", "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer intruder.Close()
+	noCert := peerTLS.Clone()
+	noCert.Certificates = nil
+	intruder.tls = noCert
+	conn, err := intruder.Dial(raft.ServerAddress(peers[0].Addr), time.Second)
+	if err == nil {
+		// TLS 1.3 reports the rejected client certificate on first read.
+		conn.SetDeadline(time.Now().Add(5 * time.Second))
+		_, err = conn.Read(make([]byte, 1))
+		conn.Close()
+	}
+	if err == nil {
+		t.Fatal("a client without a certificate talked to a TLS replica")
 	}
 }
