@@ -170,4 +170,3 @@ func TestReadToken(t *testing.T) {
 		t.Fatalf("empty token file: %v", err)
 	}
 }
-
