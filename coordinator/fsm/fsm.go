@@ -447,7 +447,7 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 		st.Members = map[string]string{}
 	}
 	for id, j := range st.Jobs {
-		if j == nil || j.Spec == nil || j.ID != id {
+		if j == nil || j.Spec == nil || j.ID != id || j.Spec.Parallel.DP < 1 || j.Spec.Parallel.SP < 1 {
 			return fmt.Errorf("fsm: restore: job %q is malformed", id)
 		}
 		if j.RequestID != "" {

@@ -304,6 +304,7 @@ func TestRestoreRejectsGarbage(t *testing.T) {
 		"job id differs":   `{"jobs": {"a": {"id": "b", "spec": {}}}}`,
 		"job without spec": `{"jobs": {"a": {"id": "a"}}}`,
 		"null worker":      `{"workers": {"w": null}}`,
+		"zero sp":          `{"jobs": {"a": {"id": "a", "spec": {"parallel": {"dp": 1, "sp": 0}}}}}`,
 	}
 	for name, doc := range cases {
 		t.Run(name, func(t *testing.T) {

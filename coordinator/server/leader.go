@@ -126,17 +126,22 @@ func (s *Server) scheduleLoop(ctx context.Context) {
 	tick := time.NewTicker(s.cfg.ScheduleInterval)
 	defer tick.Stop()
 	cleaned := map[string]bool{}
+	clean := s.cfg.Etcd != nil
 	for {
 		changed, _ := s.node.FSM().Changed()
 		s.scheduleOnce(ctx)
-		if s.cfg.Etcd != nil {
+		if clean {
 			s.cleanRendezvous(ctx, cleaned)
 		}
+		// Cleaning scans every finished job: do it on the tick only, not
+		// after each of the many progress commits.
+		clean = false
 		select {
 		case <-ctx.Done():
 			return
 		case <-changed:
 		case <-tick.C:
+			clean = s.cfg.Etcd != nil
 		}
 	}
 }
