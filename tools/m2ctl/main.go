@@ -12,7 +12,8 @@ import (
 	"github.com/spf13/cobra"
 )
 
-// Exit codes: 0 success, 1 a failure of the operation, 2 bad usage or input.
+// Exit codes: 0 success, 1 a failure of the operation, 2 bad usage or input;
+// the job commands add 3-6 (coordinator/cli).
 const (
 	exitFailure = 1
 	exitUsage   = 2
@@ -26,6 +27,22 @@ func (e usageError) Error() string { return e.err.Error() }
 func (e usageError) Unwrap() error { return e.err }
 
 func usagef(format string, args ...any) error { return usageError{fmt.Errorf(format, args...)} }
+
+// exitCode maps an error to the process's exit status: an error that
+// carries its own code (ExitCode() int, as the job commands' errors do)
+// keeps it; a usage error, or any error raised before a command started,
+// is exitUsage; anything else is exitFailure.
+func exitCode(err error) int {
+	var coded interface{ ExitCode() int }
+	var ue usageError
+	switch {
+	case errors.As(err, &coded):
+		return coded.ExitCode()
+	case errors.As(err, &ue) || !commandStarted:
+		return exitUsage
+	}
+	return exitFailure
+}
 
 // commandStarted is set once flags and arguments have been accepted and a
 // command's own hooks begin to run; an error before that is a usage error.
@@ -59,10 +76,6 @@ func init() {
 func main() {
 	if err := root.Execute(); err != nil {
 		fmt.Fprintln(os.Stderr, "m2ctl:", err)
-		var ue usageError
-		if errors.As(err, &ue) || !commandStarted {
-			os.Exit(exitUsage)
-		}
-		os.Exit(exitFailure)
+		os.Exit(exitCode(err))
 	}
 }

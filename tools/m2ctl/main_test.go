@@ -115,6 +115,7 @@ func TestExitCodes(t *testing.T) {
 		{"unknown flag", []string{"train", "--bogus", "x.yaml"}, exitUsage, "bogus"},
 		{"missing required flag", []string{"model", "grads", "--model", oracleDir}, exitUsage, "required"},
 		{"wrong argument count", []string{"train"}, exitUsage, "arg"},
+		{"coordinator unreachable", []string{"job", "status", "j-1", "--coordinator", "127.0.0.1:1", "--timeout", "1s"}, 5, "unavailable"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			msg, code := m2ctl(t, tc.args...)
