@@ -2,7 +2,6 @@ package collective
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"sync"
 )
@@ -464,13 +463,3 @@ func (ep *memEndpoint) shutdown(graceful bool) {
 }
 
 var _ Transport = (*memEndpoint)(nil)
-
-// errIs reports whether err is one of targets.
-func errIs(err error, targets ...error) bool {
-	for _, t := range targets {
-		if errors.Is(err, t) {
-			return true
-		}
-	}
-	return false
-}

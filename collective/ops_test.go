@@ -1,7 +1,6 @@
 package collective_test
 
 import (
-	"context"
 	"fmt"
 	"math"
 	"math/rand/v2"
@@ -483,5 +482,3 @@ func TestConfigValidate(t *testing.T) {
 		})
 	}
 }
-
-var _ = context.Background

@@ -170,9 +170,12 @@ func Listen(cfg collective.Config, rank int, addrs []string, lis net.Listener) (
 	return t, nil
 }
 
-// ioBuffer is the size of the read and write buffers of a connection: large
-// enough that one system call moves many HTTP/2 frames.
-const ioBuffer = 1 << 20
+// ioBuffer is the size of the read and write buffers of a connection: one
+// system call moves eight full HTTP/2 frames, and the buffer stays in cache
+// for the kernel's copy. (Unbuffered framing with writev and readv of each
+// frame's payload saves the copies but costs more in system calls on
+// loopback; see the collbench notes.)
+const ioBuffer = 128 << 10
 
 // New listens on addrs[rank] and builds the world communicator over gRPC; see
 // collective.New.

@@ -23,7 +23,6 @@ import (
 	"net"
 	"os"
 	"os/exec"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -41,6 +40,7 @@ type options struct {
 	streams   int
 	window    int
 	minIters  int
+	rounds    int
 	budget    time.Duration
 	timeout   time.Duration
 	addrs     string // child: the gRPC addresses of all ranks
@@ -61,12 +61,13 @@ func parseFlags() (options, error) {
 	flag.IntVar(&o.chunk, "chunk", 1<<20, "chunk size in bytes (Config.ChunkSize)")
 	flag.IntVar(&o.streams, "streams", 2, "lanes per peer (Config.StreamsPerPeer), for both implementations")
 	flag.IntVar(&o.window, "window", 16<<20, "gRPC stream flow-control window in bytes (Config.WindowSize)")
-	flag.IntVar(&o.minIters, "iters", 3, "fewest timed iterations per size")
-	flag.DurationVar(&o.budget, "budget", 400*time.Millisecond, "target time per size and implementation; more iterations for small sizes")
+	flag.IntVar(&o.minIters, "iters", 2, "fewest timed iterations per size, implementation and round")
+	flag.IntVar(&o.rounds, "rounds", 3, "rounds per size; each round times both implementations, and the best round counts")
+	flag.DurationVar(&o.budget, "budget", 600*time.Millisecond, "target time per size and implementation, over all rounds; more iterations for small sizes")
 	flag.DurationVar(&o.timeout, "timeout", 10*time.Minute, "give up after this long")
 	flag.BoolVar(&o.skipTCP, "no-baseline", false, "skip the TCP baseline")
 	flag.BoolVar(&o.skipGRPC, "no-grpc", false, "skip the gRPC implementation")
-	flag.StringVar(&o.profile, "cpuprofile", "", "write each rank's CPU profile of the gRPC runs of 64 MiB and more to this file name plus .<rank>")
+	flag.StringVar(&o.profile, "cpuprofile", "", "write each rank's CPU profile of each run of 64 MiB and more to this file name plus .<impl>.<bytes>.<rank>")
 	flag.StringVar(&o.addrs, "addrs", "", "internal: gRPC addresses of the ranks")
 	flag.StringVar(&o.tcpAddrs, "tcp-addrs", "", "internal: baseline addresses of the ranks")
 	flag.IntVar(&o.world, "world", 0, "internal: number of ranks")
@@ -83,6 +84,8 @@ func parseFlags() (options, error) {
 		return o, fmt.Errorf("-min %d and -max %d: want 4 <= min <= max", o.minBytes, o.maxBytes)
 	case o.minIters < 1:
 		return o, fmt.Errorf("-iters %d: want at least 1", o.minIters)
+	case o.rounds < 1:
+		return o, fmt.Errorf("-rounds %d: want at least 1", o.rounds)
 	case o.skipTCP && o.skipGRPC:
 		return o, errors.New("-no-baseline and -no-grpc leave nothing to run")
 	}
@@ -111,10 +114,11 @@ func main() {
 
 // result is one rank's timing of one size, printed by a child as JSON.
 type result struct {
-	Impl    string  `json:"impl"`
-	Bytes   int     `json:"bytes"`
-	Iters   int     `json:"iters"`
-	Seconds float64 `json:"seconds"` // per all-reduce
+	Impl       string  `json:"impl"`
+	Bytes      int     `json:"bytes"`
+	Iters      int     `json:"iters"`
+	Seconds    float64 `json:"seconds"`     // per all-reduce
+	CPUSeconds float64 `json:"cpu_seconds"` // per all-reduce, this rank
 }
 
 func sizes(o options) []int {
@@ -180,7 +184,7 @@ func runRanks(ctx context.Context, o options, n int) (map[string]map[int]result,
 	}
 	args := []string{
 		"-min", strconv.Itoa(o.minBytes), "-max", strconv.Itoa(o.maxBytes), "-chunk", strconv.Itoa(o.chunk),
-		"-streams", strconv.Itoa(o.streams), "-window", strconv.Itoa(o.window), "-iters", strconv.Itoa(o.minIters),
+		"-streams", strconv.Itoa(o.streams), "-window", strconv.Itoa(o.window), "-iters", strconv.Itoa(o.minIters), "-rounds", strconv.Itoa(o.rounds),
 		"-budget", o.budget.String(), "-addrs", strings.Join(addrs, ","), "-tcp-addrs", strings.Join(tcpAddrs, ","),
 		"-world", strconv.Itoa(n), "-no-baseline=" + strconv.FormatBool(o.skipTCP), "-no-grpc=" + strconv.FormatBool(o.skipGRPC),
 		"-cpuprofile", o.profile,
@@ -216,9 +220,13 @@ func runRanks(ctx context.Context, o options, n int) (map[string]map[int]result,
 				if all[res.Impl] == nil {
 					all[res.Impl] = map[int]result{}
 				}
-				if prev, ok := all[res.Impl][res.Bytes]; !ok || res.Seconds > prev.Seconds {
-					all[res.Impl][res.Bytes] = res
+				prev, ok := all[res.Impl][res.Bytes]
+				cpu := res.CPUSeconds + prev.CPUSeconds
+				if !ok || res.Seconds > prev.Seconds {
+					prev = res
 				}
+				prev.CPUSeconds = cpu
+				all[res.Impl][res.Bytes] = prev
 				mu.Unlock()
 			}
 			errs[r] = cmd.Wait()
@@ -242,9 +250,10 @@ func printTable(o options, n int, res map[string]map[int]result) (ratio64, minRa
 	factor := 2 * float64(n-1) / float64(n)
 	fmt.Printf("# collbench: all-reduce, float32 sum, %d ranks as processes on loopback\n", n)
 	fmt.Printf("# chunk %d B, %d lane(s) per peer, gRPC window %d B; baseline: the same ring over plain TCP\n", o.chunk, o.streams, o.window)
-	fmt.Printf("# times are per all-reduce, slowest rank; algbw = size/time; busbw = algbw*2(N-1)/N; GB = 1e9 B\n")
-	fmt.Printf("#%12s %10s | %10s %8s %8s | %10s %8s %8s | %6s\n",
-		"size(B)", "count", "grpc(us)", "algbw", "busbw", "tcp(us)", "algbw", "busbw", "ratio")
+	fmt.Printf("# time: per all-reduce, slowest rank, best of %d rounds; algbw = size/time; busbw = algbw*2(N-1)/N; GB = 1e9 B\n", o.rounds)
+	fmt.Printf("# cpu: user+system seconds per all-reduce summed over the ranks; ratio = busbw(grpc)/busbw(tcp); cpu ratio = cpu(tcp)/cpu(grpc)\n")
+	fmt.Printf("#%12s %10s | %10s %8s %8s %8s | %10s %8s %8s %8s | %6s %6s\n",
+		"size(B)", "count", "grpc(us)", "algbw", "busbw", "cpu(ms)", "tcp(us)", "algbw", "busbw", "cpu(ms)", "ratio", "cpu")
 	minRatio = 0
 	for _, b := range sizes(o) {
 		g, gok := res["grpc"][b]
@@ -252,15 +261,15 @@ func printTable(o options, n int, res map[string]map[int]result) (ratio64, minRa
 		line := fmt.Sprintf(" %12d %10d |", b, b/4)
 		cols := func(r result, ok bool) string {
 			if !ok {
-				return fmt.Sprintf(" %10s %8s %8s |", "-", "-", "-")
+				return fmt.Sprintf(" %10s %8s %8s %8s |", "-", "-", "-", "-")
 			}
 			alg := float64(b) / r.Seconds / 1e9
-			return fmt.Sprintf(" %10.1f %8.3f %8.3f |", r.Seconds*1e6, alg, alg*factor)
+			return fmt.Sprintf(" %10.1f %8.3f %8.3f %8.2f |", r.Seconds*1e6, alg, alg*factor, r.CPUSeconds*1e3)
 		}
 		line += cols(g, gok) + cols(c, cok)
 		if gok && cok {
 			ratio := c.Seconds / g.Seconds
-			line += fmt.Sprintf(" %6.3f", ratio)
+			line += fmt.Sprintf(" %6.3f %6.3f", ratio, c.CPUSeconds/g.CPUSeconds)
 			if b == 64<<20 {
 				ratio64 = ratio
 			}
@@ -272,5 +281,3 @@ func printTable(o options, n int, res map[string]map[int]result) (ratio64, minRa
 	}
 	return ratio64, minRatio
 }
-
-var _ = slices.Sort[[]int]
