@@ -33,23 +33,22 @@ import (
 const childEnv = "COLLBENCH_RANK"
 
 type options struct {
-	ranks     []int
-	minBytes  int
-	maxBytes  int
-	chunk     int
-	streams   int
-	window    int
-	minIters  int
-	rounds    int
-	budget    time.Duration
-	timeout   time.Duration
-	addrs     string // child: the gRPC addresses of all ranks
-	tcpAddrs  string // child: the baseline addresses of all ranks
-	world     int    // child: number of ranks
-	skipTCP   bool
-	skipGRPC  bool
-	profile   string
-	verifyLen int
+	ranks    []int
+	minBytes int
+	maxBytes int
+	chunk    int
+	streams  int
+	window   int
+	minIters int
+	rounds   int
+	budget   time.Duration
+	timeout  time.Duration
+	addrs    string // child: the gRPC addresses of all ranks
+	tcpAddrs string // child: the baseline addresses of all ranks
+	world    int    // child: number of ranks
+	skipTCP  bool
+	skipGRPC bool
+	profile  string
 }
 
 func parseFlags() (options, error) {
@@ -189,12 +188,16 @@ func runRanks(ctx context.Context, o options, n int) (map[string]map[int]result,
 		"-world", strconv.Itoa(n), "-no-baseline=" + strconv.FormatBool(o.skipTCP), "-no-grpc=" + strconv.FormatBool(o.skipGRPC),
 		"-cpuprofile", o.profile,
 	}
+	// Ending ctx kills every child, so a child that cannot start takes the
+	// others down with it.
 	var (
-		mu   sync.Mutex
-		all  = map[string]map[int]result{}
-		wg   sync.WaitGroup
-		cmds []*exec.Cmd
+		mu  sync.Mutex
+		all = map[string]map[int]result{}
+		wg  sync.WaitGroup
 	)
+	defer wg.Wait()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	errs := make([]error, n)
 	for r := range n {
 		cmd := exec.CommandContext(ctx, self, args...)
@@ -208,7 +211,6 @@ func runRanks(ctx context.Context, o options, n int) (map[string]map[int]result,
 		if err := cmd.Start(); err != nil {
 			return nil, err
 		}
-		cmds = append(cmds, cmd)
 		wg.Go(func() {
 			sc := bufio.NewScanner(out)
 			for sc.Scan() {
