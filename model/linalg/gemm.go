@@ -118,6 +118,10 @@ type kernel[F float32 | float64] struct {
 	// row-major mr×nr buffer ab (overwritten).
 	mr, nr int
 	fn     func(kc int, a, b, ab []F)
+	// tile, when not nil, computes the same mr×nr tile as fn and merges it
+	// into the mr rows of nr elements at c (row stride ldc) itself, with
+	// the arithmetic of storeTile; the driver uses it for full tiles.
+	tile func(kc int, a, b, c []F, ldc int, alpha, beta F, first bool)
 	// kc is the depth of a packed block (it fixes the rounding, so it must
 	// not depend on the problem or the worker count), mc the rows of a
 	// packed A block (a multiple of mr) and nc the columns of a packed B
@@ -212,8 +216,14 @@ func gemm[F float32 | float64](kn *kernel[F], transA, transB bool, m, n, k int, 
 					nn := min(nr, nb-j)
 					bp := packedB[q*kb*nr : (q+1)*kb*nr]
 					for ir := 0; ir < mb; ir += mr {
-						kn.fn(kb, packedA[ir*kb:(ir+mr)*kb], bp, tile)
-						storeTile(c, ldc, ic+ir, jc+j, min(mr, mb-ir), nn, tile, nr, alpha, beta, first)
+						pa := packedA[ir*kb : (ir+mr)*kb]
+						mm := min(mr, mb-ir)
+						if kn.tile != nil && mm == mr && nn == nr {
+							kn.tile(kb, pa, bp, c[(ic+ir)*ldc+jc+j:], ldc, alpha, beta, first)
+							continue
+						}
+						kn.fn(kb, pa, bp, tile)
+						storeTile(c, ldc, ic+ir, jc+j, mm, nn, tile, nr, alpha, beta, first)
 					}
 				}
 				putBuf(aBuf)
@@ -251,25 +261,47 @@ func parallelFor(workers, n int, fn func(int)) {
 	wg.Wait()
 }
 
+// How a tile is merged into C: the first k slice applies beta (and does not
+// read C when beta is zero); later slices accumulate.
+const (
+	mergeSet   = 0 // C = alpha·tile
+	mergeAdd   = 1 // C += alpha·tile
+	mergeScale = 2 // C = alpha·tile + beta·C
+)
+
+func mergeMode[F float32 | float64](beta F, first bool) int {
+	switch {
+	case !first || beta == 1:
+		return mergeAdd
+	case beta == 0:
+		return mergeSet
+	default:
+		return mergeScale
+	}
+}
+
 // storeTile merges the mm×nn top-left part of the tile ab (row stride nr)
-// into C at (i0, j0). The first k slice applies beta (and does not read C
-// when beta is zero); later slices accumulate.
+// into C at (i0, j0) as mergeMode says. Each product is rounded before the
+// sum (the conversions forbid fusing them into one multiply-add), so that
+// edge tiles round exactly as the full tiles that vector kernels merge
+// themselves.
 func storeTile[F float32 | float64](c []F, ldc, i0, j0, mm, nn int, ab []F, nr int, alpha, beta F, first bool) {
+	mode := mergeMode(beta, first)
 	for r := 0; r < mm; r++ {
 		row := c[(i0+r)*ldc+j0 : (i0+r)*ldc+j0+nn]
 		src := ab[r*nr : r*nr+nn]
-		switch {
-		case !first || beta == 1:
+		switch mode {
+		case mergeAdd:
 			for j := range row {
-				row[j] += alpha * src[j]
+				row[j] += F(alpha * src[j])
 			}
-		case beta == 0:
+		case mergeSet:
 			for j := range row {
 				row[j] = alpha * src[j]
 			}
 		default:
 			for j := range row {
-				row[j] = alpha*src[j] + beta*row[j]
+				row[j] = F(alpha*src[j]) + F(beta*row[j])
 			}
 		}
 	}
