@@ -61,10 +61,19 @@ func newFaultLayer(t *testing.T, addr string) *faultLayer {
 	return &faultLayer{Listener: l}
 }
 
-func (f *faultLayer) track(c net.Conn) {
+// track records c so that isolation can cut it, or closes it at once when
+// the layer is already isolated. Checking the flag under the same lock that
+// setIsolated holds leaves no window in which a connection opened just
+// before the partition survives it.
+func (f *faultLayer) track(c net.Conn) bool {
 	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.isolated.Load() {
+		c.Close()
+		return false
+	}
 	f.conns = append(f.conns, c)
-	f.mu.Unlock()
+	return true
 }
 
 func (f *faultLayer) Accept() (net.Conn, error) {
@@ -73,12 +82,9 @@ func (f *faultLayer) Accept() (net.Conn, error) {
 		if err != nil {
 			return nil, err
 		}
-		if f.isolated.Load() {
-			c.Close()
-			continue
+		if f.track(c) {
+			return c, nil
 		}
-		f.track(c)
-		return c, nil
 	}
 }
 
@@ -87,10 +93,13 @@ func (f *faultLayer) Dial(addr raft.ServerAddress, timeout time.Duration) (net.C
 		return nil, errors.New("partitioned")
 	}
 	c, err := net.DialTimeout("tcp", string(addr), timeout)
-	if err == nil {
-		f.track(c)
+	if err != nil {
+		return nil, err
 	}
-	return c, err
+	if !f.track(c) {
+		return nil, errors.New("partitioned")
+	}
+	return c, nil
 }
 
 func (f *faultLayer) Close() error {
@@ -105,12 +114,12 @@ func (f *faultLayer) Close() error {
 }
 
 func (f *faultLayer) setIsolated(v bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
 	f.isolated.Store(v)
 	if !v {
 		return
 	}
-	f.mu.Lock()
-	defer f.mu.Unlock()
 	for _, c := range f.conns {
 		c.Close()
 	}
