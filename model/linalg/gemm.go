@@ -177,7 +177,11 @@ func gemm[F float32 | float64](kn *kernel[F], transA, transB bool, m, n, k int, 
 	defer putBuf(bBuf)
 	packedB := *bBuf
 
+	// Even out the row blocks (mc does not change the rounding) so that
+	// the last one is not a sliver that leaves a worker idle.
 	mBlocks := ceilDiv(m, kn.mc)
+	mc := roundUp(ceilDiv(m, mBlocks), mr)
+	mBlocks = ceilDiv(m, mc)
 	for jc := 0; jc < n; jc += kn.nc {
 		nb := min(kn.nc, n-jc)
 		bPanels := ceilDiv(nb, nr)
@@ -200,10 +204,10 @@ func gemm[F float32 | float64](kn *kernel[F], transA, transB bool, m, n, k int, 
 			})
 
 			parallelFor(workers, mBlocks*chunks, func(t int) {
-				ic := (t / chunks) * kn.mc
+				ic := (t / chunks) * mc
 				q0 := (t % chunks) * panelsPerChunk
 				q1 := min(bPanels, q0+panelsPerChunk)
-				mb := min(kn.mc, m-ic)
+				mb := min(mc, m-ic)
 				aBuf := getBuf[F](roundUp(mb, mr) * kb)
 				packedA := *aBuf
 				for ir := 0; ir < mb; ir += mr {

@@ -28,7 +28,8 @@ TEXT ·xgetbv0(SB), NOSPLIT, $0-8
 // so each element of the tile accumulates its terms in k order.
 //
 // Registers: CX k steps left, SI packed A, DX packed B, DI row of C,
-// R8 ldc in bytes.
+// R8 ldc in bytes. The six rows of C are prefetched before the k loop, so
+// that the merge after it does not wait on memory.
 
 // STEP32 is one k step of the float32 kernel: A at a(SI), B at b(DX) and
 // b+32(DX).
@@ -89,6 +90,23 @@ TEXT ·kernel6x16(SB), NOSPLIT, $0-56
 	MOVQ kc+0(FP), CX
 	MOVQ a+8(FP), SI
 	MOVQ b+16(FP), DX
+	MOVQ c+24(FP), DI
+	MOVQ ldc+32(FP), R8
+	SHLQ $2, R8
+	PREFETCHT0 (DI)
+	PREFETCHT0 63(DI)
+	PREFETCHT0 (DI)(R8*1)
+	PREFETCHT0 63(DI)(R8*1)
+	PREFETCHT0 (DI)(R8*2)
+	PREFETCHT0 63(DI)(R8*2)
+	LEAQ (DI)(R8*2), R9
+	PREFETCHT0 (R9)(R8*1)
+	PREFETCHT0 63(R9)(R8*1)
+	PREFETCHT0 (R9)(R8*2)
+	PREFETCHT0 63(R9)(R8*2)
+	LEAQ (R9)(R8*2), R9
+	PREFETCHT0 (R9)(R8*1)
+	PREFETCHT0 63(R9)(R8*1)
 	VXORPS Y0, Y0, Y0
 	VXORPS Y1, Y1, Y1
 	VXORPS Y2, Y2, Y2
@@ -127,9 +145,6 @@ tailloop32:
 	JNZ  tailloop32
 
 merge32:
-	MOVQ         c+24(FP), DI
-	MOVQ         ldc+32(FP), R8
-	SHLQ         $2, R8
 	VBROADCASTSS alpha+40(FP), Y14
 	VBROADCASTSS beta+44(FP), Y15
 	MOVQ         mode+48(FP), AX
@@ -221,6 +236,23 @@ TEXT ·kernel6x8(SB), NOSPLIT, $0-64
 	MOVQ kc+0(FP), CX
 	MOVQ a+8(FP), SI
 	MOVQ b+16(FP), DX
+	MOVQ c+24(FP), DI
+	MOVQ ldc+32(FP), R8
+	SHLQ $3, R8
+	PREFETCHT0 (DI)
+	PREFETCHT0 63(DI)
+	PREFETCHT0 (DI)(R8*1)
+	PREFETCHT0 63(DI)(R8*1)
+	PREFETCHT0 (DI)(R8*2)
+	PREFETCHT0 63(DI)(R8*2)
+	LEAQ (DI)(R8*2), R9
+	PREFETCHT0 (R9)(R8*1)
+	PREFETCHT0 63(R9)(R8*1)
+	PREFETCHT0 (R9)(R8*2)
+	PREFETCHT0 63(R9)(R8*2)
+	LEAQ (R9)(R8*2), R9
+	PREFETCHT0 (R9)(R8*1)
+	PREFETCHT0 63(R9)(R8*1)
 	VXORPD Y0, Y0, Y0
 	VXORPD Y1, Y1, Y1
 	VXORPD Y2, Y2, Y2
@@ -259,9 +291,6 @@ tailloop64:
 	JNZ  tailloop64
 
 merge64:
-	MOVQ         c+24(FP), DI
-	MOVQ         ldc+32(FP), R8
-	SHLQ         $3, R8
 	VBROADCASTSD alpha+40(FP), Y14
 	VBROADCASTSD beta+48(FP), Y15
 	MOVQ         mode+56(FP), AX

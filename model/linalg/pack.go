@@ -10,19 +10,17 @@ func packA[F float32 | float64](trans bool, a []F, lda, i0, p0, mm, kb, mr int, 
 		for p := 0; p < kb; p++ {
 			src := a[(p0+p)*lda+i0 : (p0+p)*lda+i0+mm]
 			d := dst[p*mr : p*mr+mr]
-			copy(d, src)
+			// An element loop beats a memmove call for runs this short.
+			for r, v := range src {
+				d[r] = v
+			}
 			clear(d[mm:])
 		}
 		return
 	}
 	// op(A)[i][p] = a[i·lda+p]: each row is contiguous; scatter it with
 	// stride mr.
-	for r := 0; r < mm; r++ {
-		src := a[(i0+r)*lda+p0 : (i0+r)*lda+p0+kb]
-		for p, v := range src {
-			dst[p*mr+r] = v
-		}
-	}
+	transposeInto(dst, mr, a[i0*lda+p0:], lda, mm, kb)
 	for r := mm; r < mr; r++ {
 		for p := 0; p < kb; p++ {
 			dst[p*mr+r] = 0
@@ -40,22 +38,43 @@ func packB[F float32 | float64](trans bool, b []F, ldb, p0, j0, kb, nn, nr int, 
 		for p := 0; p < kb; p++ {
 			src := b[(p0+p)*ldb+j0 : (p0+p)*ldb+j0+nn]
 			d := dst[p*nr : p*nr+nr]
-			copy(d, src)
+			for j, v := range src {
+				d[j] = v
+			}
 			clear(d[nn:])
 		}
 		return
 	}
 	// op(B)[p][j] = b[j·ldb+p]: each stored row j is contiguous in p;
 	// scatter it with stride nr.
-	for j := 0; j < nn; j++ {
-		src := b[(j0+j)*ldb+p0 : (j0+j)*ldb+p0+kb]
-		for p, v := range src {
-			dst[p*nr+j] = v
-		}
-	}
+	transposeInto(dst, nr, b[j0*ldb+p0:], ldb, nn, kb)
 	for j := nn; j < nr; j++ {
 		for p := 0; p < kb; p++ {
 			dst[p*nr+j] = 0
+		}
+	}
+}
+
+// transposeInto copies rows r < rows of src (row stride ld, kb elements
+// each) into columns of dst (row stride w): dst[p·w+r] = src[r·ld+p]. It
+// takes four rows at a time, so that each step writes four adjacent
+// elements of dst.
+func transposeInto[F float32 | float64](dst []F, w int, src []F, ld, rows, kb int) {
+	r := 0
+	for ; r+4 <= rows; r += 4 {
+		s0 := src[r*ld : r*ld+kb]
+		s1 := src[(r+1)*ld : (r+1)*ld+kb]
+		s2 := src[(r+2)*ld : (r+2)*ld+kb]
+		s3 := src[(r+3)*ld : (r+3)*ld+kb]
+		s1, s2, s3 = s1[:len(s0)], s2[:len(s0)], s3[:len(s0)]
+		for p, v := range s0 {
+			d := dst[p*w+r : p*w+r+4 : p*w+r+4]
+			d[0], d[1], d[2], d[3] = v, s1[p], s2[p], s3[p]
+		}
+	}
+	for ; r < rows; r++ {
+		for p, v := range src[r*ld : r*ld+kb] {
+			dst[p*w+r] = v
 		}
 	}
 }
