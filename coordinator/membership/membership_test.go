@@ -12,29 +12,12 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/m2train/m2train/coordinator/etcdembed"
+	"github.com/m2train/m2train/coordinator/internal/etcdtest"
 )
 
 var endpoint string
 
-func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "membership-etcd")
-	if err != nil {
-		panic(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	srv, err := etcdembed.Start(ctx, dir, "127.0.0.1")
-	cancel()
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	endpoint = srv.Endpoint()
-	code := m.Run()
-	srv.Close()
-	os.RemoveAll(dir)
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { os.Exit(etcdtest.Main(m, &endpoint)) }
 
 func newClient(t *testing.T) *clientv3.Client {
 	t.Helper()

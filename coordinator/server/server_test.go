@@ -17,32 +17,15 @@ import (
 
 	"github.com/m2train/m2train/coordinator/client"
 	"github.com/m2train/m2train/coordinator/coordtest"
-	"github.com/m2train/m2train/coordinator/etcdembed"
 	"github.com/m2train/m2train/coordinator/fsm"
+	"github.com/m2train/m2train/coordinator/internal/etcdtest"
 	"github.com/m2train/m2train/coordinator/membership"
 	pb "github.com/m2train/m2train/proto/coordinator/v1"
 )
 
 var etcdEndpoint string
 
-func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "server-etcd")
-	if err != nil {
-		panic(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	srv, err := etcdembed.Start(ctx, dir, "127.0.0.1")
-	cancel()
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	etcdEndpoint = srv.Endpoint()
-	code := m.Run()
-	srv.Close()
-	os.RemoveAll(dir)
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { os.Exit(etcdtest.Main(m, &etcdEndpoint)) }
 
 func testLogger(t *testing.T) *slog.Logger {
 	var on atomic.Bool
