@@ -12,12 +12,16 @@
 // in the same fixed order, so the bits of C do not depend on the number of
 // goroutines or on scheduling.
 //
-// The package is pure Go. By default the micro-kernels are scalar Go. When
-// the program is built with GOEXPERIMENT=simd on amd64 and the CPU has AVX2
-// and FMA, vector micro-kernels written with simd/archsimd are used instead;
-// [KernelName] reports which one is active. The two kernels round
-// differently (the vector ones fuse multiply and add), so results are
-// bit-reproducible for a given build on a given CPU class, not across them.
+// The micro-kernels come in two kinds. The portable one is scalar Go and
+// runs everywhere. On amd64 CPUs with AVX2 and FMA, kernels written in Go
+// assembly (kernel_amd64.s) are selected during package initialisation;
+// building with -tags purego keeps the scalar kernel. The assembly kernels
+// end with VZEROUPPER and, being assembly, are never preempted
+// asynchronously, so they leave no dirty upper vector state behind to slow
+// the legacy-SSE float code of the rest of the program. [KernelName] reports
+// which kernels are active. The two kinds round differently (the vector ones
+// fuse multiply and add), so results are bit-reproducible for a given build
+// on a given CPU class, not across them.
 //
 // The package must not allocate per call beyond its pooled packing buffers,
 // start long-lived goroutines, or do I/O.

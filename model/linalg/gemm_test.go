@@ -163,16 +163,30 @@ func checkGemmResult[T float32 | float64](t *testing.T, o operands, alpha, beta 
 	}
 }
 
-// withKernels runs f once for every micro-kernel this build can use, with
-// that kernel installed.
-func withKernels(t *testing.T, f func(t *testing.T)) {
-	type pair struct {
-		k32 *kernel[float32]
-		k64 *kernel[float64]
-	}
-	pairs := []pair{{&scalarKernel32, &scalarKernel64}}
+// kernelPair is one float32 and one float64 micro-kernel that Gemm can use
+// together.
+type kernelPair struct {
+	k32 *kernel[float32]
+	k64 *kernel[float64]
+}
+
+// availableKernels lists the scalar kernels and, when package
+// initialisation selected others for this CPU and build, those too.
+func availableKernels() []kernelPair {
+	pairs := []kernelPair{{&scalarKernel32, &scalarKernel64}}
 	if kernel32 != &scalarKernel32 || kernel64 != &scalarKernel64 {
-		pairs = append(pairs, pair{kernel32, kernel64})
+		pairs = append(pairs, kernelPair{kernel32, kernel64})
+	}
+	return pairs
+}
+
+// withKernels runs f once for every micro-kernel this build can use on
+// this CPU, with that kernel installed, so that one test binary checks the
+// vector kernels and the scalar fallback alike.
+func withKernels(t *testing.T, f func(t *testing.T)) {
+	pairs := availableKernels()
+	if len(pairs) == 1 {
+		t.Logf("only the %s kernels run here: no vector kernel for this build or CPU", pairs[0].k32.name)
 	}
 	saved32, saved64 := kernel32, kernel64
 	defer func() { kernel32, kernel64 = saved32, saved64 }()
@@ -358,5 +372,62 @@ func TestGemmPanics(t *testing.T) {
 			}()
 			tc.call()
 		})
+	}
+}
+
+// TestTileMergeMatchesStoreTile checks that a kernel that merges full tiles
+// into C itself gives the same bits as its plain form followed by
+// storeTile, which handles the edge tiles, for every merge mode and for
+// depths around its unrolling.
+func TestTileMergeMatchesStoreTile(t *testing.T) {
+	tested := false
+	for _, p := range availableKernels() {
+		if p.k32.tile != nil {
+			tested = true
+			t.Run("float32/"+p.k32.name, func(t *testing.T) { checkTileMerge(t, p.k32) })
+		}
+		if p.k64.tile != nil {
+			tested = true
+			t.Run("float64/"+p.k64.name, func(t *testing.T) { checkTileMerge(t, p.k64) })
+		}
+	}
+	if !tested {
+		t.Skip("no kernel here merges tiles itself")
+	}
+}
+
+func checkTileMerge[F float32 | float64](t *testing.T, kn *kernel[F]) {
+	rng := rand.New(rand.NewPCG(9, 10))
+	mr, nr := kn.mr, kn.nr
+	ldc := nr + 3
+	for _, kc := range []int{1, 2, 3, 4, 5, 7, 8, 9, 256} {
+		for _, tc := range []struct {
+			name        string
+			alpha, beta F
+			first       bool
+		}{
+			{"set", 1.5, 0, true},
+			{"set_alpha1", 1, 0, true},
+			{"add_first_beta1", -0.75, 1, true},
+			{"add_later_slice", 1.25, 0.5, false},
+			{"scale", 0.5, -1.5, true},
+		} {
+			t.Run(fmt.Sprintf("%s/kc%d", tc.name, kc), func(t *testing.T) {
+				a := convert[F](randSlice(rng, mr*kc))
+				b := convert[F](randSlice(rng, nr*kc))
+				c0 := convert[F](randSlice(rng, mr*ldc))
+				got := append([]F(nil), c0...)
+				want := append([]F(nil), c0...)
+				kn.tile(kc, a, b, got, ldc, tc.alpha, tc.beta, tc.first)
+				ab := make([]F, mr*nr)
+				kn.fn(kc, a, b, ab)
+				storeTile(want, ldc, 0, 0, mr, nr, ab, nr, tc.alpha, tc.beta, tc.first)
+				for i := range got {
+					if math.Float64bits(float64(got[i])) != math.Float64bits(float64(want[i])) {
+						t.Fatalf("C[%d][%d] = %v from the merging kernel, %v from storeTile", i/ldc, i%ldc, got[i], want[i])
+					}
+				}
+			})
+		}
 	}
 }

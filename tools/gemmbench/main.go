@@ -1,10 +1,14 @@
-// Command gemmbench compares linalg.Gemm with gonum's pure-Go Sgemm (or
-// Dgemm) on the model's GEMM shapes. Each repetition runs both on the same
-// inputs back to back, so machine load affects them alike; it prints the
-// median GFLOP/s of each and the ratio ours/gonum.
+// Command gemmbench compares linalg.Gemm with gonum's Sgemm (or Dgemm; Go
+// with SSE assembly inner loops) on the model's GEMM shapes. Each
+// repetition runs both on the same inputs back to back, so machine load
+// affects them alike; it prints the median GFLOP/s of each and the ratio
+// ours/gonum.
 //
-//	go run ./tools/gemmbench -reps 7
-//	GOEXPERIMENT=simd go run ./tools/gemmbench   # vector micro-kernels
+//	GOMAXPROCS=2 go run ./tools/gemmbench -reps 7
+//	go run -tags purego ./tools/gemmbench   # the portable scalar kernel
+//
+// The first line of the output names the micro-kernel in use (see
+// linalg.KernelName).
 package main
 
 import (
