@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 
@@ -28,8 +29,9 @@ func newTrainCmd() *cobra.Command {
 		Use:   "train SPEC.yaml",
 		Short: "Train a model in this process on the CPU backend",
 		Long: `Trains the model of a job spec (docs/jobspec.md) in this process, with a
-progress bar (step, loss, tokens/s, ETA). Checkpoints go to checkpoint.location
-every checkpoint.every_steps steps and at the end; each is a Hugging Face
+progress bar (step, loss, tokens/s, ETA). Checkpoints go to
+checkpoint.location/NAME/step-N/ every checkpoint.every_steps steps and at the
+end; each is a Hugging Face
 directory (config.json + model.safetensors) plus the optimizer and trainer
 state. A run started again with the same spec resumes from the newest
 checkpoint that verifies. The spec must have parallel.dp = parallel.sp = 1.`,
@@ -94,7 +96,8 @@ func runTraining(ctx context.Context, spec *jobspec.Spec, resume bool, out io.Wr
 	defer ds.Close()
 	log := slog.New(slog.NewTextHandler(out, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	bar := newProgressBar(out)
-	opts := train.Options{Log: log, OnProgress: bar.Update}
+	// Checkpoints go to LOCATION/NAME/step-N/, as a job's do (docs/jobspec.md).
+	opts := train.Options{Log: log, OnProgress: bar.Update, Prefix: spec.Name}
 	if spec.Checkpoint.Location != "" {
 		opts.Store = checkpoint.LocalStore{Root: spec.Checkpoint.Location}
 	}
@@ -121,9 +124,9 @@ func runTraining(ctx context.Context, spec *jobspec.Spec, resume bool, out io.Wr
 	}
 	res := trainResult{FinalLoss: tr.Loss(), Steps: tr.Step()}
 	if opts.Store != nil {
-		steps, err := checkpoint.Steps(ctx, opts.Store, "")
+		steps, err := checkpoint.Steps(ctx, opts.Store, opts.Prefix)
 		if err == nil && len(steps) > 0 {
-			res.Checkpoint = spec.Checkpoint.Location + "/" + checkpoint.StepDir(steps[0])
+			res.Checkpoint = filepath.Join(spec.Checkpoint.Location, opts.Prefix, checkpoint.StepDir(steps[0]))
 		}
 	}
 	return res, nil

@@ -156,6 +156,9 @@ backend: cpu
 	if code != 0 || !strings.Contains(msg, "step 4/4") {
 		t.Fatalf("train: exit %d: %s", code, msg)
 	}
+	if _, err := os.Stat(filepath.Join(dir, "ckpt", "t", "step-00000004", "manifest.json")); err != nil {
+		t.Fatalf("no committed checkpoint at LOCATION/NAME/step-N: %v", err)
+	}
 	msg, code = m2ctl(t, "train", spec(6))
 	if code != 0 || !strings.Contains(msg, "resumed from the checkpoint of step 4") || !strings.Contains(msg, "step 6/6") {
 		t.Fatalf("second train did not resume: exit %d: %s", code, msg)
