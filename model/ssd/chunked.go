@@ -2,6 +2,7 @@ package ssd
 
 import (
 	"github.com/m2train/m2train/model"
+	"github.com/m2train/m2train/model/linalg"
 )
 
 // Workspace holds the buffers of the chunked algorithm so that repeated
@@ -25,22 +26,20 @@ type Workspace[T model.Float] struct {
 }
 
 // chunkScratch is the per-goroutine scratch space of the chunked algorithm.
-// The transposed copies put the reduction index of a product last, so that
-// gemmNT reads every operand along contiguous rows.
+// The matrix products run on the calling goroutine through
+// linalg.GemmSerial and linalg.GemmStructured, which read the chunks of X,
+// B, C and dY in place (transposed or not) with their tensor strides.
 type chunkScratch[T model.Float] struct {
-	cb    []T       // (Q, Q)
-	mQQ   []T       // (Q, Q): decay-weighted CB (lower, forward; transposed, backward)
-	dd    []T       // (Q, Q): dY_i·x_j of one head (backward)
+	cb    []T       // (Q, Q): C_i·B_j, lower triangle (forward)
+	mQQ   []T       // (Q, Q): decay-weighted CB, lower triangle
+	dd    []T       // (Q, Q): dY_i·x_j of one head, lower triangle (backward)
 	coefs []T       // (Q)
-	xT    []T       // (P, Q): a scaled, transposed chunk of X or dY
-	bT    []T       // (N, Q): the chunk of B, transposed
-	cT    []T       // (N, Q): the chunk of C, transposed (backward)
+	xw    []T       // (Q, P): a chunk of X or dY with scaled rows
 	mQP   []T       // (Q, P): Yoff before scaling; Gc B_j (backward)
-	dcb   []T       // (Q, Q): dCB summed over the heads of a group (backward)
+	dcb   []T       // (Q, Q): dCB summed over the heads of a group, lower triangle (backward)
 	br    []T       // (Q, P): the bracket of §4.6 B3 for dx and ddt (backward)
 	xs    []T       // (Q, P): rows dt_j·exp(Λ−cs_j)·x_j (backward)
-	mQN   []T       // (Q, N): state parts of dB and dC (backward)
-	tNP   []T       // (N, P): Gc or Hin_c, transposed (backward)
+	mQN   []T       // (Q, N): Hin_cᵀ dY_i, the state part of dC (backward)
 	f64   []float64 // (3Q): intra, u, v of §4.6 B4 (backward)
 }
 
@@ -115,17 +114,14 @@ func (ws *Workspace[T]) prepare(k *chunkGeom, nw int, backward bool) {
 		s.cb = grow(s.cb, k.Q*k.Q)
 		s.mQQ = grow(s.mQQ, k.Q*k.Q)
 		s.coefs = grow(s.coefs, k.Q)
-		s.xT = grow(s.xT, k.P*k.Q)
-		s.bT = grow(s.bT, k.N*k.Q)
+		s.xw = grow(s.xw, k.Q*k.P)
 		s.mQP = grow(s.mQP, k.Q*k.P)
 		if backward {
-			s.cT = grow(s.cT, k.N*k.Q)
 			s.dcb = grow(s.dcb, k.Q*k.Q)
 			s.dd = grow(s.dd, k.Q*k.Q)
 			s.br = grow(s.br, k.Q*k.P)
 			s.xs = grow(s.xs, k.Q*k.P)
 			s.mQN = grow(s.mQN, k.Q*k.N)
-			s.tNP = grow(s.tNP, k.N*k.P)
 			s.f64 = grow(s.f64, 3*k.Q)
 		}
 	}
@@ -173,34 +169,37 @@ func (ws *Workspace[T]) chunkCumsum(k *chunkGeom, nw int, in *Inputs[T]) {
 	})
 }
 
+// groupOff returns the offset of row t of group g of batch b in a
+// (Bt, L, G, N) tensor; consecutive rows are G·N elements apart.
+func groupOff(k *chunkGeom, b, t, g int) int { return ((b*k.L+t)*k.G + g) * k.N }
+
+// headOff returns the offset of row t of head h of batch b in a
+// (Bt, L, H, P) tensor; consecutive rows are H·P elements apart.
+func headOff(k *chunkGeom, b, t, h int) int { return ((b*k.L+t)*k.H + h) * k.P }
+
 // bmmChunk writes CB[i, j] = C_i·B_j for j <= i of chunk c of (b, g) into
-// cb (row stride Q).
+// cb (row stride Q); the entries above the diagonal are left as they are.
 func bmmChunk[T model.Float](k *chunkGeom, in *Inputs[T], b, g, c int, cb []T) {
 	t0, q := k.span(c)
-	for i := 0; i < q; i++ {
-		ci := groupRow(k, in.C, b, t0+i, g)
-		row := cb[i*k.Q : i*k.Q+i+1]
-		for j := range row {
-			row[j] = dot(ci, groupRow(k, in.B, b, t0+j, g))
-		}
-	}
+	o, ld := groupOff(k, b, t0, g), k.G*k.N
+	linalg.GemmStructured(linalg.LowerC, false, true, q, q, k.N, 1, in.C[o:], ld, in.B[o:], ld, 0, cb, k.Q)
 }
 
-// transposeBC fills scr.bT (and scr.cT when withC) with the chunk c of B
-// (and C) of (b, g), transposed to N×Q.
-func transposeBC[T model.Float](k *chunkGeom, in *Inputs[T], b, g, c int, scr *chunkScratch[T], withC bool) {
-	t0, q := k.span(c)
-	o := ((b*k.L+t0)*k.G + g) * k.N
-	transposeInto(q, k.N, in.B[o:], k.G*k.N, nil, scr.bT, k.Q)
-	if withC {
-		transposeInto(q, k.N, in.C[o:], k.G*k.N, nil, scr.cT, k.Q)
+// scaleRows writes the q×P chunk of the (Bt, L, H, P) tensor src at
+// (b, t0, h), row i scaled by w[i], into dst (row stride P).
+func scaleRows[T model.Float](k *chunkGeom, src []T, b, t0, h int, w, dst []T) {
+	o := headOff(k, b, t0, h)
+	for i, wi := range w {
+		row, d := src[o+i*k.H*k.P:o+i*k.H*k.P+k.P], dst[i*k.P:(i+1)*k.P]
+		for p, v := range row {
+			d[p] = wi * v
+		}
 	}
 }
 
 // chunkState writes S_c = Σ_j exp(Λ_c − cs_j)·dt_j·x_j B_jᵀ, the state that
 // chunk c of (b, h) produces from a zero state, into s (P×N), as the product
-// (X̃ᵀ)(Bᵀ)ᵀ with X̃ the decay-scaled chunk of X. scr.bT must hold the
-// chunk's B transposed (transposeBC).
+// X̃ᵀB with X̃ the decay-scaled chunk of X.
 func (ws *Workspace[T]) chunkState(k *chunkGeom, in *Inputs[T], b, h, c int, s []T, scr *chunkScratch[T]) {
 	t0, q := k.span(c)
 	bh := b*k.H + h
@@ -211,8 +210,8 @@ func (ws *Workspace[T]) chunkState(k *chunkGeom, in *Inputs[T], b, h, c int, s [
 	for j := range w {
 		w[j] = T(decay(lam-cs[j], k.cut) * dt[j])
 	}
-	transposeInto(q, k.P, in.X[((b*k.L+t0)*k.H+h)*k.P:], k.H*k.P, w, scr.xT, k.Q)
-	gemmNT(k.P, k.N, q, scr.xT, k.Q, scr.bT, k.Q, s, k.N, full)
+	scaleRows(k, in.X, b, t0, h, w, scr.xw)
+	linalg.GemmSerial(true, false, k.P, k.N, q, 1, scr.xw, k.P, in.B[groupOff(k, b, t0, h/k.R):], k.G*k.N, 0, s, k.N)
 }
 
 // statePassing turns the chunk states st[c+1] = S_c of (b, h) into the
@@ -251,41 +250,36 @@ func (ws *Workspace[T]) Forward(d Dims, o Options, in *Inputs[T], out *Outputs[T
 		b, g := item/k.nc/k.G, item/k.nc%k.G
 		t0, q := k.span(c)
 		bmmChunk(&k, in, b, g, c, s.cb)
-		transposeBC(&k, in, b, g, c, s, false)
 		for h := g * k.R; h < (g+1)*k.R; h++ {
 			bh := b*k.H + h
 			dt := ws.dt[bh*k.L+t0 : bh*k.L+t0+q]
 			cs := ws.cs[bh*k.L+t0 : bh*k.L+t0+q]
-			// Ydiag = (L ∘ CB ∘ exp(seg) · diag(dt)) X, a lower-triangular
-			// product; M[i, i+1] is zeroed for the kernel's row pairs.
+			// Y = D·x, then Y += Ydiag = (L ∘ CB ∘ exp(seg) · diag(dt)) X,
+			// a lower-triangular product.
 			mm := s.mQQ
 			for i := 0; i < q; i++ {
 				row, cbRow := mm[i*k.Q:i*k.Q+i+1], s.cb[i*k.Q:i*k.Q+i+1]
 				for j := range row {
 					row[j] = T(decay(cs[i]-cs[j], k.cut)*dt[j]) * cbRow[j]
 				}
-				if i+1 < q {
-					mm[i*k.Q+i+1] = 0
-				}
 			}
-			transposeInto(q, k.P, in.X[((b*k.L+t0)*k.H+h)*k.P:], k.H*k.P, nil, s.xT, k.Q)
-			gemmNT(q, k.P, q, mm, k.Q, s.xT, k.Q, s.mQP, k.P, lowerA)
 			for i := 0; i < q; i++ {
 				y := headRow(&k, out.Y, b, t0+i, h)
 				xi := headRow(&k, in.X, b, t0+i, h)
-				yd := s.mQP[i*k.P : (i+1)*k.P]
 				if o.DHasHdim {
 					dp := in.D[h*k.P : (h+1)*k.P]
 					for p := range y {
-						y[p] = dp[p]*xi[p] + yd[p]
+						y[p] = dp[p] * xi[p]
 					}
 				} else {
 					dh := in.D[h]
 					for p := range y {
-						y[p] = dh*xi[p] + yd[p]
+						y[p] = dh * xi[p]
 					}
 				}
 			}
+			xo, ld := headOff(&k, b, t0, h), k.H*k.P
+			linalg.GemmStructured(linalg.LowerA, false, false, q, k.P, q, 1, mm, k.Q, in.X[xo:], ld, 1, out.Y[xo:], ld)
 			ws.chunkState(&k, in, b, h, c, stateAt(&k, ws.st, bh, c+1), s)
 		}
 	})
@@ -308,7 +302,7 @@ func (ws *Workspace[T]) Forward(d Dims, o Options, in *Inputs[T], out *Outputs[T
 		t0, q := k.span(c)
 		cs := ws.cs[bh*k.L+t0 : bh*k.L+t0+q]
 		m := ws.work[w].mQP
-		gemmNT(q, k.P, k.N, in.C[((b*k.L+t0)*k.G+h/k.R)*k.N:], k.G*k.N, stateAt(&k, ws.st, bh, c), k.N, m, k.P, full)
+		linalg.GemmSerial(false, true, q, k.P, k.N, 1, in.C[groupOff(&k, b, t0, h/k.R):], k.G*k.N, stateAt(&k, ws.st, bh, c), k.N, 0, m, k.P)
 		for i := 0; i < q; i++ {
 			if e := T(decay(cs[i], k.cut)); e != 0 {
 				axpy(e, m[i*k.P:(i+1)*k.P], headRow(&k, out.Y, b, t0+i, h))

@@ -1,5 +1,7 @@
 package ssd
 
+import "github.com/m2train/m2train/model/linalg"
+
 // Backward is the chunked backward of §4.6 using the workspace's buffers.
 func (ws *Workspace[T]) Backward(d Dims, o Options, in *Inputs[T], dY, dFinal []T, g *Grads[T]) error {
 	if err := checkInputs(d, o, in, true); err != nil {
@@ -22,7 +24,6 @@ func (ws *Workspace[T]) Backward(d Dims, o Options, in *Inputs[T], dY, dFinal []
 		b, grp := bg/k.G, bg%k.G
 		t0, q := k.span(c)
 		bmmChunk(&k, in, b, grp, c, ws.cb[(bg*k.nc+c)*QQ:(bg*k.nc+c+1)*QQ])
-		transposeBC(&k, in, b, grp, c, s, true)
 		for h := grp * k.R; h < (grp+1)*k.R; h++ {
 			bh := b*k.H + h
 			ws.chunkState(&k, in, b, h, c, stateAt(&k, ws.st, bh, c+1), s)
@@ -31,8 +32,8 @@ func (ws *Workspace[T]) Backward(d Dims, o Options, in *Inputs[T], dY, dFinal []
 			for i := range e {
 				e[i] = T(decay(cs[i], k.cut))
 			}
-			transposeInto(q, k.P, dY[((b*k.L+t0)*k.H+h)*k.P:], k.H*k.P, e, s.xT, k.Q)
-			gemmNT(k.P, k.N, q, s.xT, k.Q, s.cT, k.Q, stateAt(&k, ws.gst, bh, c), k.N, full)
+			scaleRows(&k, dY, b, t0, h, e, s.xw)
+			linalg.GemmSerial(true, false, k.P, k.N, q, 1, s.xw, k.P, in.C[groupOff(&k, b, t0, grp):], k.G*k.N, 0, stateAt(&k, ws.gst, bh, c), k.N)
 		}
 	})
 
@@ -111,11 +112,12 @@ func (ws *Workspace[T]) chunkBackward(k *chunkGeom, o Options, in *Inputs[T], dY
 		// Intra-chunk part: dCB[i,j] = exp(seg)·dt_j·(dY_i·x_j) for j <= i,
 		// W = CB∘dCB feeding da through a row-wise prefix sum, and the
 		// bracket Σ_{i>=j} exp(seg)·CB[i,j]·dY_i of dx_j and ddt_j, the
-		// product of the upper-triangular M2[j,i] = exp(seg[i,j])·CB[i,j]
-		// with dY.
-		dyOff := ((b*k.L+t0)*k.H + h) * P
+		// product M2ᵀ·dY with M2[i,j] = exp(seg[i,j])·CB[i,j] lower
+		// triangular.
+		dyOff, ldh := headOff(k, b, t0, h), k.H*P
+		bcOff, ldg := groupOff(k, b, t0, grp), k.G*N
 		dd, m2 := s.dd, s.mQQ
-		gemmNT(q, q, P, dY[dyOff:], k.H*P, in.X[dyOff:], k.H*P, dd, Q, lowerC)
+		linalg.GemmStructured(linalg.LowerC, false, true, q, q, P, 1, dY[dyOff:], ldh, in.X[dyOff:], ldh, 0, dd, Q)
 		for i := 0; i < q; i++ {
 			var ri float64
 			for j := 0; j <= i; j++ {
@@ -131,18 +133,14 @@ func (ws *Workspace[T]) chunkBackward(k *chunkGeom, o Options, in *Inputs[T], dY
 					ri += float64(cbv * dc)
 					intra[j+1] += ri
 				}
-				m2[j*Q+i] = T(e) * cbv
-			}
-			if i+1 < q {
-				m2[(i+1)*Q+i] = 0
+				m2[i*Q+j] = T(e) * cbv
 			}
 		}
-		transposeInto(q, P, dY[dyOff:], k.H*P, nil, s.xT, Q)
-		gemmNT(q, P, q, m2, Q, s.xT, Q, br, P, upperA)
+		linalg.GemmStructured(linalg.UpperA, true, false, q, P, q, 1, m2, Q, dY[dyOff:], ldh, 0, br, P)
 
 		// Chunk-state part: Gc B_j joins the bracket; u_j and dB_j.
 		gb := s.mQP
-		gemmNT(q, P, N, in.B[((b*k.L+t0)*k.G+grp)*N:], k.G*N, gc, N, gb, P, full)
+		linalg.GemmSerial(false, true, q, P, N, 1, in.B[bcOff:], ldg, gc, N, 0, gb, P)
 		xs := s.xs[:q*P]
 		for j := 0; j < q; j++ {
 			xj := headRow(k, in.X, b, t0+j, h)
@@ -173,20 +171,12 @@ func (ws *Workspace[T]) chunkBackward(k *chunkGeom, o Options, in *Inputs[T], dY
 				xsj[p] = coef * xp
 			}
 		}
-		// dB_j += Σ_p xs_j[p]·Gc[p,:], as xs·(Gcᵀ)ᵀ.
-		transposeInto(P, N, gc, N, nil, s.tNP, P)
-		gemmNT(q, N, P, xs, P, s.tNP, P, s.mQN, N, full)
-		for j := 0; j < q; j++ {
-			dB, m := groupRow(k, g.B, b, t0+j, grp), s.mQN[j*N:(j+1)*N]
-			for n := range dB {
-				dB[n] += m[n]
-			}
-		}
+		// dB_j += Σ_p xs_j[p]·Gc[p,:], as dB += xs·Gc.
+		linalg.GemmSerial(false, false, q, N, P, 1, xs, P, gc, N, 1, g.B[bcOff:], ldg)
 
 		// Off-diagonal part: dC_i += exp(cs_i)·Hin_cᵀ dY_i and v_i.
-		// tmp_i = Hin_cᵀ dY_i for every i, as dY·(Hinᵀ)ᵀ.
-		transposeInto(P, N, hin, N, nil, s.tNP, P)
-		gemmNT(q, N, P, dY[((b*k.L+t0)*k.H+h)*P:], k.H*P, s.tNP, P, s.mQN, N, full)
+		// tmp_i = Hin_cᵀ dY_i for every i, as dY·Hin.
+		linalg.GemmSerial(false, false, q, N, P, 1, dY[dyOff:], ldh, hin, N, 0, s.mQN, N)
 		for i := 0; i < q; i++ {
 			e := decay(cs[i], k.cut)
 			v[i] = 0
@@ -221,14 +211,9 @@ func (ws *Workspace[T]) chunkBackward(k *chunkGeom, o Options, in *Inputs[T], dY
 		}
 	}
 
-	// Group part of dB and dC through CB: dC_i += Σ_j dCB[i,j]·B_j and
-	// dB_j += Σ_i dCB[i,j]·C_i, with dCB summed over the group's heads.
-	for i := 0; i < q; i++ {
-		ci, dCi := groupRow(k, in.C, b, t0+i, grp), groupRow(k, g.C, b, t0+i, grp)
-		for j := 0; j <= i; j++ {
-			dc := dcb[i*Q+j]
-			axpy(dc, groupRow(k, in.B, b, t0+j, grp), dCi)
-			axpy(dc, ci, groupRow(k, g.B, b, t0+j, grp))
-		}
-	}
+	// Group part of dB and dC through CB: dC += dCB·B and dB += dCBᵀ·C,
+	// with dCB (lower triangular) summed over the group's heads.
+	bcOff, ldg := groupOff(k, b, t0, grp), k.G*N
+	linalg.GemmStructured(linalg.LowerA, false, false, q, N, q, 1, dcb, Q, in.B[bcOff:], ldg, 1, g.C[bcOff:], ldg)
+	linalg.GemmStructured(linalg.UpperA, true, false, q, N, q, 1, dcb, Q, in.C[bcOff:], ldg, 1, g.B[bcOff:], ldg)
 }
