@@ -174,7 +174,9 @@ func TestGemmSerialPanics(t *testing.T) {
 	}{
 		{"negative k", func() { GemmSerial(false, false, 2, 2, -1, 1, buf, 2, buf, 2, 0, buf, 2) }, "linalg: GemmSerial: negative size"},
 		{"ldb too small", func() { GemmSerial(false, false, 3, 4, 3, 1, buf, 3, buf, 3, 0, buf, 4) }, "ldb = 3 is less than the 4 columns of stored B"},
-		{"C too short", func() { GemmStructured(LowerC, false, false, 3, 30, 4, 1, buf, 4, make([]float64, 120), 30, 0, buf[:50], 30) }, "linalg: GemmStructured: len(C) = 50, need at least 90"},
+		{"C too short", func() {
+			GemmStructured(LowerC, false, false, 3, 30, 4, 1, buf, 4, make([]float64, 120), 30, 0, buf[:50], 30)
+		}, "linalg: GemmStructured: len(C) = 50, need at least 90"},
 		{"A too short transA", func() { GemmStructured(UpperA, true, false, 4, 3, 40, 1, buf, 4, buf, 3, 0, buf, 3) }, "len(A) = 100, need at least 160"},
 		{"unknown structure", func() { GemmStructured(Structure(9), false, false, 1, 1, 1, 1, buf, 1, buf, 1, 0, buf, 1) }, "unknown structure Structure(9)"},
 	}
