@@ -159,15 +159,22 @@ func gemmSerial[F float32 | float64](kn *kernel[F], s Structure, transA, transB 
 			kb := min(kn.kc, k-pc)
 			for q := 0; q < bPanels; q++ {
 				j := q * nr
-				packB(transB, b, ldb, pc, jc+j, kb, min(nr, nb-j), nr, packedB[q*kb*nr:(q+1)*kb*nr])
+				packBPanel(transB, b, ldb, pc, jc+j, kb, min(nr, nb-j), nr, packedB[q*kb*nr:(q+1)*kb*nr])
 			}
 			for ic := 0; ic < m; ic += kn.mc {
 				mb := min(kn.mc, m-ic)
 				for ir := 0; ir < mb; ir += mr {
-					pa := packedA[ir*kb : (ir+mr)*kb]
 					i0, mm := ic+ir, min(mr, mb-ir)
-					packA(transA, a, lda, i0, pc, mm, kb, mr, pa)
-					maskPanel(s, pa, mr, i0, mm, pc, kb)
+					// Pack only the k range [lo, hi) that the panel's
+					// tiles read (see rowRange).
+					lo, hi := rowRange(s, i0, mm, k)
+					lo, hi = max(lo, pc), min(hi, pc+kb)
+					if lo >= hi {
+						continue
+					}
+					pa := packedA[ir*kb+(lo-pc)*mr : ir*kb+(hi-pc)*mr]
+					packAPanel(transA, a, lda, i0, lo, mm, hi-lo, mr, pa)
+					maskPanel(s, pa, mr, i0, mm, lo, hi-lo)
 				}
 				for q := 0; q < bPanels; q++ {
 					j := q * nr
@@ -176,18 +183,10 @@ func gemmSerial[F float32 | float64](kn *kernel[F], s Structure, transA, transB 
 					for ir := 0; ir < mb; ir += mr {
 						i0, mm := ic+ir, min(mr, mb-ir)
 						j0 := jc + j
-						// [k0, k1) is the k range of the whole tile.
-						k0, k1 := 0, k
-						switch s {
-						case LowerA:
-							k1 = min(k, i0+mm)
-						case UpperA:
-							k0 = min(k, i0)
-						case LowerC:
-							if j0 >= i0+mm {
-								continue
-							}
+						if s == LowerC && j0 >= i0+mm {
+							continue
 						}
+						k0, k1 := rowRange(s, i0, mm, k)
 						if k0 >= k1 {
 							if pc == 0 {
 								scaleC(mm, nn, beta, c[i0*ldc+j0:], ldc)
@@ -217,6 +216,18 @@ func gemmSerial[F float32 | float64](kn *kernel[F], s Structure, transA, transB 
 			}
 		}
 	}
+}
+
+// rowRange returns the k range [k0, k1) that rows [i0, i0+mm) of op(A)
+// need under the structure s.
+func rowRange(s Structure, i0, mm, k int) (k0, k1 int) {
+	switch s {
+	case LowerA:
+		return 0, min(k, i0+mm)
+	case UpperA:
+		return min(k, i0), k
+	}
+	return 0, k
 }
 
 // maskPanel zeroes, in the packed micro-panel pa of rows [i0, i0+mm) and

@@ -195,3 +195,33 @@ func TestGemmSerialPanics(t *testing.T) {
 		})
 	}
 }
+
+// TestPackPanelsMatchPack checks the fast packing paths of the serial
+// driver against packA and packB on full and partial panels of every tile
+// width, both transposes and a few depths.
+func TestPackPanelsMatchPack(t *testing.T) {
+	rng := rand.New(rand.NewPCG(15, 16))
+	src := convert[float32](randSlice(rng, 40*40))
+	const ld = 40
+	for _, trans := range []bool{false, true} {
+		for _, w := range []int{4, 6, 8, 16} {
+			for _, used := range []int{w - 1, w} {
+				for _, kb := range []int{0, 1, 5, 17} {
+					t.Run(fmt.Sprintf("trans%v/w%d/used%d/kb%d", trans, w, used, kb), func(t *testing.T) {
+						got, want := make([]float32, kb*w), make([]float32, kb*w)
+						packAPanel(trans, src, ld, 3, 2, used, kb, w, got)
+						packA(trans, src, ld, 3, 2, used, kb, w, want)
+						if fmt.Sprint(got) != fmt.Sprint(want) {
+							t.Fatalf("packAPanel = %v, packA = %v", got, want)
+						}
+						packBPanel(trans, src, ld, 2, 3, kb, used, w, got)
+						packB(trans, src, ld, 2, 3, kb, used, w, want)
+						if fmt.Sprint(got) != fmt.Sprint(want) {
+							t.Fatalf("packBPanel = %v, packB = %v", got, want)
+						}
+					})
+				}
+			}
+		}
+	}
+}
