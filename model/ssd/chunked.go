@@ -1,6 +1,8 @@
 package ssd
 
 import (
+	"math"
+
 	"github.com/m2train/m2train/model"
 	"github.com/m2train/m2train/model/linalg"
 )
@@ -40,7 +42,7 @@ type chunkScratch[T model.Float] struct {
 	br    []T       // (Q, P): the bracket of §4.6 B3 for dx and ddt (backward)
 	xs    []T       // (Q, P): rows dt_j·exp(Λ−cs_j)·x_j (backward)
 	mQN   []T       // (Q, N): Hin_cᵀ dY_i, the state part of dC (backward)
-	f64   []float64 // (3Q): intra, u, v of §4.6 B4 (backward)
+	f64   []float64 // (5Q): steps and row of segDecays; intra, u, v of §4.6 B4 (backward)
 }
 
 // Forward runs the chunked SSD algorithm of §3 with chunk length o.Chunk and
@@ -114,6 +116,7 @@ func (ws *Workspace[T]) prepare(k *chunkGeom, nw int, backward bool) {
 		s.cb = grow(s.cb, k.Q*k.Q)
 		s.mQQ = grow(s.mQQ, k.Q*k.Q)
 		s.coefs = grow(s.coefs, k.Q)
+		s.f64 = grow(s.f64, 5*k.Q)
 		s.xw = grow(s.xw, k.Q*k.P)
 		s.mQP = grow(s.mQP, k.Q*k.P)
 		if backward {
@@ -122,7 +125,6 @@ func (ws *Workspace[T]) prepare(k *chunkGeom, nw int, backward bool) {
 			s.br = grow(s.br, k.Q*k.P)
 			s.xs = grow(s.xs, k.Q*k.P)
 			s.mQN = grow(s.mQN, k.Q*k.N)
-			s.f64 = grow(s.f64, 3*k.Q)
 		}
 	}
 }
@@ -214,6 +216,35 @@ func (ws *Workspace[T]) chunkState(k *chunkGeom, in *Inputs[T], b, h, c int, s [
 	linalg.GemmSerial(true, false, k.P, k.N, q, 1, scr.xw, k.P, in.B[groupOff(k, b, t0, h/k.R):], k.G*k.N, 0, s, k.N)
 }
 
+// stepDecays writes steps[j] = exp(cs[j] − cs[j−1]) for j >= 1, the decay
+// factor of one position of a chunk given its inclusive cumsum cs.
+func stepDecays(cs, steps []float64) {
+	for j := 1; j < len(steps); j++ {
+		steps[j] = math.Exp(cs[j] - cs[j-1])
+	}
+}
+
+// segDecays writes e[j] = decay(cs[i] − cs[j], cut) for j <= i, the decay
+// factors of row i of a chunk's segment sum, from the step factors of
+// stepDecays. They are running products from the diagonal down, one
+// multiply each instead of an exponential: e[j] = e[j+1]·steps[j+1]. The
+// log-decay cs[i] − cs[j] falls as j falls, so once it is below cut every
+// remaining factor is flushed to zero as decay would. Above the cut every
+// partial product stays a normal float64 (cut is far above its underflow),
+// and its relative error grows by about one rounding per step.
+func segDecays(cs, steps []float64, i int, cut float64, e []float64) {
+	v := 1.0
+	e[i] = v
+	for j := i - 1; j >= 0; j-- {
+		if cs[i]-cs[j] < cut {
+			clear(e[:j+1])
+			return
+		}
+		v *= steps[j+1]
+		e[j] = v
+	}
+}
+
 // statePassing turns the chunk states st[c+1] = S_c of (b, h) into the
 // states entering each chunk, Hin_{c+1} = exp(Λ_c)·Hin_c + S_c, with
 // st[0] = the initial state. st[nc] is then the final state.
@@ -257,10 +288,13 @@ func (ws *Workspace[T]) Forward(d Dims, o Options, in *Inputs[T], out *Outputs[T
 			// Y = D·x, then Y += Ydiag = (L ∘ CB ∘ exp(seg) · diag(dt)) X,
 			// a lower-triangular product.
 			mm := s.mQQ
+			steps, e := s.f64[3*k.Q:3*k.Q+q], s.f64[4*k.Q:4*k.Q+q]
+			stepDecays(cs, steps)
 			for i := 0; i < q; i++ {
+				segDecays(cs, steps, i, k.cut, e)
 				row, cbRow := mm[i*k.Q:i*k.Q+i+1], s.cb[i*k.Q:i*k.Q+i+1]
 				for j := range row {
-					row[j] = T(decay(cs[i]-cs[j], k.cut)*dt[j]) * cbRow[j]
+					row[j] = T(e[j]*dt[j]) * cbRow[j]
 				}
 			}
 			for i := 0; i < q; i++ {

@@ -118,10 +118,13 @@ func (ws *Workspace[T]) chunkBackward(k *chunkGeom, o Options, in *Inputs[T], dY
 		bcOff, ldg := groupOff(k, b, t0, grp), k.G*N
 		dd, m2 := s.dd, s.mQQ
 		linalg.GemmStructured(linalg.LowerC, false, true, q, q, P, 1, dY[dyOff:], ldh, in.X[dyOff:], ldh, 0, dd, Q)
+		steps, seg := s.f64[3*Q:3*Q+q], s.f64[4*Q:4*Q+q]
+		stepDecays(cs, steps)
 		for i := 0; i < q; i++ {
+			segDecays(cs, steps, i, k.cut, seg)
 			var ri float64
 			for j := 0; j <= i; j++ {
-				e := decay(cs[i]-cs[j], k.cut)
+				e := seg[j]
 				dc := T(e*dt[j]) * dd[i*Q+j]
 				if first {
 					dcb[i*Q+j] = dc
