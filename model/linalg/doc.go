@@ -1,7 +1,10 @@
 // Package linalg owns the dense linear algebra of the CPU reference backend:
 // the general matrix multiply [Gemm] that every projection (in_proj,
-// out_proj, the LM head) and its backward pass goes through, and the two
-// vector helpers [Axpy] and [Dot].
+// out_proj, the LM head) and its backward pass goes through; its
+// single-goroutine forms [GemmSerial] and [GemmStructured] (causal,
+// triangular operands and results) for callers that parallelise themselves,
+// such as the SSD scan's per-chunk products; and the two vector helpers
+// [Axpy] and [Dot].
 //
 // Matrices are row-major slices with an explicit row stride. Gemm is a
 // blocked, packed algorithm: op(A) and op(B) are copied into contiguous
