@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 
 	"github.com/m2train/m2train/model"
@@ -168,7 +169,7 @@ func LoadParamsFromFile[T model.Float](f *safetensors.File, cfg model.Config, la
 			continue
 		}
 		used[t] = true
-		if !equalShape(t.Shape, lt.Shape) {
+		if !slices.Equal(t.Shape, lt.Shape) {
 			problems = append(problems, TensorProblem{Name: t.Name, Expected: lt.Shape, Actual: t.Shape, Problem: "wrong shape"})
 			continue
 		}
@@ -209,11 +210,11 @@ func LoadParamsFromFile[T model.Float](f *safetensors.File, cfg model.Config, la
 func checkTiedHead(head, emb *safetensors.Tensor, layout *model.Layout) (TensorProblem, bool) {
 	want := layout.Must(model.NameEmbedding).Shape
 	p := TensorProblem{Name: head.Name, Expected: want, Actual: head.Shape}
-	if !equalShape(head.Shape, want) {
+	if !slices.Equal(head.Shape, want) {
 		p.Problem = "wrong shape for the tied LM head"
 		return p, true
 	}
-	if emb == nil || !equalShape(emb.Shape, want) || !emb.DType.IsFloat() {
+	if emb == nil || !slices.Equal(emb.Shape, want) || !emb.DType.IsFloat() {
 		return p, false // the embedding's own problem is reported
 	}
 	if !head.DType.IsFloat() {
@@ -241,18 +242,6 @@ func equalValues(a, b []float64) bool {
 	}
 	for i := range a {
 		if a[i] != b[i] && !(a[i] != a[i] && b[i] != b[i]) { // NaN equals NaN here
-			return false
-		}
-	}
-	return true
-}
-
-func equalShape(a, b []int) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
 			return false
 		}
 	}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"testing"
 )
@@ -64,7 +65,7 @@ func TestDatasetSamplesCrossShards(t *testing.T) {
 					t.Fatalf("Sample(%d): %v", i, err)
 				}
 				s := int(i) * L
-				if !slicesEqual(in, stream[s:s+L]) || !slicesEqual(tg, stream[s+1:s+L+1]) {
+				if !slices.Equal(in, stream[s:s+L]) || !slices.Equal(tg, stream[s+1:s+L+1]) {
 					t.Fatalf("sample %d: inputs %v targets %v, want %v %v", i, in, tg, stream[s:s+L], stream[s+1:s+L+1])
 				}
 			}
@@ -77,7 +78,7 @@ func TestDatasetSamplesCrossShards(t *testing.T) {
 		t.Fatalf("NumSamples(25) of 25 tokens = %d, want 0 (a window needs 26)", ds.NumSamples(25))
 	}
 	all := make([]int32, len(stream))
-	if err := ds.ReadTokens(all, 0); err != nil || !slicesEqual(all, stream) {
+	if err := ds.ReadTokens(all, 0); err != nil || !slices.Equal(all, stream) {
 		t.Fatalf("ReadTokens over all shards: %v", err)
 	}
 	if err := ds.ReadTokens(make([]int32, 2), 24); !errors.Is(err, ErrOutOfRange) {
@@ -106,7 +107,7 @@ func TestDatasetOpenForms(t *testing.T) {
 	}
 	rev.Close()
 	want := append(append([]int32{}, stream[10:]...), stream[:10]...)
-	if !slicesEqual(got, want) {
+	if !slices.Equal(got, want) {
 		t.Fatalf("reverse list stream %v, want %v", got, want)
 	}
 

@@ -7,6 +7,7 @@ import (
 	"hash/crc32"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -94,7 +95,7 @@ func TestShardRoundTrip(t *testing.T) {
 			if err := s.ReadTokens(got, 0); err != nil {
 				t.Fatalf("ReadTokens: %v", err)
 			}
-			if !slicesEqual(got, tc.tokens) {
+			if !slices.Equal(got, tc.tokens) {
 				t.Fatalf("tokens differ")
 			}
 			if err := s.Verify(); err != nil {
@@ -136,18 +137,6 @@ func seqTokens(n int, vocab int32) []int32 {
 		out[i] = int32((i*7919 + 13) % int(vocab))
 	}
 	return out
-}
-
-func slicesEqual(a, b []int32) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 func TestShardHeaderGolden(t *testing.T) {
