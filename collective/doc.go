@@ -15,7 +15,9 @@
 // Config.Timeout makes the pending operations of every rank fail with a
 // *PeerError that names it. Ranks agree on the culprit: a rank that suspects a
 // peer broadcasts a report, and after a short settling period every rank picks
-// the report whose culprit went silent first. A failure is sticky: once a
+// the same one: among the blamed ranks that reported nobody themselves (a
+// rank waiting on a silent predecessor is a victim, not the cause), the one
+// that went silent first. A failure is sticky: once a
 // communicator has failed, every later operation on it and on its sub-groups
 // fails with the same error, and the job builds a new communicator with the
 // next generation number (on the same addresses if it likes).

@@ -141,6 +141,9 @@ type Report struct {
 	Reason  FailureReason
 	Since   time.Time
 	Detail  string
+	// From is the world rank that made the report. It is not sent: the
+	// receiving rank fills it in from the control channel it came on.
+	From int
 }
 
 // Control is a message of the control channel between two ranks: a

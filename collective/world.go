@@ -120,6 +120,7 @@ func (w *world) Control(from int, m Control) {
 		return
 	}
 	r := *m.Report
+	r.From = from
 	if r.Culprit < 0 || r.Culprit >= w.size {
 		w.log.Warn("ignoring a failure report with a bad culprit", "from", from, "culprit", r.Culprit)
 		return
@@ -137,7 +138,13 @@ func (w *world) PeerLost(peer int, err error) {
 	if w.peerGone[peer].Load() {
 		return
 	}
-	w.decide(Report{Culprit: peer, Reason: ReasonLost, Since: time.Now(), Detail: detail(err)})
+	// Tell the others before failing: this rank will close its transport
+	// once its operation returns, and a peer that has not yet seen the
+	// broken connection itself must learn the real culprit first, not
+	// blame this rank for leaving (control messages to a peer stay in order).
+	r := Report{Culprit: peer, Reason: ReasonLost, Since: time.Now(), Detail: detail(err), From: w.rank}
+	w.broadcast(r)
+	w.decide(r)
 }
 
 // PeerClosed implements Handler. A peer that closes is not a failure by
@@ -151,6 +158,9 @@ func (w *world) PeerClosed(peer int) {
 // at the end of which the culprit is picked. Reports of this rank are
 // broadcast to every peer.
 func (w *world) suspect(r Report, broadcast bool) {
+	if broadcast {
+		r.From = w.rank
+	}
 	if r.Reason == ReasonLost && w.peerGone[r.Culprit].Load() {
 		r.Reason = ReasonClosed
 	}
@@ -187,23 +197,42 @@ func (w *world) broadcast(r Report) {
 	}
 }
 
-// settle picks the report whose culprit went silent first (the lowest rank
-// on a tie), so that every rank that saw the same reports blames the same
-// rank.
+// settle picks the culprit, so that every rank that saw the same reports
+// blames the same rank. A rank that itself reported someone is waiting on
+// that someone, not the cause: when a silent rank stalls a ring, its
+// successor stops making progress too and gets blamed by the next rank. So
+// the culprit is chosen among the ranks that were blamed but reported
+// nobody (the head of the wait-for chain), and only when every blamed rank
+// also reported (a cycle) among all reports; within that set, the report
+// whose culprit went silent first wins, the lowest rank on a tie.
 func (w *world) settle() {
 	w.mu.Lock()
 	if w.failure != nil || len(w.reports) == 0 {
 		w.mu.Unlock()
 		return
 	}
-	best := w.reports[0]
-	for _, r := range w.reports[1:] {
-		if r.Since.Before(best.Since) || (r.Since.Equal(best.Since) && r.Culprit < best.Culprit) {
-			best = r
+	reporters := make(map[int]bool, len(w.reports))
+	for _, r := range w.reports {
+		reporters[r.From] = true
+	}
+	var best *Report
+	for _, headsOnly := range []bool{true, false} {
+		for i := range w.reports {
+			r := &w.reports[i]
+			if headsOnly && reporters[r.Culprit] {
+				continue
+			}
+			if best == nil || r.Since.Before(best.Since) || (r.Since.Equal(best.Since) && r.Culprit < best.Culprit) {
+				best = r
+			}
+		}
+		if best != nil {
+			break
 		}
 	}
+	choice := *best
 	w.mu.Unlock()
-	w.decide(best)
+	w.decide(choice)
 }
 
 // decide fails the world with r's culprit, once.
