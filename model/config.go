@@ -39,6 +39,13 @@ type Config struct {
 	ConvBias       bool
 	Bias           bool // in_proj and out_proj biases
 
+	// GatedNormGroups is the number of channel groups that the gated
+	// RMSNorm normalises separately. Zero means NGroups, as mamba_ssm does
+	// (and transformers' fused CUDA path); 1 reproduces transformers'
+	// pure-PyTorch path, which normalises over all E channels whatever
+	// n_groups is (MAMBA2_SPEC.md §8.1). The two agree when NGroups is 1.
+	GatedNormGroups int
+
 	NormEps      float64 // block and final RMSNorm epsilon
 	GatedNormEps float64 // gated RMSNorm epsilon
 
@@ -104,6 +111,14 @@ func (c Config) DSize() int {
 	return c.NHeads
 }
 
+// NormGroups is the number of groups of the gated RMSNorm.
+func (c Config) NormGroups() int {
+	if c.GatedNormGroups > 0 {
+		return c.GatedNormGroups
+	}
+	return c.NGroups
+}
+
 // ConfigError names the field of a Config that breaks a rule.
 type ConfigError struct {
 	Field string
@@ -135,6 +150,9 @@ func (c Config) Validate() error {
 	}
 	if c.NHeads%c.NGroups != 0 {
 		return &ConfigError{"ngroups", fmt.Sprintf("nheads %d must be a multiple of ngroups %d", c.NHeads, c.NGroups)}
+	}
+	if c.GatedNormGroups < 0 || c.DInner()%c.NormGroups() != 0 {
+		return &ConfigError{"gated_norm_groups", fmt.Sprintf("must be >= 0 and divide expand·d_model = %d, got %d", c.DInner(), c.GatedNormGroups)}
 	}
 	if c.PadVocabMultiple > 0 && c.VocabSize%c.PadVocabMultiple != 0 {
 		return &ConfigError{"vocab_size", fmt.Sprintf("%d is not a multiple of pad_vocab_size_multiple %d", c.VocabSize, c.PadVocabMultiple)}

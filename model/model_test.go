@@ -80,13 +80,14 @@ func TestLayoutViewsTileTheBuffer(t *testing.T) {
 
 func TestConfigValidateNamesField(t *testing.T) {
 	for field, mod := range map[string]func(*Config){
-		"d_model":      func(c *Config) { c.DModel = 0 },
-		"nheads":       func(c *Config) { c.NHeads = 5 },
-		"ngroups":      func(c *Config) { c.NGroups = 5 },
-		"vocab_size":   func(c *Config) { c.VocabSize = 100 },
-		"dt_limit":     func(c *Config) { c.DTLimit = [2]float64{0.5, 0.1} },
-		"norm_epsilon": func(c *Config) { c.NormEps = 0 },
-		"chunk_size":   func(c *Config) { c.ChunkSize = -1 },
+		"d_model":           func(c *Config) { c.DModel = 0 },
+		"nheads":            func(c *Config) { c.NHeads = 5 },
+		"ngroups":           func(c *Config) { c.NGroups = 5 },
+		"vocab_size":        func(c *Config) { c.VocabSize = 100 },
+		"dt_limit":          func(c *Config) { c.DTLimit = [2]float64{0.5, 0.1} },
+		"norm_epsilon":      func(c *Config) { c.NormEps = 0 },
+		"chunk_size":        func(c *Config) { c.ChunkSize = -1 },
+		"gated_norm_groups": func(c *Config) { c.GatedNormGroups = 7 },
 	} {
 		c := DefaultConfig(256, 2, 512)
 		mod(&c)

@@ -91,7 +91,7 @@ type layerActs[T model.Float] struct {
 	zxbcdt      []T // in_proj output (n×F)
 	pre, act    []T // conv output before and after SiLU (n×C_d)
 	x, b, c, dt []T // contiguous SSD inputs
-	y, o, grstd []T // SSD output, gated-norm output (n×E), its rstd (n×G)
+	y, o, grstd []T // SSD output, gated-norm output (n×E), its rstd (n × norm groups)
 	state, halo []T // received from the previous shard; nil when zero
 }
 
@@ -128,7 +128,7 @@ func (m *Model[T]) workspace(bt, l int) *workspace[T] {
 			u: make([]T, n*D), rstd: make([]T, n), zxbcdt: make([]T, n*F),
 			pre: make([]T, n*Cd), act: make([]T, n*Cd),
 			x: make([]T, n*E), b: make([]T, n*G*N), c: make([]T, n*G*N), dt: make([]T, n*H),
-			y: make([]T, n*E), o: make([]T, n*E), grstd: make([]T, n*G),
+			y: make([]T, n*E), o: make([]T, n*E), grstd: make([]T, n*c.NormGroups()),
 		})
 	}
 	m.ws = ws
@@ -148,7 +148,7 @@ func (m *Model[T]) convShape(bt, l int) convShape {
 
 func (m *Model[T]) gatedNorm(n int) gatedNorm {
 	c := m.cfg
-	return gatedNorm{n: n, e: c.DInner(), groups: c.NGroups, ldz: c.InProjDim(), eps: c.GatedNormEps,
+	return gatedNorm{n: n, e: c.DInner(), groups: c.NormGroups(), ldz: c.InProjDim(), eps: c.GatedNormEps,
 		beforeGate: c.NormBeforeGate, enabled: c.GatedNorm}
 }
 

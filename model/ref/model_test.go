@@ -56,6 +56,7 @@ func TestModelGradientsFiniteDifferences(t *testing.T) {
 		"norm-before-gate": func(c *model.Config) { c.NormBeforeGate = true },
 		"no-gated-norm":    func(c *model.Config) { c.GatedNorm = false; c.ConvBias = false },
 		"dt-limit":         func(c *model.Config) { c.DTLimit = [2]float64{0.002, 0.05} },
+		"norm-over-all-E":  func(c *model.Config) { c.GatedNormGroups = 1 },
 	}
 	for name, mod := range variants {
 		t.Run(name, func(t *testing.T) {

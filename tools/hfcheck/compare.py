@@ -9,7 +9,9 @@ reports the largest relative difference (to each tensor's largest magnitude)
 of the logits, the loss and every parameter gradient. It exits non-zero if a
 difference exceeds --tol. transformers' pure-PyTorch path keeps a few
 intermediates in float32 even in a float64 model, which bounds the agreement
-at roughly 1e-7.
+at roughly 1e-7. That path also normalises the gated RMSNorm over all
+channels even when n_groups > 1 (mamba_ssm, and so m2train by default, norms
+each group), so m2ctl runs with --gated-norm-groups 1 here.
 """
 
 import argparse
@@ -49,8 +51,10 @@ def main():
     tmp = tempfile.mkdtemp()
     tokens, ours_path = os.path.join(tmp, "tokens.safetensors"), os.path.join(tmp, "ours.safetensors")
     save_file({"input_ids": ids}, tokens)
+    # transformers' pure-PyTorch gated norm spans all channels whatever
+    # n_groups is; m2ctl follows mamba_ssm (one norm per group) unless told.
     subprocess.run([a.m2ctl, "model", "grads", "--model", a.model, "--tokens", tokens,
-                    "--out", ours_path, "--precision", "float64"], check=True)
+                    "--out", ours_path, "--precision", "float64", "--gated-norm-groups", "1"], check=True)
     ours = load_file(ours_path)
 
     model = Mamba2ForCausalLM.from_pretrained(a.model, dtype=torch.float64)

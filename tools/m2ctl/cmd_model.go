@@ -25,6 +25,7 @@ func newModelCmd() *cobra.Command {
 // gradsArgs are the inputs of `m2ctl model grads`.
 type gradsArgs struct {
 	modelDir, tokens, out, precision string
+	normGroups                       int
 }
 
 func newModelGradsCmd() *cobra.Command {
@@ -57,6 +58,7 @@ implementation.`,
 	f.StringVar(&a.tokens, "tokens", "", "safetensors file with input_ids, int64 [batch, L] (required)")
 	f.StringVar(&a.out, "out", "", "output safetensors file (required)")
 	f.StringVar(&a.precision, "precision", "float64", "float64 or float32")
+	f.IntVar(&a.normGroups, "gated-norm-groups", 0, "groups of the gated RMSNorm: 0 = n_groups (mamba_ssm); 1 = over all channels, as transformers' pure-PyTorch path does")
 	for _, n := range []string{"model", "tokens", "out"} {
 		_ = cmd.MarkFlagRequired(n)
 	}
@@ -68,6 +70,7 @@ func modelGrads[T model.Float](ctx context.Context, a gradsArgs, dtype safetenso
 	if err != nil {
 		return usageError{err}
 	}
+	cfg.GatedNormGroups = a.normGroups
 	m, err := ref.New[T](cfg)
 	if err != nil {
 		return usageError{err}
