@@ -69,8 +69,9 @@ func ReadConfigFile(path string) (model.Config, Format, error) {
 // time_step_limit [0, Infinity], initializer_range 0.1,
 // tie_word_embeddings false. HF always applies the gated RMSNorm with the
 // gate before the norm, so GatedNorm is true and NormBeforeGate false
-// whatever norm_before_gate says. rms_norm false (LayerNorm) and hidden_act
-// other than "silu" are unsupported. residual_in_fp32 false is accepted:
+// whatever norm_before_gate says; likewise its blocks always use RMSNorm, so
+// rms_norm is ignored as transformers ignores it. hidden_act other than
+// "silu" is unsupported. residual_in_fp32 false is accepted:
 // this project always keeps the residual stream in fp32, so the flag cannot
 // change results beyond rounding. pad_vocab_size_multiple, when present, sets
 // PadVocabMultiple (otherwise 0, unknown); UnpaddedVocab is vocab_size.
@@ -157,9 +158,9 @@ func parseHF(o *object) (model.Config, error) {
 	if act := o.string("hidden_act", false, "silu"); act != "silu" {
 		o.fail(fieldErr(ErrUnsupported, "hidden_act", "only \"silu\" is implemented, got %q", act))
 	}
-	if !o.bool("rms_norm", true) {
-		o.fail(fieldErr(ErrUnsupported, "rms_norm", "false selects LayerNorm, which is not implemented"))
-	}
+	// transformers' Mamba2 modelling code never reads rms_norm: its blocks
+	// always use RMSNorm. The flag is type-checked and ignored likewise.
+	o.bool("rms_norm", true)
 	o.bool("residual_in_fp32", true) // type-checked only: the residual is always fp32
 	c.DTMin = o.float("time_step_min", 0.001)
 	c.DTMax = o.float("time_step_max", 0.1)

@@ -190,7 +190,6 @@ func TestParseConfigRejects(t *testing.T) {
 		{"hf missing n_groups", hfBase, "n_groups", "", ErrConfig, "n_groups"},
 		{"hf missing model_type", hfBase, "model_type", "", ErrConfig, "model_type"},
 		{"hf model_type mamba", hfBase, "model_type", `"mamba"`, ErrUnsupported, "model_type"},
-		{"hf rms_norm false", hfBase, "rms_norm", "false", ErrUnsupported, "rms_norm"},
 		{"hf hidden_act gelu", hfBase, "hidden_act", `"gelu"`, ErrUnsupported, "hidden_act"},
 		{"hf heads·headdim mismatch", hfBase, "num_heads", "7", ErrConfig, "num_heads"},
 		{"hf expand mismatch", hfBase, "expand", "3", ErrConfig, "num_heads"},
@@ -262,6 +261,7 @@ func TestParseConfigAccepts(t *testing.T) {
 	}{
 		{"hf residual_in_fp32 false", "residual_in_fp32", "false", hfBase, func(c model.Config) bool { return true }},
 		{"hf norm_before_gate ignored", "norm_before_gate", "true", hfBase, func(c model.Config) bool { return !c.NormBeforeGate }},
+		{"hf rms_norm ignored, as transformers does", "rms_norm", "false", hfBase, func(c model.Config) bool { return c.GatedNorm }},
 		{"hf tie default false", "tie_word_embeddings", "", hfBase, func(c model.Config) bool { return !c.TieEmbeddings }},
 		{"hf expand default", "expand", "", hfBase, func(c model.Config) bool { return c.Expand == 2 }},
 		{"hf bias", "use_bias", "true", hfBase, func(c model.Config) bool { return c.Bias }},
