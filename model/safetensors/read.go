@@ -94,9 +94,47 @@ type entry struct {
 // rawEntry is the JSON form of a tensor description; pointers tell a
 // missing field from a zero one.
 type rawEntry struct {
-	DType   *string        `json:"dtype"`
-	Shape   *[]json.Number `json:"shape"`
-	Offsets *[]json.Number `json:"data_offsets"`
+	DType   *string
+	Shape   *[]json.Number
+	Offsets *[]json.Number
+}
+
+// decodeRawEntry decodes a tensor description. Keys must match exactly:
+// encoding/json would match struct fields case-insensitively and accept
+// "DType" or a second spelling of the same field.
+func decodeRawEntry(raw json.RawMessage) (rawEntry, error) {
+	var fields map[string]json.RawMessage
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.UseNumber()
+	if err := dec.Decode(&fields); err != nil {
+		return rawEntry{}, err
+	}
+	if fields == nil {
+		return rawEntry{}, errors.New("not an object")
+	}
+	var r rawEntry
+	for k, v := range fields {
+		var dst any
+		switch k {
+		case "dtype":
+			r.DType = new(string)
+			dst = r.DType
+		case "shape":
+			r.Shape = new([]json.Number)
+			dst = r.Shape
+		case "data_offsets":
+			r.Offsets = new([]json.Number)
+			dst = r.Offsets
+		default:
+			return rawEntry{}, fmt.Errorf("unknown field %q", k)
+		}
+		d := json.NewDecoder(bytes.NewReader(v))
+		d.UseNumber()
+		if err := d.Decode(dst); err != nil {
+			return rawEntry{}, fmt.Errorf("field %q: %v", k, err)
+		}
+	}
+	return r, nil
 }
 
 // parseHeader decodes the header object, validates every entry against a
@@ -159,11 +197,11 @@ func parseHeader(header []byte, bodyLen int) ([]entry, map[string]string, error)
 
 // parseEntry validates one tensor description.
 func parseEntry(name string, raw json.RawMessage, bodyLen int) (entry, error) {
-	var r rawEntry
-	dec := json.NewDecoder(bytes.NewReader(raw))
-	dec.UseNumber()
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&r); err != nil {
+	if name == "" {
+		return entry{}, errf(ErrName, "", "a tensor has an empty name")
+	}
+	r, err := decodeRawEntry(raw)
+	if err != nil {
 		return entry{}, errf(ErrHeader, name, "bad tensor description: %v", err)
 	}
 	switch {

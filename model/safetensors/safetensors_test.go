@@ -314,6 +314,8 @@ func TestReadRejects(t *testing.T) {
 		{"missing shape", rawFile(`{"w":{"dtype":"F32","data_offsets":[0,8]}}`, body8), ErrHeader, "missing shape"},
 		{"missing offsets", rawFile(`{"w":{"dtype":"F32","shape":[2]}}`, body8), ErrHeader, "missing data_offsets"},
 		{"unknown field", rawFile(`{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"x":1}}`, body8), ErrHeader, `"w"`},
+		{"key in another case", rawFile(`{"w":{"DType":"F32","shape":[2],"data_offsets":[0,8]}}`, body8), ErrHeader, `"DType"`},
+		{"empty name", rawFile(`{"":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}`, body8), ErrName, "empty name"},
 		{"fractional dim", rawFile(`{"w":{"dtype":"F32","shape":[2.5],"data_offsets":[0,8]}}`, body8), ErrShape, "not an integer"},
 		{"negative dim", rawFile(`{"w":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}}`, body8), ErrShape, "negative"},
 		{"shape mismatch", rawFile(`{"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}`, body8), ErrShape, "needs 12 bytes"},
