@@ -30,7 +30,7 @@ const serialFlops = 1 << 22
 // Gemm panics with a message naming the argument when a size is negative, a
 // stride is too small or a slice is too short.
 func Gemm[T model.Float](transA, transB bool, m, n, k int, alpha T, a []T, lda int, b []T, ldb int, beta T, c []T, ldc int) {
-	checkGemm(transA, transB, m, n, k, len(a), lda, len(b), ldb, len(c), ldc)
+	checkArgs("Gemm", transA, transB, m, n, k, len(a), lda, len(b), ldb, len(c), ldc)
 	if m == 0 || n == 0 {
 		return
 	}
@@ -62,11 +62,12 @@ func asF64[T model.Float](s []T) []float64 {
 	return unsafe.Slice((*float64)(unsafe.Pointer(unsafe.SliceData(s))), len(s))
 }
 
-// checkGemm panics unless the sizes, strides and slice lengths describe
-// matrices that Gemm can address without going out of bounds.
-func checkGemm(transA, transB bool, m, n, k, lenA, lda, lenB, ldb, lenC, ldc int) {
+// checkArgs panics unless the sizes, strides and slice lengths describe
+// matrices that fn (Gemm, GemmSerial, ...) can address without going out of
+// bounds; fn names the caller in the message.
+func checkArgs(fn string, transA, transB bool, m, n, k, lenA, lda, lenB, ldb, lenC, ldc int) {
 	if m < 0 || n < 0 || k < 0 {
-		panic(fmt.Sprintf("linalg: Gemm: negative size m=%d n=%d k=%d", m, n, k))
+		panic(fmt.Sprintf("linalg: %s: negative size m=%d n=%d k=%d", fn, m, n, k))
 	}
 	aRows, aCols := m, k
 	if transA {
@@ -76,20 +77,20 @@ func checkGemm(transA, transB bool, m, n, k, lenA, lda, lenB, ldb, lenC, ldc int
 	if transB {
 		bRows, bCols = n, k
 	}
-	checkMatrix("A", aRows, aCols, lenA, lda)
-	checkMatrix("B", bRows, bCols, lenB, ldb)
-	checkMatrix("C", m, n, lenC, ldc)
+	checkMatrix(fn, "A", aRows, aCols, lenA, lda)
+	checkMatrix(fn, "B", bRows, bCols, lenB, ldb)
+	checkMatrix(fn, "C", m, n, lenC, ldc)
 }
 
-func checkMatrix(name string, rows, cols, length, stride int) {
+func checkMatrix(fn, name string, rows, cols, length, stride int) {
 	if stride < cols {
-		panic(fmt.Sprintf("linalg: Gemm: ld%c = %d is less than the %d columns of stored %s", name[0]|0x20, stride, cols, name))
+		panic(fmt.Sprintf("linalg: %s: ld%c = %d is less than the %d columns of stored %s", fn, name[0]|0x20, stride, cols, name))
 	}
 	if rows == 0 || cols == 0 {
 		return
 	}
 	if need := (rows-1)*stride + cols; length < need {
-		panic(fmt.Sprintf("linalg: Gemm: len(%s) = %d, need at least %d for %d×%d with stride %d", name, length, need, rows, cols, stride))
+		panic(fmt.Sprintf("linalg: %s: len(%s) = %d, need at least %d for %d×%d with stride %d", fn, name, length, need, rows, cols, stride))
 	}
 }
 

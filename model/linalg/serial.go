@@ -90,35 +90,6 @@ func gemmSerialEntry[T model.Float](fn string, s Structure, transA, transB bool,
 	gemmSerial(kernel64, s, transA, transB, m, n, k, float64(alpha), asF64(a), lda, asF64(b), ldb, float64(beta), asF64(c), ldc)
 }
 
-// checkArgs is checkGemm with the caller's name in the panic message.
-func checkArgs(fn string, transA, transB bool, m, n, k, lenA, lda, lenB, ldb, lenC, ldc int) {
-	if m < 0 || n < 0 || k < 0 {
-		panic(fmt.Sprintf("linalg: %s: negative size m=%d n=%d k=%d", fn, m, n, k))
-	}
-	aRows, aCols := m, k
-	if transA {
-		aRows, aCols = k, m
-	}
-	bRows, bCols := k, n
-	if transB {
-		bRows, bCols = n, k
-	}
-	for _, x := range []struct {
-		name                   string
-		rows, cols, length, ld int
-	}{{"A", aRows, aCols, lenA, lda}, {"B", bRows, bCols, lenB, ldb}, {"C", m, n, lenC, ldc}} {
-		if x.ld < x.cols {
-			panic(fmt.Sprintf("linalg: %s: ld%c = %d is less than the %d columns of stored %s", fn, x.name[0]|0x20, x.ld, x.cols, x.name))
-		}
-		if x.rows == 0 || x.cols == 0 {
-			continue
-		}
-		if need := (x.rows-1)*x.ld + x.cols; x.length < need {
-			panic(fmt.Sprintf("linalg: %s: len(%s) = %d, need at least %d for %d×%d with stride %d", fn, x.name, x.length, need, x.rows, x.cols, x.ld))
-		}
-	}
-}
-
 // scaleCLower is scaleC restricted to the entries with j <= i.
 func scaleCLower[T model.Float](m, n int, beta T, c []T, ldc int) {
 	for i := 0; i < m; i++ {
