@@ -345,18 +345,7 @@ func (s *memSend) Finish() error {
 	return err
 }
 
-func (s *memSend) Close() {
-	if s.closed {
-		return
-	}
-	s.closed = true
-	select {
-	case <-s.p.acked:
-	default:
-		s.p.fail(fmt.Errorf("%w: rank %d abandoned the stream", ErrPeerAborted, s.ep.rank))
-	}
-	s.ep.net.release(s.p)
-}
+func (s *memSend) Close() { closePipe(&s.closed, s.ep, s.p) }
 
 type memRecv struct {
 	ep, peer *memEndpoint
@@ -393,17 +382,21 @@ func (s *memRecv) Finish() error {
 	return nil
 }
 
-func (s *memRecv) Close() {
-	if s.closed {
+func (s *memRecv) Close() { closePipe(&s.closed, s.ep, s.p) }
+
+// closePipe ends one side of a stream once: a stream closed before the
+// receiver acknowledged it is abandoned, which fails the other side.
+func closePipe(closed *bool, ep *memEndpoint, p *memPipe) {
+	if *closed {
 		return
 	}
-	s.closed = true
+	*closed = true
 	select {
-	case <-s.p.acked:
+	case <-p.acked:
 	default:
-		s.p.fail(fmt.Errorf("%w: rank %d abandoned the stream", ErrPeerAborted, s.ep.rank))
+		p.fail(fmt.Errorf("%w: rank %d abandoned the stream", ErrPeerAborted, ep.rank))
 	}
-	s.ep.net.release(s.p)
+	ep.net.release(p)
 }
 
 func (ep *memEndpoint) wasKilled() bool {
