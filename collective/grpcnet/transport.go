@@ -344,6 +344,18 @@ func (t *Transport) writeControl(p *peer) {
 				return
 			}
 		case <-t.closing:
+			// Messages queued before the close go out first: a failure
+			// report that a rank broadcasts just before it closes must
+			// reach its peers ahead of the goodbye, or they would blame
+			// it for leaving instead of the rank it reported.
+			for drained := false; !drained; {
+				select {
+				case m := <-p.out:
+					_ = p.ctrl.SendMsg(m)
+				default:
+					drained = true
+				}
+			}
 			if !p.bye.Load() {
 				_ = p.ctrl.SendMsg(&collectivev1.ControlMessage{Body: &collectivev1.ControlMessage_Bye{Bye: &collectivev1.Bye{}}})
 				_ = p.ctrl.CloseSend()
