@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -162,5 +163,123 @@ backend: cpu
 	msg, code = m2ctl(t, "train", spec(6))
 	if code != 0 || !strings.Contains(msg, "resumed from the checkpoint of step 4") || !strings.Contains(msg, "step 6/6") {
 		t.Fatalf("second train did not resume: exit %d: %s", code, msg)
+	}
+}
+
+// TestModelLogits runs `m2ctl model logits` on the oracle checkpoint: on
+// the oracle's input ids its logits and loss match the oracle's, and the
+// output carries those ids; with --random-tokens the ids are in the
+// vocabulary, fixed by the seed, and the logits are the ones the same ids
+// given through a file produce.
+func TestModelLogits(t *testing.T) {
+	dir := t.TempDir()
+	exp := filepath.Join(oracleDir, "expected.safetensors")
+	want, err := safetensors.ReadFile(exp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	read := func(args ...string) *safetensors.File {
+		t.Helper()
+		out := filepath.Join(dir, "out.safetensors")
+		msg, code := m2ctl(t, append([]string{"model", "logits", "--model", oracleDir, "--out", out}, args...)...)
+		if code != 0 {
+			t.Fatalf("model logits %v: exit %d: %s", args, code, msg)
+		}
+		f, err := safetensors.ReadFile(out)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return f
+	}
+	floats := func(f *safetensors.File, name string) []float64 {
+		t.Helper()
+		tn, ok := f.Get(name)
+		if !ok {
+			t.Fatalf("no tensor %s", name)
+		}
+		v, err := tn.Float64s()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	ints := func(f *safetensors.File) ([]int64, []int) {
+		t.Helper()
+		tn, ok := f.Get("input_ids")
+		if !ok {
+			t.Fatal("no tensor input_ids")
+		}
+		v, err := tn.Int64s()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return v, tn.Shape
+	}
+	got := read("--tokens", exp)
+	for _, name := range []string{"logits", "loss"} {
+		g, w := floats(got, name), floats(want, name)
+		if len(g) != len(w) {
+			t.Fatalf("%s: %d values, the oracle %d", name, len(g), len(w))
+		}
+		var diff, scale float64
+		for i := range w {
+			diff = math.Max(diff, math.Abs(g[i]-w[i]))
+			scale = math.Max(scale, math.Abs(w[i]))
+		}
+		if diff > 1e-9*scale {
+			t.Errorf("%s: relative error %.3g > 1e-9", name, diff/scale)
+		}
+	}
+	gi, _ := ints(got)
+	wi, _ := ints(want)
+	if !slices.Equal(gi, wi) {
+		t.Errorf("output input_ids %v, given %v", gi, wi)
+	}
+
+	r1 := read("--random-tokens", "3x17", "--seed", "9", "--precision", "float32")
+	ids1, shape := ints(r1)
+	if !slices.Equal(shape, []int{3, 17}) {
+		t.Fatalf("random input_ids shape %v, want [3 17]", shape)
+	}
+	for _, v := range ids1 {
+		if v < 0 || v >= 96 {
+			t.Fatalf("random token %d outside the oracle's vocabulary of 96", v)
+		}
+	}
+	if lt, _ := r1.Get("logits"); lt.DType != safetensors.F32 || !slices.Equal(lt.Shape, []int{3, 17, 96}) {
+		t.Fatalf("float32 logits stored as %s %v", lt.DType, lt.Shape)
+	}
+	if again, _ := ints(read("--random-tokens", "3x17", "--seed", "9")); !slices.Equal(again, ids1) {
+		t.Error("the same seed drew other tokens")
+	}
+	if other, _ := ints(read("--random-tokens", "3x17", "--seed", "10")); slices.Equal(other, ids1) {
+		t.Error("seeds 9 and 10 drew the same tokens")
+	}
+	// The ids of a random draw, given back through a file, give the same
+	// logits: the output file is a complete description of the inputs.
+	idsFile := filepath.Join(dir, "ids.safetensors")
+	if err := safetensors.WriteFile(idsFile, []safetensors.Tensor{safetensors.FromInt64s("input_ids", []int{3, 17}, ids1)}, nil); err != nil {
+		t.Fatal(err)
+	}
+	r64 := read("--random-tokens", "3x17", "--seed", "9")
+	f64 := read("--tokens", idsFile)
+	if a, b := floats(r64, "logits"), floats(f64, "logits"); !slices.Equal(a, b) {
+		t.Error("logits of --random-tokens differ from those of the same ids read from a file")
+	}
+
+	for _, tc := range []struct {
+		args []string
+		msg  string
+	}{
+		{[]string{"--out", "x"}, "give exactly one"},
+		{[]string{"--out", "x", "--tokens", exp, "--random-tokens", "1x2"}, "give exactly one"},
+		{[]string{"--out", "x", "--random-tokens", "2by3"}, "BATCHxL"},
+		{[]string{"--out", "x", "--random-tokens", "0x3"}, "BATCHxL"},
+		{[]string{"--out", "x", "--random-tokens", "1x3", "--precision", "f16"}, "--precision"},
+	} {
+		msg, code := m2ctl(t, append([]string{"model", "logits", "--model", oracleDir}, tc.args...)...)
+		if code != exitUsage || !strings.Contains(msg, tc.msg) {
+			t.Errorf("model logits %v: exit %d, %q; want exit %d mentioning %q", tc.args, code, msg, exitUsage, tc.msg)
+		}
 	}
 }
