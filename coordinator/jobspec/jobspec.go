@@ -77,11 +77,35 @@ func (c ModelConfig) NHeads() int {
 	return c.Expand * c.DModel / c.HeadDim
 }
 
-// Data names the token dataset.
+// Data names the training data: token shards at Path, or the built-in
+// multi-query associative recall task MQAR, which every worker generates
+// from its seed. Exactly one of Path and MQAR is set.
 type Data struct {
 	// Path is a local directory or an s3://bucket/prefix of token shards.
-	Path   string `yaml:"path" json:"path"`
+	Path   string `yaml:"path,omitempty" json:"path,omitempty"`
+	MQAR   *MQAR  `yaml:"mqar,omitempty" json:"mqar,omitempty"`
 	SeqLen int    `yaml:"seq_len" json:"seq_len"`
+}
+
+// MQAR configures the synthetic multi-query associative recall task
+// (docs/mqar.md): each sequence lists NumPairs key-value pairs, then asks
+// for the values of NumQueries of its keys, and the loss counts only the
+// answers. Zero NumQueries and QueryPower and a nil Seed take their
+// defaults at Normalize.
+type MQAR struct {
+	// VocabSize is the task's vocabulary: keys come from [1, VocabSize/2),
+	// values from [VocabSize/2, VocabSize). At most model.config.vocab_size.
+	VocabSize int `yaml:"vocab_size" json:"vocab_size"`
+	// NumPairs is the number of key-value pairs per sequence.
+	NumPairs int `yaml:"num_pairs" json:"num_pairs"`
+	// NumQueries is the number of keys asked for per sequence; default NumPairs.
+	NumQueries int `yaml:"num_queries" json:"num_queries"`
+	// Seed selects the stream of sequences; nil means the spec's seed.
+	Seed *uint64 `yaml:"seed,omitempty" json:"seed,omitempty"`
+	// QueryPower is the exponent a of the power law (g+1)^(a-1) that places
+	// queries after the key-value section; default DefaultMQARQueryPower, 1
+	// places them uniformly.
+	QueryPower float64 `yaml:"query_power" json:"query_power"`
 }
 
 // Parallel is the layout of the ranks: DP data-parallel replicas, each split
@@ -155,6 +179,10 @@ const (
 	DefaultMaxRestarts     = 3
 	DefaultCheckpointEvery = 1000
 	DefaultCheckpointKeep  = 3
+	// DefaultMQARQueryPower is Zoology's power-law exponent for the gaps
+	// between the key-value section and the queries: most queries come soon
+	// after the pairs, a few far later.
+	DefaultMQARQueryPower = 0.01
 )
 
 // Parse decodes one YAML document into a Spec, rejecting unknown fields,
@@ -225,6 +253,14 @@ func (s *Spec) Clone() *Spec {
 		m := *s.MaxRestarts
 		c.MaxRestarts = &m
 	}
+	if s.Data.MQAR != nil {
+		q := *s.Data.MQAR
+		if q.Seed != nil {
+			seed := *q.Seed
+			q.Seed = &seed
+		}
+		c.Data.MQAR = &q
+	}
 	return &c
 }
 
@@ -246,6 +282,16 @@ func (s *Spec) Normalize() {
 		setDefault(&c.NGroups, 1)
 		setDefault(&c.DConv, 4)
 		setDefault(&c.ChunkSize, 256)
+	}
+	if q := s.Data.MQAR; q != nil {
+		setDefault(&q.NumQueries, q.NumPairs)
+		if q.QueryPower == 0 {
+			q.QueryPower = DefaultMQARQueryPower
+		}
+		if q.Seed == nil {
+			seed := s.Seed
+			q.Seed = &seed
+		}
 	}
 	setDefault(&s.Parallel.DP, 1)
 	setDefault(&s.Parallel.SP, 1)

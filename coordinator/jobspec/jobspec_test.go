@@ -175,6 +175,7 @@ func TestValidateReportsEveryViolation(t *testing.T) {
 
 func FuzzParse(f *testing.F) {
 	f.Add(loadDemo(f))
+	f.Add(loadMQAR(f))
 	f.Add([]byte("name: a\nmodel: {init_from: s3://bkt/x}\ndata: {path: /d, seq_len: 8}\nschedule: {total_steps: 1}\n"))
 	f.Add([]byte("&a [*a, *a]"))
 	f.Add([]byte("name: !!binary AAAA\n"))

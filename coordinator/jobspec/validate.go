@@ -48,7 +48,16 @@ func (s *Spec) Validate() error {
 	}
 	s.validateModel(v)
 
-	v.location("data.path", s.Data.Path, true)
+	switch {
+	case s.Data.MQAR != nil && s.Data.Path != "":
+		v.add("data", "exactly one of data.path and data.mqar is allowed, got both")
+	case s.Data.MQAR != nil:
+		s.validateMQAR(v)
+	case s.Data.Path == "":
+		v.add("data.path", "is required (a local path or s3://bucket/prefix), unless data.mqar is set")
+	default:
+		v.location("data.path", s.Data.Path, true)
+	}
 	v.intRange("data.seq_len", s.Data.SeqLen, 1, maxSeqLen)
 
 	p := s.Parallel
@@ -155,6 +164,35 @@ func (s *Spec) validateModel(v *validator) {
 	}
 	if h := inner / c.HeadDim; h%c.NGroups != 0 {
 		v.add("model.config.ngroups", "must divide the head count expand·d_model/headdim = %d, got %d", h, c.NGroups)
+	}
+}
+
+// validateMQAR checks data.mqar (normalized): the key and value halves of
+// its vocabulary must hold num_pairs distinct tokens each, the sequence must
+// hold the key-value section and a two-position slot per query, and the
+// model must embed every token of the task.
+func (s *Spec) validateMQAR(v *validator) {
+	q := s.Data.MQAR
+	v.intRange("data.mqar.vocab_size", q.VocabSize, 4, maxVocab)
+	v.intRange("data.mqar.num_pairs", q.NumPairs, 1, maxSeqLen/4)
+	v.intRange("data.mqar.num_queries", q.NumQueries, 1, maxSeqLen/4)
+	if !(q.QueryPower > 0 && q.QueryPower <= 1) {
+		v.add("data.mqar.query_power", "must be a number in (0, 1], got %g", q.QueryPower)
+	}
+	if v.failedUnder("data.mqar.") {
+		return
+	}
+	if keys := q.VocabSize/2 - 1; q.NumPairs > keys {
+		v.add("data.mqar.num_pairs", "must be at most vocab_size/2 - 1 = %d, the distinct keys in [1, %d), got %d", keys, q.VocabSize/2, q.NumPairs)
+	}
+	if q.NumQueries > q.NumPairs {
+		v.add("data.mqar.num_queries", "must be at most num_pairs = %d (each query asks for a different key), got %d", q.NumPairs, q.NumQueries)
+	}
+	if need := 2*q.NumPairs + 2*q.NumQueries; s.Data.SeqLen >= 1 && s.Data.SeqLen < need {
+		v.add("data.seq_len", "must be at least 2·num_pairs + 2·num_queries = %d for data.mqar (the key-value section and a two-position slot per query), got %d", need, s.Data.SeqLen)
+	}
+	if c := s.Model.Config; c != nil && c.VocabSize >= 1 && q.VocabSize > c.VocabSize {
+		v.add("data.mqar.vocab_size", "must not exceed model.config.vocab_size = %d, got %d", c.VocabSize, q.VocabSize)
 	}
 }
 
