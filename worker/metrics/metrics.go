@@ -116,8 +116,8 @@ func NewWriter(w io.Writer, h Header) (*Writer, error) {
 
 // Append opens the history at path for appending: a missing or empty file
 // gets h as its header; an existing one must be a history (its header is
-// kept, h is not written). A torn last line is ended with a newline so the
-// next record starts a line of its own.
+// kept, h is not written). A torn last line (one without its newline, as
+// a crash mid-write leaves it) is cut off first.
 func Append(path string, h Header) (*Writer, error) {
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
 	if err != nil {
@@ -141,20 +141,13 @@ func Append(path string, h Header) (*Writer, error) {
 		f.Close()
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
-	last := make([]byte, 1)
-	if _, err := f.ReadAt(last, st.Size()-1); err != nil {
+	if err := dropTornLine(f, st.Size()); err != nil {
 		f.Close()
-		return nil, fmt.Errorf("metrics: %w", err)
+		return nil, fmt.Errorf("metrics: %s: %w", path, err)
 	}
 	if _, err := f.Seek(0, io.SeekEnd); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("metrics: %w", err)
-	}
-	if last[0] != '\n' {
-		if _, err := f.Write([]byte{'\n'}); err != nil {
-			f.Close()
-			return nil, fmt.Errorf("metrics: %w", err)
-		}
 	}
 	return &Writer{w: f, c: f}, nil
 }
@@ -199,10 +192,10 @@ const maxLine = 1 << 20
 
 func readHeader(br *bufio.Reader) (Header, error) {
 	line, err := readLine(br)
-	if err != nil {
-		if err == io.EOF {
-			return Header{}, fmt.Errorf("%w: empty file", ErrFormat)
-		}
+	switch {
+	case err == io.EOF:
+		return Header{}, fmt.Errorf("%w: empty file", ErrFormat)
+	case err != nil && err != io.ErrUnexpectedEOF: // a header without its newline still counts
 		return Header{}, err
 	}
 	var h Header
@@ -287,6 +280,30 @@ func Read(r io.Reader) (*History, error) {
 		return out
 	}
 	return &History{Header: h, Train: sorted(byStep[KindTrain]), Eval: sorted(byStep[KindEval])}, nil
+}
+
+// dropTornLine truncates f, of the given size, after its last newline.
+func dropTornLine(f *os.File, size int64) error {
+	const chunk = 4096
+	end := size
+	for end > 0 {
+		start := max(0, end-chunk)
+		buf := make([]byte, end-start)
+		if _, err := f.ReadAt(buf, start); err != nil {
+			return err
+		}
+		if i := bytes.LastIndexByte(buf, '\n'); i >= 0 {
+			if keep := start + int64(i) + 1; keep != size {
+				return f.Truncate(keep)
+			}
+			return nil
+		}
+		end = start
+	}
+	// No newline at all: the file is a whole header (Append has read it)
+	// without its newline.
+	_, err := f.WriteAt([]byte{'\n'}, size)
+	return err
 }
 
 // ReadFile reads the history at path.

@@ -125,7 +125,23 @@ func TestReadRejects(t *testing.T) {
 	if err != nil || len(h.Train) != 1 || h.Train[0].Loss != 2 {
 		t.Errorf("Read with an unknown kind = %+v, %v", h, err)
 	}
-	path := filepath.Join(t.TempDir(), "x.jsonl")
+	// A header without its newline is a history without records; Append
+	// ends the line before it writes.
+	path := filepath.Join(t.TempDir(), "h.jsonl")
+	os.WriteFile(path, []byte(strings.TrimSuffix(hdr, "\n")), 0o644)
+	if h, err := ReadFile(path); err != nil || len(h.Train) != 0 {
+		t.Errorf("ReadFile of a bare header = %+v, %v", h, err)
+	}
+	w, err := Append(path, Header{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Write(Record{Kind: KindTrain, Step: 1, Loss: 1})
+	w.Close()
+	if h, err := ReadFile(path); err != nil || len(h.Train) != 1 {
+		t.Errorf("ReadFile after appending to a bare header = %+v, %v", h, err)
+	}
+	path = filepath.Join(t.TempDir(), "x.jsonl")
 	os.WriteFile(path, []byte("step 1/2 loss 3\n"), 0o644)
 	if _, err := Append(path, Header{}); !errors.Is(err, ErrFormat) {
 		t.Errorf("Append to a file that is not a history = %v, want ErrFormat", err)
