@@ -1,12 +1,23 @@
 // Package checkpoint owns the on-storage format of training checkpoints
-// (docs/DESIGN.md §5) and their retention. A checkpoint of step S lives
-// under PREFIX/step-%08d/ and holds config.json and model.safetensors (a
-// Hugging Face checkpoint that transformers loads), optimizer.safetensors
-// (the AdamW moments and step), trainer.json (the job spec, data cursor and
-// schedule position) and manifest.json, written last, with the size and
-// SHA-256 of every other object. A checkpoint exists only once its manifest
-// exists; resume verifies every checksum and falls back to an older
-// checkpoint when one fails.
+// (docs/DESIGN.md §5), the stores they live in (a local directory or an
+// S3 bucket), their asynchronous upload and their retention.
+//
+// A checkpoint of step S lives under PREFIX/step-%08d/ and holds
+// config.json and model.safetensors (a Hugging Face checkpoint that
+// transformers loads: the master weights under HF names, in the trainer's
+// precision), optimizer.safetensors (the AdamW moments as exp_avg.NAME and
+// exp_avg_sq.NAME, and the step), trainer.json (the job spec, the data
+// cursor as a global sample index, the seed from which the data order
+// follows, and the schedule position) and manifest.json, written last,
+// with the size and SHA-256 of every other object. A checkpoint exists
+// only once its manifest exists: the manifest is the commit point. Resume
+// verifies every checksum and falls back to an older checkpoint when one
+// fails or an object is missing. Nothing in a checkpoint depends on the
+// number of workers that wrote it.
+//
+// Objects are encoded and hashed while they stream to the store, so a save
+// holds no second copy of the tensors. This package is the only one that
+// talks to S3 (through minio-go).
 package checkpoint
 
 import (
@@ -17,10 +28,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash"
+	"io"
 	"log/slog"
 	"sort"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/m2train/m2train/model"
 	"github.com/m2train/m2train/model/hf"
@@ -34,7 +48,8 @@ const (
 	OptimizerObject = "optimizer.safetensors"
 	TrainerObject   = "trainer.json"
 	ManifestObject  = "manifest.json"
-	manifestFormat  = "m2train-checkpoint/v1"
+	// ManifestFormat identifies the manifest's schema.
+	ManifestFormat = "m2train-checkpoint/v1"
 )
 
 // Errors of the package.
@@ -44,22 +59,20 @@ var (
 	ErrNone     = errors.New("checkpoint: no valid checkpoint")
 )
 
-// Store is where checkpoints live: a local directory or an S3 bucket prefix.
-// Put must make an object visible whole or not at all.
-type Store interface {
-	Put(ctx context.Context, name string, data []byte) error
-	Get(ctx context.Context, name string) ([]byte, error)
-	// List returns the names under prefix, sorted.
-	List(ctx context.Context, prefix string) ([]string, error)
-	Delete(ctx context.Context, name string) error
-	String() string
-}
-
 // Manifest lists the objects of a committed checkpoint.
 type Manifest struct {
 	Format  string   `json:"format"`
 	Step    int      `json:"step"`
 	Objects []Object `json:"objects"`
+}
+
+// Size returns the total size of the objects the manifest lists.
+func (m *Manifest) Size() int64 {
+	var n int64
+	for _, o := range m.Objects {
+		n += o.Size
+	}
+	return n
 }
 
 // Object is one file of a checkpoint with its size and SHA-256.
@@ -70,7 +83,9 @@ type Object struct {
 }
 
 // TrainerState is what the trainer needs besides the tensors to continue a
-// run exactly where it stopped.
+// run exactly where it stopped. The data order is a pure function of Seed
+// and Cursor, so they are the whole state of the data pipeline's random
+// number generator; the learning-rate schedule's position is Step.
 type TrainerState struct {
 	Step          int             `json:"step"`           // optimizer steps done
 	Cursor        uint64          `json:"cursor"`         // global sample index of the next step
@@ -101,94 +116,166 @@ func dtypeOf[T model.Float]() safetensors.DType {
 	return safetensors.F32
 }
 
-// Encode serialises s into the objects of a checkpoint, manifest last.
-func Encode[T model.Float](s *State[T]) (names []string, blobs [][]byte, err error) {
+// source is one object of a checkpoint, ready to stream.
+type source struct {
+	name string
+	size int64
+	r    io.Reader
+}
+
+// sources returns the objects of s, except the manifest, as readers that
+// encode the tensors while they are read.
+func sources[T model.Float](s *State[T]) ([]source, error) {
+	if s.Layout == nil {
+		return nil, fmt.Errorf("checkpoint: state of step %d has no layout", s.Trainer.Step)
+	}
+	for _, b := range []struct {
+		name string
+		n    int
+	}{{"params", len(s.Params)}, {"m", len(s.M)}, {"v", len(s.V)}} {
+		if b.n != s.Layout.Total {
+			return nil, fmt.Errorf("checkpoint: state of step %d: %s has %d elements, the layout %d", s.Trainer.Step, b.name, b.n, s.Layout.Total)
+		}
+	}
 	dt := dtypeOf[T]()
 	cfgJSON, err := hf.MarshalHFConfig(s.Config)
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
-	tensors, err := hf.ParamTensors(s.Layout, s.Params, dt)
+	weights := make([]tensorData[T], 0, len(s.Layout.Tensors))
+	for i := range s.Layout.Tensors {
+		t := &s.Layout.Tensors[i]
+		weights = append(weights, tensorData[T]{name: t.Name, shape: t.Shape, vals: model.View(s.Params, t)})
+	}
+	weightsR, err := newTensorReader(weights, dt, map[string]string{"format": "pt"})
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
-	var mbuf bytes.Buffer
-	if err := safetensors.Write(&mbuf, tensors, map[string]string{"format": "pt"}); err != nil {
-		return nil, nil, err
-	}
-	var opt []safetensors.Tensor
+	var moments []tensorData[T]
 	for _, mom := range []struct {
 		prefix string
 		buf    []T
 	}{{"exp_avg.", s.M}, {"exp_avg_sq.", s.V}} {
-		ts, err := hf.ParamTensors(s.Layout, mom.buf, dt)
-		if err != nil {
-			return nil, nil, err
+		for i := range s.Layout.Tensors {
+			t := &s.Layout.Tensors[i]
+			moments = append(moments, tensorData[T]{name: mom.prefix + t.Name, shape: t.Shape, vals: model.View(mom.buf, t)})
 		}
-		for i := range ts {
-			ts[i].Name = mom.prefix + ts[i].Name
-		}
-		opt = append(opt, ts...)
 	}
-	opt = append(opt, safetensors.FromInt64s("step", []int{1}, []int64{s.Trainer.OptimizerStep}))
-	var obuf bytes.Buffer
-	if err := safetensors.Write(&obuf, opt, nil); err != nil {
-		return nil, nil, err
+	step := safetensors.FromInt64s("step", []int{1}, []int64{s.Trainer.OptimizerStep})
+	moments = append(moments, tensorData[T]{name: step.Name, shape: step.Shape, raw: step.Data, dtype: step.DType})
+	opt, err := newTensorReader(moments, dt, nil)
+	if err != nil {
+		return nil, err
 	}
 	tj, err := json.MarshalIndent(s.Trainer, "", "  ")
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
-	names = []string{ConfigObject, ModelObject, OptimizerObject, TrainerObject}
-	blobs = [][]byte{cfgJSON, mbuf.Bytes(), obuf.Bytes(), tj}
-	man := Manifest{Format: manifestFormat, Step: s.Trainer.Step}
-	for i, n := range names {
-		sum := sha256.Sum256(blobs[i])
-		man.Objects = append(man.Objects, Object{Name: n, Size: int64(len(blobs[i])), SHA256: hex.EncodeToString(sum[:])})
+	return []source{
+		{ConfigObject, int64(len(cfgJSON)), bytes.NewReader(cfgJSON)},
+		{ModelObject, weightsR.size, weightsR},
+		{OptimizerObject, opt.size, opt},
+		{TrainerObject, int64(len(tj)), bytes.NewReader(tj)},
+	}, nil
+}
+
+// hashingReader hashes and counts what is read through it.
+type hashingReader struct {
+	r io.Reader
+	h hash.Hash
+	n int64
+}
+
+func (h *hashingReader) Read(p []byte) (int, error) {
+	n, err := h.r.Read(p)
+	h.h.Write(p[:n])
+	h.n += int64(n)
+	return n, err
+}
+
+// Save writes s under prefix/step-N/ in store and returns its manifest.
+// The objects stream to the store as they are encoded, each hashed on the
+// way; the manifest goes last and commits the checkpoint. An earlier
+// manifest of the same step is removed first, so that a checkpoint is
+// never committed with objects of another save. When a write fails, Save
+// deletes what it wrote (best effort, even after ctx ended) and the step
+// is left uncommitted.
+func Save[T model.Float](ctx context.Context, store Store, prefix string, s *State[T]) (*Manifest, error) {
+	srcs, err := sources(s)
+	if err != nil {
+		return nil, err
+	}
+	dir := JoinKey(prefix, StepDir(s.Trainer.Step))
+	if err := store.Delete(ctx, JoinKey(dir, ManifestObject)); err != nil {
+		return nil, fmt.Errorf("checkpoint: save %s: remove the old manifest: %w", dir, err)
+	}
+	man := &Manifest{Format: ManifestFormat, Step: s.Trainer.Step}
+	var written []string
+	fail := func(err error) (*Manifest, error) {
+		removeObjects(store, append([]string{JoinKey(dir, ManifestObject)}, written...))
+		return nil, fmt.Errorf("checkpoint: save %s: %w", dir, err)
+	}
+	for _, src := range srcs {
+		key := JoinKey(dir, src.name)
+		hr := &hashingReader{r: src.r, h: sha256.New()}
+		written = append(written, key)
+		if err := store.Put(ctx, key, hr, src.size); err != nil {
+			return fail(err)
+		}
+		if hr.n != src.size {
+			return fail(fmt.Errorf("%s: wrote %d bytes, encoded %d", src.name, hr.n, src.size))
+		}
+		man.Objects = append(man.Objects, Object{Name: src.name, Size: hr.n, SHA256: hex.EncodeToString(hr.h.Sum(nil))})
 	}
 	mj, err := json.MarshalIndent(man, "", "  ")
 	if err != nil {
-		return nil, nil, err
+		return fail(err)
 	}
-	return append(names, ManifestObject), append(blobs, mj), nil
+	if err := PutBytes(ctx, store, JoinKey(dir, ManifestObject), mj); err != nil {
+		return fail(err)
+	}
+	return man, nil
 }
 
-// Save writes s under prefix/step-N/ in store, the manifest last.
-func Save[T model.Float](ctx context.Context, store Store, prefix string, s *State[T]) error {
-	names, blobs, err := Encode(s)
-	if err != nil {
-		return err
-	}
-	dir := join(prefix, StepDir(s.Trainer.Step))
-	for i, n := range names {
-		if err := store.Put(ctx, join(dir, n), blobs[i]); err != nil {
-			return fmt.Errorf("checkpoint: save %s: %w", join(dir, n), err)
+// removeObjects deletes names, manifests first, with a context of its own:
+// it runs after a failure, often because the caller's context ended.
+func removeObjects(store Store, names []string) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for _, n := range names {
+		if store.Delete(ctx, n) != nil && ctx.Err() != nil {
+			return
 		}
 	}
-	return nil
 }
 
-func join(a, b string) string {
-	if a == "" {
-		return b
+// stepOf parses the step of a key under prefix/step-N/, and the name of
+// the object below it.
+func stepOf(prefix, key string) (step int, name string, ok bool) {
+	rest, found := strings.CutPrefix(key, JoinKey(prefix, "step-"))
+	if !found {
+		return 0, "", false
 	}
-	return strings.TrimSuffix(a, "/") + "/" + b
+	d, name, found := strings.Cut(rest, "/")
+	if !found || len(d) < 8 {
+		return 0, "", false
+	}
+	step, err := strconv.Atoi(d)
+	if err != nil || step < 0 {
+		return 0, "", false
+	}
+	return step, name, true
 }
 
 // Steps lists the steps that have a manifest under prefix, newest first.
 func Steps(ctx context.Context, store Store, prefix string) ([]int, error) {
-	names, err := store.List(ctx, join(prefix, "step-"))
+	names, err := store.List(ctx, JoinKey(prefix, "step-"))
 	if err != nil {
 		return nil, err
 	}
 	var steps []int
 	for _, n := range names {
-		rest := strings.TrimPrefix(n, join(prefix, "step-"))
-		d, file, ok := strings.Cut(rest, "/")
-		if !ok || file != ManifestObject {
-			continue
-		}
-		if s, err := strconv.Atoi(d); err == nil {
+		if s, file, ok := stepOf(prefix, n); ok && file == ManifestObject {
 			steps = append(steps, s)
 		}
 	}
@@ -196,35 +283,101 @@ func Steps(ctx context.Context, store Store, prefix string) ([]int, error) {
 	return steps, nil
 }
 
-// ReadVerified reads every object of step's checkpoint and checks it
-// against the manifest.
-func ReadVerified(ctx context.Context, store Store, prefix string, step int) (*Manifest, map[string][]byte, error) {
-	dir := join(prefix, StepDir(step))
-	mj, err := store.Get(ctx, join(dir, ManifestObject))
+// ReadManifest reads and checks the manifest of step's checkpoint.
+func ReadManifest(ctx context.Context, store Store, prefix string, step int) (*Manifest, error) {
+	dir := JoinKey(prefix, StepDir(step))
+	mj, err := GetBytes(ctx, store, JoinKey(dir, ManifestObject))
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	var man Manifest
 	if err := json.Unmarshal(mj, &man); err != nil {
-		return nil, nil, fmt.Errorf("%w: %s: manifest: %v", ErrCorrupt, dir, err)
+		return nil, fmt.Errorf("%w: %s: manifest: %v", ErrCorrupt, dir, err)
 	}
-	if man.Format != manifestFormat || man.Step != step {
-		return nil, nil, fmt.Errorf("%w: %s: manifest format %q step %d, want %q step %d", ErrCorrupt, dir, man.Format, man.Step, manifestFormat, step)
+	if man.Format != ManifestFormat || man.Step != step {
+		return nil, fmt.Errorf("%w: %s: manifest format %q step %d, want %q step %d", ErrCorrupt, dir, man.Format, man.Step, ManifestFormat, step)
 	}
+	seen := map[string]bool{}
+	for _, o := range man.Objects {
+		if o.Name == "" || strings.Contains(o.Name, "/") || o.Name == ManifestObject || seen[o.Name] || o.Size < 0 || len(o.SHA256) != 64 {
+			return nil, fmt.Errorf("%w: %s: manifest entry %+v is not a valid object", ErrCorrupt, dir, o)
+		}
+		seen[o.Name] = true
+	}
+	return &man, nil
+}
+
+// readChunk is the size of the reads of ReadVerified, whose hashing
+// overlaps the next read.
+const readChunk = 4 << 20
+
+// readObject reads an object of the size the manifest gives while hashing
+// it, and fails unless both match.
+func readObject(ctx context.Context, store Store, dir string, o Object) ([]byte, error) {
+	r, err := store.Open(ctx, JoinKey(dir, o.Name))
+	if err != nil {
+		return nil, err
+	}
+	defer r.Close()
+	buf := make([]byte, o.Size)
+	h := sha256.New()
+	// The hash of one chunk runs while the next is read.
+	chunks := make(chan []byte, 2)
+	hashed := make(chan struct{})
+	go func() {
+		for c := range chunks {
+			h.Write(c)
+		}
+		close(hashed)
+	}()
+	var n int
+	for n < len(buf) && err == nil {
+		var k int
+		k, err = io.ReadFull(r, buf[n:min(n+readChunk, len(buf))])
+		if k > 0 {
+			chunks <- buf[n : n+k]
+		}
+		n += k
+	}
+	close(chunks)
+	<-hashed
+	if err != nil {
+		if err == io.ErrUnexpectedEOF || err == io.EOF {
+			return nil, fmt.Errorf("%w: %s: %s has %d bytes, the manifest says %d", ErrCorrupt, dir, o.Name, n, o.Size)
+		}
+		return nil, err
+	}
+	var one [1]byte
+	if k, _ := r.Read(one[:]); k > 0 {
+		return nil, fmt.Errorf("%w: %s: %s is longer than the %d bytes the manifest says", ErrCorrupt, dir, o.Name, o.Size)
+	}
+	if sum := hex.EncodeToString(h.Sum(nil)); sum != o.SHA256 {
+		return nil, fmt.Errorf("%w: %s: %s has sha256 %s, the manifest says %s", ErrCorrupt, dir, o.Name, sum, o.SHA256)
+	}
+	return buf, nil
+}
+
+// ReadVerified reads every object of step's checkpoint and checks its
+// size and SHA-256 against the manifest. A missing object is ErrCorrupt:
+// the checkpoint is unusable, not absent.
+func ReadVerified(ctx context.Context, store Store, prefix string, step int) (*Manifest, map[string][]byte, error) {
+	man, err := ReadManifest(ctx, store, prefix, step)
+	if err != nil {
+		return nil, nil, err
+	}
+	dir := JoinKey(prefix, StepDir(step))
 	objs := map[string][]byte{}
 	for _, o := range man.Objects {
-		b, err := store.Get(ctx, join(dir, o.Name))
-		if err != nil {
-			return nil, nil, fmt.Errorf("%w: %s: %s: %v", ErrCorrupt, dir, o.Name, err)
+		b, err := readObject(ctx, store, dir, o)
+		if errors.Is(err, ErrNotFound) {
+			err = fmt.Errorf("%w: %s: %s is missing", ErrCorrupt, dir, o.Name)
 		}
-		sum := sha256.Sum256(b)
-		if int64(len(b)) != o.Size || hex.EncodeToString(sum[:]) != o.SHA256 {
-			return nil, nil, fmt.Errorf("%w: %s: %s: size %d sha256 %x, manifest says size %d sha256 %s",
-				ErrCorrupt, dir, o.Name, len(b), sum, o.Size, o.SHA256)
+		if err != nil {
+			return nil, nil, err
 		}
 		objs[o.Name] = b
 	}
-	return &man, objs, nil
+	return man, objs, nil
 }
 
 // Decode rebuilds a State from verified objects; the configuration comes
@@ -265,23 +418,20 @@ func Decode[T model.Float](objs map[string][]byte) (*State[T], error) {
 			if st.NumElements() != t.Size {
 				return nil, fmt.Errorf("%w: %s: tensor %s%s has %d elements, want %d", ErrCorrupt, OptimizerObject, mom.prefix, t.Name, st.NumElements(), t.Size)
 			}
-			v, err := st.Float64s()
-			if err != nil {
+			if err := safetensors.DecodeFloats(st, model.View(mom.buf, &t)); err != nil {
 				return nil, fmt.Errorf("%w: %s: %s%s: %v", ErrCorrupt, OptimizerObject, mom.prefix, t.Name, err)
-			}
-			dst := model.View(mom.buf, &t)
-			for i, x := range v {
-				dst[i] = T(x)
 			}
 		}
 	}
 	if err := json.Unmarshal(objs[TrainerObject], &s.Trainer); err != nil {
 		return nil, fmt.Errorf("%w: %s: %v", ErrCorrupt, TrainerObject, err)
 	}
-	if st, ok := of.Get("step"); ok {
-		if v, err := st.Int64s(); err == nil && len(v) == 1 && v[0] != s.Trainer.OptimizerStep {
-			return nil, fmt.Errorf("%w: optimizer step %d disagrees with trainer.json's %d", ErrCorrupt, v[0], s.Trainer.OptimizerStep)
-		}
+	st, ok := of.Get("step")
+	if !ok {
+		return nil, fmt.Errorf("%w: %s: tensor step is missing", ErrCorrupt, OptimizerObject)
+	}
+	if v, err := st.Int64s(); err != nil || len(v) != 1 || v[0] != s.Trainer.OptimizerStep {
+		return nil, fmt.Errorf("%w: %s: step %v (%v) disagrees with %s's optimizer_step %d", ErrCorrupt, OptimizerObject, v, err, TrainerObject, s.Trainer.OptimizerStep)
 	}
 	return s, nil
 }
@@ -294,7 +444,7 @@ func LoadLatest[T model.Float](ctx context.Context, store Store, prefix string, 
 	if err != nil {
 		return nil, err
 	}
-	for _, step := range steps {
+	for i, step := range steps {
 		_, objs, err := ReadVerified(ctx, store, prefix, step)
 		if err == nil {
 			var s *State[T]
@@ -306,37 +456,85 @@ func LoadLatest[T model.Float](ctx context.Context, store Store, prefix string, 
 			return nil, ctx.Err()
 		}
 		if log != nil {
-			log.Warn("skipping checkpoint that does not verify; falling back to an older one", "store", store.String(), "step", step, "err", err)
+			next := "none is left"
+			if i+1 < len(steps) {
+				next = "trying step " + strconv.Itoa(steps[i+1])
+			}
+			log.Warn("checkpoint does not verify; falling back to the previous one", "store", store.String(),
+				"dir", JoinKey(prefix, StepDir(step)), "step", step, "err", err, "fallback", next)
 		}
 	}
 	return nil, ErrNone
 }
 
 // Prune deletes all but the newest keep committed checkpoints under prefix
-// (keep <= 0 keeps everything). The manifest goes first, so that a partly
-// deleted checkpoint is never taken for a committed one.
+// (keep <= 0 keeps everything), and the objects of uncommitted steps older
+// than the newest committed one: leftovers of saves that failed. The
+// manifest goes first, so that a partly deleted checkpoint is never taken
+// for a committed one. Steps newer than the newest committed one are left
+// alone: a save may be writing them.
 func Prune(ctx context.Context, store Store, prefix string, keep int) error {
-	if keep <= 0 {
-		return nil
-	}
-	steps, err := Steps(ctx, store, prefix)
+	names, err := store.List(ctx, JoinKey(prefix, "step-"))
 	if err != nil {
 		return err
 	}
-	for _, step := range steps[min(keep, len(steps)):] {
-		dir := join(prefix, StepDir(step))
-		if err := store.Delete(ctx, join(dir, ManifestObject)); err != nil {
+	objects := map[int][]string{}
+	committed := map[int]bool{}
+	for _, n := range names {
+		if s, file, ok := stepOf(prefix, n); ok {
+			objects[s] = append(objects[s], n)
+			committed[s] = committed[s] || file == ManifestObject
+		}
+	}
+	var steps []int
+	for s := range committed {
+		if committed[s] {
+			steps = append(steps, s)
+		}
+	}
+	if len(steps) == 0 {
+		return nil
+	}
+	sort.Sort(sort.Reverse(sort.IntSlice(steps)))
+	newest := steps[0]
+	drop := map[int]bool{}
+	if keep > 0 {
+		for _, s := range steps[min(keep, len(steps)):] {
+			drop[s] = true
+		}
+	}
+	for s := range objects {
+		if !committed[s] && s < newest {
+			drop[s] = true
+		}
+	}
+	for s := range drop {
+		dir := JoinKey(prefix, StepDir(s))
+		if err := store.Delete(ctx, JoinKey(dir, ManifestObject)); err != nil {
 			return err
 		}
-		names, err := store.List(ctx, dir+"/")
-		if err != nil {
-			return err
-		}
-		for _, n := range names {
+		for _, n := range objects[s] {
 			if err := store.Delete(ctx, n); err != nil {
 				return err
 			}
 		}
 	}
 	return nil
+}
+
+// Cleanup removes what writers that died left under prefix: incomplete
+// multipart uploads (on stores that have them) and uncommitted steps older
+// than the newest committed one. Run it before the first save of a job,
+// never while another process may be saving under the same prefix.
+func Cleanup(ctx context.Context, store Store, prefix string, log *slog.Logger) error {
+	if j, ok := store.(UploadJanitor); ok {
+		n, err := j.AbortIncomplete(ctx, JoinKey(prefix, "step-"))
+		if err != nil {
+			return err
+		}
+		if n > 0 && log != nil {
+			log.Info("aborted incomplete uploads of an earlier run", "store", store.String(), "prefix", prefix, "uploads", n)
+		}
+	}
+	return Prune(ctx, store, prefix, 0)
 }

@@ -29,7 +29,7 @@ func TestSaveLoadRoundTrip(t *testing.T) {
 	ctx := context.Background()
 	store := LocalStore{Root: t.TempDir()}
 	want := testState(40)
-	if err := Save(ctx, store, "job-1", want); err != nil {
+	if _, err := Save(ctx, store, "job-1", want); err != nil {
 		t.Fatal(err)
 	}
 	got, err := LoadLatest[float32](ctx, store, "job-1", nil)
@@ -57,7 +57,7 @@ func TestUncommittedAndCorruptCheckpointsAreSkipped(t *testing.T) {
 	ctx := context.Background()
 	store := LocalStore{Root: t.TempDir()}
 	for _, step := range []int{10, 20, 30} {
-		if err := Save(ctx, store, "", testState(step)); err != nil {
+		if _, err := Save(ctx, store, "", testState(step)); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -91,7 +91,7 @@ func TestPruneKeepsNewest(t *testing.T) {
 	ctx := context.Background()
 	store := LocalStore{Root: t.TempDir()}
 	for _, step := range []int{1, 2, 3, 4} {
-		if err := Save(ctx, store, "p", testState(step)); err != nil {
+		if _, err := Save(ctx, store, "p", testState(step)); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -116,7 +116,7 @@ func TestLoadLatestWithNothing(t *testing.T) {
 
 func TestLocalStoreRejectsEscapingNames(t *testing.T) {
 	s := LocalStore{Root: t.TempDir()}
-	if err := s.Put(context.Background(), "../outside", []byte("x")); err == nil {
+	if err := PutBytes(context.Background(), s, "../outside", []byte("x")); err == nil {
 		t.Error("a name escaping the root was accepted")
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -28,9 +29,9 @@ func (s LocalStore) path(name string) (string, error) {
 	return filepath.Join(s.Root, clean), nil
 }
 
-// Put writes data to a temporary file, syncs it and renames it into place,
+// Put copies r to a temporary file, syncs it and renames it into place,
 // so a reader sees the whole object or none of it.
-func (s LocalStore) Put(ctx context.Context, name string, data []byte) error {
+func (s LocalStore) Put(ctx context.Context, name string, r io.Reader, size int64) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
@@ -49,7 +50,11 @@ func (s LocalStore) Put(ctx context.Context, name string, data []byte) error {
 	tmp := f.Name()
 	werr := f.Chmod(0o644)
 	if werr == nil {
-		_, werr = f.Write(data)
+		var n int64
+		n, werr = io.CopyBuffer(f, ctxReader{ctx, r}, make([]byte, 1<<20))
+		if werr == nil && size >= 0 && n != size {
+			werr = fmt.Errorf("checkpoint: put %s: read %d bytes, caller said %d", name, n, size)
+		}
 	}
 	if werr == nil {
 		werr = f.Sync()
@@ -71,8 +76,21 @@ func (s LocalStore) Put(ctx context.Context, name string, data []byte) error {
 	return nil
 }
 
-// Get reads an object; a missing one is ErrNotFound.
-func (s LocalStore) Get(ctx context.Context, name string) ([]byte, error) {
+// ctxReader stops a copy once its context ends.
+type ctxReader struct {
+	ctx context.Context
+	r   io.Reader
+}
+
+func (c ctxReader) Read(p []byte) (int, error) {
+	if err := c.ctx.Err(); err != nil {
+		return 0, err
+	}
+	return c.r.Read(p)
+}
+
+// Open opens an object for reading; a missing one is ErrNotFound.
+func (s LocalStore) Open(ctx context.Context, name string) (io.ReadCloser, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
@@ -80,11 +98,11 @@ func (s LocalStore) Get(ctx context.Context, name string) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	b, err := os.ReadFile(p)
+	f, err := os.Open(p)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("%w: %s", ErrNotFound, name)
 	}
-	return b, err
+	return f, err
 }
 
 // List returns the object names that start with prefix, sorted; temporary

@@ -248,7 +248,7 @@ func (t *Trainer[T]) Checkpoint(ctx context.Context) error {
 		Trainer: checkpoint.TrainerState{Step: t.step, Cursor: t.loader.Cursor(), Seed: t.spec.Seed,
 			OptimizerStep: t.opt.Step, Loss: t.loss, Precision: prec, Spec: specJSON},
 	}
-	if err := checkpoint.Save(ctx, t.opts.Store, t.opts.Prefix, s); err != nil {
+	if _, err := checkpoint.Save(ctx, t.opts.Store, t.opts.Prefix, s); err != nil {
 		return err
 	}
 	t.log.Info("checkpoint committed", "step", t.step, "store", t.opts.Store.String())

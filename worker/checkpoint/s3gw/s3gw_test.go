@@ -1,0 +1,54 @@
+package s3gw_test
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/m2train/m2train/worker/checkpoint"
+	"github.com/m2train/m2train/worker/checkpoint/s3gw"
+)
+
+func TestMain(m *testing.M) {
+	s3gw.RunIfChild()
+	os.Exit(m.Run())
+}
+
+func TestProcessServesObjectsAcrossRestarts(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	dir := t.TempDir()
+	p, err := s3gw.StartProcess(ctx, s3gw.Options{Dir: dir, Buckets: []string{"ckpt"}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := checkpoint.S3Config{Endpoint: p.Endpoint, Bucket: "ckpt", AccessKey: p.AccessKey, SecretKey: p.SecretKey}
+	store, err := checkpoint.NewS3Store(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := bytes.Repeat([]byte("m2"), 1000)
+	if err := checkpoint.PutBytes(ctx, store, "a/b.bin", want); err != nil {
+		t.Fatal(err)
+	}
+	// The posix backend keeps objects as plain files.
+	if b, err := os.ReadFile(filepath.Join(dir, "ckpt", "a", "b.bin")); err != nil || !bytes.Equal(b, want) {
+		t.Fatalf("object file: %v", err)
+	}
+	if err := p.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	o := s3gw.Options{Dir: dir, Addr: p.Addr, AccessKey: p.AccessKey, SecretKey: p.SecretKey}
+	p2, err := s3gw.StartProcess(ctx, o, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p2.Stop(10 * time.Second)
+	got, err := checkpoint.GetBytes(ctx, store, "a/b.bin")
+	if err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("after restart: %d bytes, %v", len(got), err)
+	}
+}
