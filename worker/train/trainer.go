@@ -66,8 +66,12 @@ type Options struct {
 	Prefix string
 	// OnProgress is called after every step.
 	OnProgress func(Progress)
-	// OnCheckpoint is called after a checkpoint is committed.
+	// OnCheckpoint is called after a checkpoint is committed, from the
+	// goroutine that saves in the background.
 	OnCheckpoint func(step int)
+	// OnCheckpointError is called when a checkpoint fails to save, from
+	// the goroutine that saves in the background. Training goes on.
+	OnCheckpointError func(step int, err error)
 }
 
 // Trainer trains one model replica on one process.
@@ -83,6 +87,7 @@ type Trainer[T model.Float] struct {
 	loss    float64
 	started time.Time
 	rate    float64 // smoothed tokens per second
+	saver   *checkpoint.Saver[T]
 }
 
 // New builds a trainer for spec on backend, reading ds. The backend's
@@ -116,7 +121,24 @@ func New[T model.Float](spec *jobspec.Spec, backend model.Backend[T], ds *data.D
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Trainer[T]{spec: spec, backend: backend, opt: opt, sched: sched, loader: loader, opts: opts, log: log}, nil
+	t := &Trainer[T]{spec: spec, backend: backend, opt: opt, sched: sched, loader: loader, opts: opts, log: log}
+	if opts.Store != nil {
+		t.saver = checkpoint.NewSaver[T](opts.Store, opts.Prefix, checkpoint.SaverOptions{
+			Keep: spec.Checkpoint.Keep,
+			Log:  log,
+			OnCommit: func(c checkpoint.Commit) {
+				if opts.OnCheckpoint != nil {
+					opts.OnCheckpoint(c.Step)
+				}
+			},
+			OnError: func(e *checkpoint.SaveError) {
+				if opts.OnCheckpointError != nil {
+					opts.OnCheckpointError(e.Step, e.Err)
+				}
+			},
+		})
+	}
+	return t, nil
 }
 
 // Step returns the number of optimizer steps done.
@@ -126,10 +148,19 @@ func (t *Trainer[T]) Step() int { return t.step }
 func (t *Trainer[T]) Loss() float64 { return t.loss }
 
 // Resume loads the newest checkpoint that verifies, if any, and reports
-// whether it did.
+// whether it did. It first clears what an earlier run that died while
+// saving left behind (incomplete uploads, uncommitted steps older than the
+// newest committed one). A checkpoint that fails verification is logged
+// and the previous one is tried.
 func (t *Trainer[T]) Resume(ctx context.Context) (bool, error) {
 	if t.opts.Store == nil {
 		return false, nil
+	}
+	if err := checkpoint.Cleanup(ctx, t.opts.Store, t.opts.Prefix, t.log); err != nil {
+		if ctx.Err() != nil {
+			return false, ctx.Err()
+		}
+		t.log.Warn("could not clear the leftovers of an earlier run; resuming anyway", "store", t.opts.Store.String(), "err", err)
 	}
 	s, err := checkpoint.LoadLatest[T](ctx, t.opts.Store, t.opts.Prefix, t.log)
 	if errors.Is(err, checkpoint.ErrNone) {
@@ -158,8 +189,21 @@ func (t *Trainer[T]) Run(ctx context.Context) error {
 }
 
 // RunUntil trains until step stop (at most the schedule's total steps),
-// checkpointing on the way as Run does.
+// checkpointing every checkpoint.every_steps steps and at the last step.
+// Checkpoints upload in the background while training goes on; one that
+// fails is logged and reported to OnCheckpointError, and training
+// continues. Before returning, RunUntil waits for the last checkpoint and
+// returns its failure, if it failed: the trained state is then not on
+// storage (Checkpoint may be called again).
 func (t *Trainer[T]) RunUntil(ctx context.Context, stop int) error {
+	if err := t.runUntil(ctx, stop); err != nil {
+		t.Close()
+		return err
+	}
+	return t.Close()
+}
+
+func (t *Trainer[T]) runUntil(ctx context.Context, stop int) error {
 	t.started = time.Now()
 	startStep := t.step
 	total := t.spec.Schedule.TotalSteps
@@ -180,7 +224,11 @@ func (t *Trainer[T]) RunUntil(ctx context.Context, stop int) error {
 		every := t.spec.Checkpoint.EverySteps
 		if t.opts.Store != nil && (t.step == total || (every > 0 && t.step%every == 0)) {
 			if err := t.Checkpoint(ctx); err != nil {
-				return err
+				if ctx.Err() != nil {
+					return ctx.Err()
+				}
+				// Already logged and reported by the saver; training goes on.
+				continue
 			}
 		}
 	}
@@ -231,8 +279,15 @@ func (t *Trainer[T]) TrainStep(ctx context.Context) (Progress, error) {
 		Tokens: int64(count), TokensPerSec: t.rate, StepTime: dt}, nil
 }
 
-// Checkpoint writes the current state and prunes old checkpoints.
+// Checkpoint starts saving the current state in the background: it waits
+// for the save in flight, if any, copies the parameters, moments and
+// trainer state, and returns while the copy uploads. Retention runs after
+// the commit. The error is that of an earlier save that failed (already
+// logged and reported to OnCheckpointError), or ctx's.
 func (t *Trainer[T]) Checkpoint(ctx context.Context) error {
+	if t.saver == nil {
+		return errors.New("train: checkpoint: no store configured")
+	}
 	specJSON, err := json.Marshal(t.spec)
 	if err != nil {
 		return err
@@ -248,14 +303,18 @@ func (t *Trainer[T]) Checkpoint(ctx context.Context) error {
 		Trainer: checkpoint.TrainerState{Step: t.step, Cursor: t.loader.Cursor(), Seed: t.spec.Seed,
 			OptimizerStep: t.opt.Step, Loss: t.loss, Precision: prec, Spec: specJSON},
 	}
-	if _, err := checkpoint.Save(ctx, t.opts.Store, t.opts.Prefix, s); err != nil {
-		return err
+	took, err := t.saver.Save(ctx, s)
+	t.log.Debug("checkpoint snapshot taken; uploading in the background", "step", t.step, "snapshot", took)
+	return err
+}
+
+// Close waits for the checkpoint in flight, if any, and returns the
+// failure of a save not reported yet.
+func (t *Trainer[T]) Close() error {
+	if t.saver == nil {
+		return nil
 	}
-	t.log.Info("checkpoint committed", "step", t.step, "store", t.opts.Store.String())
-	if t.opts.OnCheckpoint != nil {
-		t.opts.OnCheckpoint(t.step)
-	}
-	return checkpoint.Prune(ctx, t.opts.Store, t.opts.Prefix, t.spec.Checkpoint.Keep)
+	return t.saver.Close()
 }
 
 // LoadInit fills params from the spec's init_from Hugging Face checkpoint
