@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/http"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -256,6 +257,14 @@ type S3Store struct {
 	core   minio.Core
 	log    *slog.Logger
 	bufs   sync.Pool
+
+	transport *http.Transport
+}
+
+// Close drops the store's idle connections. Requests still running go on.
+func (s *S3Store) Close() error {
+	s.transport.CloseIdleConnections()
+	return nil
 }
 
 // NewS3Store connects to the bucket of cfg, creating it when
@@ -273,7 +282,14 @@ func NewS3Store(ctx context.Context, cfg S3Config) (*S3Store, error) {
 	cfg.Retry = cfg.Retry.withDefaults()
 	cfg.Region = cfg.regionOrDefault()
 	host, secure, _ := cfg.endpoint()
+	// A transport of its own, so that Close can drop its connections.
+	tr, err := minio.DefaultTransport(secure)
+	if err != nil {
+		return nil, fmt.Errorf("checkpoint: s3: %s: %w", cfg, err)
+	}
+	tr.MaxIdleConnsPerHost = 2*cfg.Concurrency + 2
 	client, err := minio.New(host, &minio.Options{
+		Transport:    tr,
 		Creds:        credentials.NewStaticV4(cfg.AccessKey, cfg.SecretKey, cfg.SessionToken),
 		Secure:       secure,
 		Region:       cfg.Region,
@@ -284,7 +300,7 @@ func NewS3Store(ctx context.Context, cfg S3Config) (*S3Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("checkpoint: s3: %s: %w", cfg, err)
 	}
-	s := &S3Store{cfg: cfg, client: client, core: minio.Core{Client: client}, log: cfg.Log}
+	s := &S3Store{cfg: cfg, client: client, core: minio.Core{Client: client}, log: cfg.Log, transport: tr}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}
@@ -660,8 +676,8 @@ func retryable(err error) bool {
 	if err == nil || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
 		return false
 	}
-	resp := minio.ToErrorResponse(err)
-	if resp.Code == "" && resp.StatusCode == 0 {
+	var resp minio.ErrorResponse
+	if !errors.As(err, &resp) || (resp.Code == "" && resp.StatusCode == 0) {
 		// Not an S3 error response: the connection failed, was reset or
 		// ended early.
 		return true

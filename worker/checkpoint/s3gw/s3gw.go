@@ -42,7 +42,6 @@ import (
 	"github.com/versity/versitygw/backend/posix"
 	"github.com/versity/versitygw/embedgw"
 	"github.com/versity/versitygw/s3api"
-	"github.com/versity/versitygw/s3err"
 )
 
 // Defaults of Options.
@@ -420,32 +419,28 @@ func StartProcess(ctx context.Context, o Options, logw io.Writer) (*Process, err
 	}
 	p := &Process{Endpoint: "http://" + addr, AccessKey: o.AccessKey, SecretKey: o.SecretKey, Region: o.Region,
 		Dir: o.Dir, Addr: addr, cmd: cmd, done: make(chan struct{})}
-	lines := make(chan string, 1)
+	ready := make(chan struct{})
 	go func() {
+		// Wait may only run once the pipe is read to its end.
 		sc := bufio.NewScanner(stdout)
-		first := true
+		seen := false
 		for sc.Scan() {
-			if first && strings.HasPrefix(sc.Text(), readyLine) {
-				lines <- sc.Text()
-				first = false
+			if !seen && strings.HasPrefix(sc.Text(), readyLine) {
+				seen = true
+				close(ready)
 				continue
 			}
 			fmt.Fprintln(logw, sc.Text())
 		}
-		close(lines)
-	}()
-	go func() {
+		io.Copy(io.Discard, stdout)
 		p.err = cmd.Wait()
 		close(p.done)
 	}()
 	select {
-	case l, ok := <-lines:
-		if ok {
-			_ = l
-			return p, nil
-		}
-		<-p.done
-		return nil, fmt.Errorf("%w: child %s: %v", ErrExited, o.Dir, p.err)
+	case <-ready:
+		return p, nil
+	case <-p.done:
+		return nil, fmt.Errorf("%w: child for %s: %v", ErrExited, o.Dir, p.err)
 	case <-ctx.Done():
 		<-p.done
 		return nil, ctx.Err()
@@ -490,6 +485,9 @@ func createBuckets(ctx context.Context, be *posix.Posix, owner string, buckets [
 		return err
 	}
 	for _, b := range buckets {
+		if fi, err := os.Stat(b); err == nil && fi.IsDir() {
+			continue // the backend resolves buckets against the working directory, the root
+		}
 		noLock := false
 		err := be.CreateBucket(ctx, &s3.CreateBucketInput{
 			Bucket:                     &b,
@@ -497,10 +495,6 @@ func createBuckets(ctx context.Context, be *posix.Posix, owner string, buckets [
 			ObjectLockEnabledForBucket: &noLock,
 			CreateBucketConfiguration:  &types.CreateBucketConfiguration{},
 		}, acl)
-		var apiErr s3err.APIError
-		if errors.As(err, &apiErr) && (apiErr.Code == "BucketAlreadyOwnedByYou" || apiErr.Code == "BucketAlreadyExists") {
-			continue
-		}
 		if err != nil {
 			return fmt.Errorf("s3gw: create bucket %s: %w", b, err)
 		}

@@ -1,0 +1,230 @@
+package checkpoint
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"reflect"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+func randomBytes(n int, seed uint64) []byte {
+	b := make([]byte, n)
+	r := rand.New(rand.NewPCG(seed, seed))
+	for i := range b {
+		b[i] = byte(r.Uint32())
+	}
+	return b
+}
+
+func TestS3StoreObjects(t *testing.T) {
+	ctx := context.Background()
+	g := startGateway(t)
+	cfg := g.config()
+	cfg.Concurrency = 2
+	s := g.store(t, cfg)
+
+	small := []byte("tiny object")
+	// Three full parts and a short fourth: a multipart upload.
+	large := randomBytes(3*MinPartSize+12345, 1)
+	exact := randomBytes(MinPartSize, 2)
+	for name, data := range map[string][]byte{"p/small": small, "p/large": large, "p/exact": exact, "p/empty": {}} {
+		if err := PutBytes(ctx, s, name, data); err != nil {
+			t.Fatalf("put %s: %v", name, err)
+		}
+		got, err := GetBytes(ctx, s, name)
+		if err != nil || !bytes.Equal(got, data) {
+			t.Fatalf("get %s: %d bytes (want %d), %v", name, len(got), len(data), err)
+		}
+	}
+	// An object of unknown size streams the same way.
+	if err := s.Put(ctx, "p/unsized", bytes.NewReader(large), -1); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := GetBytes(ctx, s, "p/unsized"); !bytes.Equal(got, large) {
+		t.Fatal("object of unknown size differs")
+	}
+	// A size that disagrees with the reader fails and leaves nothing.
+	if err := s.Put(ctx, "p/short", bytes.NewReader(large), int64(len(large))+1); err == nil {
+		t.Error("a reader shorter than the announced size was accepted")
+	}
+	names, err := s.List(ctx, "p/")
+	want := []string{"p/empty", "p/exact", "p/large", "p/small", "p/unsized"}
+	if err != nil || !reflect.DeepEqual(names, want) {
+		t.Fatalf("list: %v, %v; want %v", names, err, want)
+	}
+	if err := s.Delete(ctx, "p/large"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Delete(ctx, "p/never-was"); err != nil {
+		t.Errorf("deleting a missing object: %v", err)
+	}
+	if _, err := s.Open(ctx, "p/large"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("open of a deleted object: %v, want ErrNotFound", err)
+	}
+	if n, err := s.AbortIncomplete(ctx, "p/"); err != nil || n != 0 {
+		t.Errorf("incomplete uploads after clean puts: %d, %v", n, err)
+	}
+}
+
+// TestS3PutFailureLeavesNothing feeds a multipart upload a reader that
+// fails half way: no object may appear and the upload must be aborted.
+func TestS3PutFailureLeavesNothing(t *testing.T) {
+	ctx := context.Background()
+	g := startGateway(t)
+	s := g.store(t, g.config())
+	broken := io.MultiReader(bytes.NewReader(randomBytes(2*MinPartSize+10, 3)), iotestErrReader{errors.New("disk on fire")})
+	if err := s.Put(ctx, "x/obj", broken, -1); err == nil {
+		t.Fatal("a failing reader was uploaded")
+	}
+	if _, err := s.Open(ctx, "x/obj"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("a failed put left an object: %v", err)
+	}
+	if n, err := s.AbortIncomplete(ctx, "x/"); err != nil || n != 0 {
+		t.Errorf("a failed put left %d incomplete uploads (%v)", n, err)
+	}
+}
+
+type iotestErrReader struct{ err error }
+
+func (r iotestErrReader) Read([]byte) (int, error) { return 0, r.err }
+
+// TestS3ServerKilledMidUpload kills the server with SIGKILL while a
+// multipart upload is under way: the Put fails, no object is visible
+// after a restart, and the upload left behind is found and aborted.
+func TestS3ServerKilledMidUpload(t *testing.T) {
+	ctx := context.Background()
+	g := startGateway(t)
+	cfg := g.config()
+	cfg.Concurrency = 1
+	s := g.store(t, cfg)
+	data := randomBytes(3*MinPartSize, 4)
+	// The kill lands when the reader reaches the third part: the upload
+	// exists and holds at least its first part by then.
+	r := &hookReader{r: bytes.NewReader(data), at: 2 * MinPartSize, hook: g.kill}
+	if err := s.Put(ctx, "k/obj", r, int64(len(data))); err == nil {
+		t.Fatal("an upload to a killed server succeeded")
+	}
+	g.restart()
+	s = g.store(t, g.config())
+	if _, err := s.Open(ctx, "k/obj"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("the interrupted upload is visible: %v", err)
+	}
+	n, err := s.AbortIncomplete(ctx, "k/")
+	if err != nil || n != 1 {
+		t.Fatalf("aborted %d incomplete uploads (%v), want the 1 the kill left", n, err)
+	}
+	if n, err := s.AbortIncomplete(ctx, "k/"); err != nil || n != 0 {
+		t.Errorf("%d incomplete uploads remain after the abort (%v)", n, err)
+	}
+	// The same name uploads cleanly afterwards.
+	if err := PutBytes(ctx, s, "k/obj", data); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestS3RetriesWhileServerIsDown stops the server before a save and
+// restarts it on the same address once the store has seen a failure:
+// the retries carry the save through.
+func TestS3RetriesWhileServerIsDown(t *testing.T) {
+	ctx := context.Background()
+	g := startGateway(t)
+	cfg := g.config()
+	cfg.Retry = RetryPolicy{Attempts: 8, BaseDelay: 10 * time.Millisecond, MaxDelay: 200 * time.Millisecond}
+	var retries atomic.Int32
+	cfg.OnRetry = func(op, name string, attempt int, err error) {
+		if retries.Add(1) == 1 {
+			g.restart()
+		}
+	}
+	s := g.store(t, cfg)
+	g.kill()
+	want := testState(12)
+	if _, err := Save(ctx, s, "job", want); err != nil {
+		t.Fatalf("save across a restart: %v", err)
+	}
+	if retries.Load() == 0 {
+		t.Fatal("no request was retried, so the server was not down")
+	}
+	got, err := LoadLatest[float32](ctx, s, "job", testLogger(t))
+	if err != nil || !reflect.DeepEqual(got.Params, want.Params) {
+		t.Fatalf("load after the outage: %v", err)
+	}
+}
+
+// TestS3CorruptObjectFallsBack flips one byte of an object file under the
+// gateway's directory: the checkpoint fails verification and the previous
+// one loads; a checkpoint missing an object falls back the same way.
+func TestS3CorruptObjectFallsBack(t *testing.T) {
+	ctx := context.Background()
+	g := startGateway(t)
+	s := g.store(t, g.config())
+	for _, step := range []int{10, 20, 30} {
+		if _, err := Save(ctx, s, "job", testState(step)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	dir := filepath.Join(g.opts.Dir, testBucket, "job")
+	p := filepath.Join(dir, StepDir(30), ModelObject)
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b[len(b)/2] ^= 0x10
+	if err := os.WriteFile(p, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(filepath.Join(dir, StepDir(20), OptimizerObject)); err != nil {
+		t.Fatal(err)
+	}
+	var logs bytes.Buffer
+	got, err := LoadLatest[float32](ctx, s, "job", slogTo(&logs))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Trainer.Step != 10 {
+		t.Fatalf("loaded step %d, want 10", got.Trainer.Step)
+	}
+	for _, w := range []string{"step=30", "model.safetensors has sha256", "step=20", "optimizer.safetensors is missing", "fallback=\"trying step 10\""} {
+		if !bytes.Contains(logs.Bytes(), []byte(w)) {
+			t.Errorf("the log does not say %q:\n%s", w, logs.String())
+		}
+	}
+}
+
+func TestSaveOnS3KeepsRetentionAndCleansOrphans(t *testing.T) {
+	ctx := context.Background()
+	g := startGateway(t)
+	s := g.store(t, g.config())
+	for _, step := range []int{1, 2, 3} {
+		if _, err := Save(ctx, s, "r", testState(step)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Step 2 loses its manifest: what a failed save leaves is an orphan.
+	if err := s.Delete(ctx, "r/"+StepDir(2)+"/"+ManifestObject); err != nil {
+		t.Fatal(err)
+	}
+	// Step 4 is uncommitted and newer: a save may be writing it.
+	if err := PutBytes(ctx, s, "r/"+StepDir(4)+"/"+ConfigObject, []byte("{}")); err != nil {
+		t.Fatal(err)
+	}
+	if err := Prune(ctx, s, "r", 1); err != nil {
+		t.Fatal(err)
+	}
+	names, _ := s.List(ctx, "r/")
+	for _, n := range names {
+		if st, _, _ := stepOf("r", n); st != 3 && st != 4 {
+			t.Errorf("prune left %s", n)
+		}
+	}
+	if steps, _ := Steps(ctx, s, "r"); !reflect.DeepEqual(steps, []int{3}) {
+		t.Errorf("committed steps %v, want [3]", steps)
+	}
+}
