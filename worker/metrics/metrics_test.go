@@ -147,3 +147,28 @@ func TestReadRejects(t *testing.T) {
 		t.Errorf("Append to a file that is not a history = %v, want ErrFormat", err)
 	}
 }
+
+// FuzzRead: Read never panics, and what it accepts holds only valid
+// records, each kind in step order.
+func FuzzRead(f *testing.F) {
+	hdr := `{"format":"m2train-metrics","version":1,"job":"j"}` + "\n"
+	f.Add([]byte(hdr + `{"kind":"train","step":1,"loss":2}` + "\n" + `{"kind":"eval","step":1,"accuracy":0.5}`))
+	f.Add([]byte(hdr + "\n\n" + `{"kind":"train","step":3}` + "\n" + `{"kind":"train","step":2,"lr":1e-3}` + "\n"))
+	f.Add([]byte("step 1/2 loss 3\n"))
+	f.Fuzz(func(t *testing.T, doc []byte) {
+		h, err := Read(bytes.NewReader(doc))
+		if err != nil {
+			return
+		}
+		for _, recs := range [][]Record{h.Train, h.Eval} {
+			for i, r := range recs {
+				if err := r.check(); err != nil {
+					t.Fatalf("accepted record %+v: %v", r, err)
+				}
+				if i > 0 && recs[i-1].Step >= r.Step {
+					t.Fatalf("records out of step order: %d then %d", recs[i-1].Step, r.Step)
+				}
+			}
+		}
+	})
+}

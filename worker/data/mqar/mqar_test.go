@@ -381,3 +381,24 @@ func TestScore(t *testing.T) {
 		t.Errorf("Add: %+v", acc)
 	}
 }
+
+// FuzzSample: every configuration New accepts yields well-formed samples.
+func FuzzSample(f *testing.F) {
+	f.Add(uint32(16), uint16(2), uint16(2), uint32(8), uint64(1), uint64(0), 0.01)
+	f.Add(uint32(21), uint16(9), uint16(9), uint32(36), uint64(2), uint64(5), 1.0)
+	f.Add(uint32(8192), uint16(64), uint16(10), uint32(300), uint64(3), uint64(1<<40), 0.5)
+	f.Fuzz(func(t *testing.T, vocab uint32, pairs, queries uint16, seqLen uint32, seed, index uint64, power float64) {
+		c := Config{VocabSize: int(vocab % (1 << 20)), NumPairs: int(pairs), NumQueries: int(queries), SeqLen: int(seqLen % 4096), Seed: seed, QueryPower: power}
+		g, err := New(c)
+		if err != nil {
+			if !errors.Is(err, ErrInvalid) {
+				t.Fatalf("New(%+v) = %v, not ErrInvalid", c, err)
+			}
+			return
+		}
+		for _, s := range []Stream{Train, Eval} {
+			in, tg := sample(t, g, s, index)
+			checkFormat(t, c, in, tg)
+		}
+	})
+}
