@@ -71,6 +71,12 @@ type run[T model.Float] struct {
 
 func newRun[T model.Float](t *testing.T, spec *jobspec.Spec) *run[T] {
 	t.Helper()
+	return newRunOn[T](t, spec, checkpoint.LocalStore{Root: spec.Checkpoint.Location}, nil)
+}
+
+// newRunOn builds a run whose checkpoints go to store under the spec's name.
+func newRunOn[T model.Float](t *testing.T, spec *jobspec.Spec, store checkpoint.Store, adjust func(*Options)) *run[T] {
+	t.Helper()
 	cfg, err := ConfigFromSpec(spec)
 	if err != nil {
 		t.Fatal(err)
@@ -88,8 +94,14 @@ func newRun[T model.Float](t *testing.T, spec *jobspec.Spec) *run[T] {
 	}
 	t.Cleanup(func() { ds.Close() })
 	r := &run[T]{m: m}
-	opts := Options{Store: checkpoint.LocalStore{Root: spec.Checkpoint.Location},
+	opts := Options{Store: store, Log: testLogger(t),
 		OnProgress: func(p Progress) { r.losses = append(r.losses, p.Loss) }}
+	if _, local := store.(checkpoint.LocalStore); !local {
+		opts.Prefix = jobPrefix(spec.Name)
+	}
+	if adjust != nil {
+		adjust(&opts)
+	}
 	if r.tr, err = New(spec, m, ds, opts); err != nil {
 		t.Fatal(err)
 	}
