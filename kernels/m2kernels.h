@@ -203,7 +203,138 @@ int m2k_ssd_bwd(const m2k_ssd_shape* shape, const m2k_ssd_bwd_args* args, void* 
 
 /* ==== ops ==== */
 
+/* The per-position operations of the Mamba-2 model (docs/MAMBA2_SPEC.md §1, §2,
+ * §4), the CUDA twins of model/ref's CPU ops. n is the number of rows
+ * (batch·length); "act" marks a tensor in the activation dtype, everything
+ * else is f32. Parameter gradients (dw, dbias, demb) are ADDED into their
+ * buffers and are reduced without floating-point atomics: per-block partials
+ * in a workspace, then a fixed-order pass, so results are bitwise
+ * reproducible. A function that takes a workspace has a *_workspace function
+ * giving its size in bytes; the workspace is scratch, free again when the
+ * stream reaches the end of the call. A NULL stream is the legacy default
+ * stream. Unless stated otherwise tensors must not overlap. */
+
+/* Embedding gather: out (n, d) act = emb[tokens[t]] with emb f32 (vocab, d) and
+ * tokens int32 (n). A token outside [0, vocab) gives a row of NaN (validate
+ * tokens on the host). */
+int m2k_embedding_fwd(int dtype, void* out, const void* emb, const void* tokens, int64_t n, int64_t d,
+                      int64_t vocab, void* stream);
+int m2k_embedding_bwd_workspace(int64_t n, int64_t vocab, int64_t* bytes);
+/* demb (vocab, d) f32 += scatter of dout (n, d) act by tokens; tokens outside
+ * [0, vocab) are skipped. Deterministic: a stable sort by token, then each
+ * token's rows summed in position order by one owner. */
+int m2k_embedding_bwd(int dtype, void* demb, const void* dout, const void* tokens, int64_t n, int64_t d,
+                      int64_t vocab, void* workspace, int64_t workspace_bytes, void* stream);
+
+/* Fused residual add + RMSNorm (the pre-norm of each block and the final norm):
+ *   res_out = residual + x + bias      f32 (n, d); residual f32, x act, bias f32 (d),
+ *                                      each optional (NULL); residual may equal res_out
+ *   rstd    = (mean(res_out²) + eps)^-½   f32 (n)
+ *   out     = res_out·rstd·w           act (n, d), w f32 (d)
+ * The first block passes the f32 embedding as residual and x = NULL; block i
+ * passes the residual and the out_proj output of block i−1. */
+int m2k_add_rmsnorm_fwd(int dtype, void* out, void* res_out, void* rstd, const void* residual, const void* x,
+                        const void* bias, const void* w, int64_t n, int64_t d, float eps, void* stream);
+int m2k_rmsnorm_bwd_workspace(int64_t n, int64_t d, int64_t* bytes);
+/* Backward of the norm given dout (n, d) act, res = the res_out of the forward,
+ * rstd and w: dres (n, d) f32 receives the input gradient (added when
+ * accumulate != 0, else overwritten) — the gradient of the residual stream,
+ * which is also the gradient of the residual and x inputs; dx_out (optional, act)
+ * receives a copy of the new dres; dw (optional) += Σ_rows dout·res·rstd. */
+int m2k_rmsnorm_bwd(int dtype, void* dres, void* dx_out, void* dw, const void* dout, const void* res,
+                    const void* rstd, const void* w, int64_t n, int64_t d, int accumulate, void* workspace,
+                    int64_t workspace_bytes, void* stream);
+
+/* Bias helpers of the projections: x (n, w) act with row stride ldx gets
+ * bias f32 (w) added to every row; out f32 (w) += Σ_rows x (a bias gradient). */
+int m2k_add_bias(int dtype, void* x, const void* bias, int64_t n, int64_t w, int64_t ldx, void* stream);
+int m2k_column_sum_workspace(int64_t n, int64_t w, int64_t* bytes);
+int m2k_column_sum(int dtype, void* out, const void* x, int64_t n, int64_t w, int64_t ldx, void* workspace,
+                   int64_t workspace_bytes, void* stream);
+
+/* Causal depthwise conv1d + SiLU over bt sequences of l positions, cd channels,
+ * kernel width 1 ≤ width ≤ 8 (M2K_ERR_UNSUPPORTED otherwise):
+ *   pre[b,t,c] = bias[c] + Σ_k weight[c,k]·src[b, t+k−(width−1), c],  act = silu(pre)
+ * src act is read at row (b·l + t)·ld + off + c (the xBC columns of the in_proj
+ * output); positions before the shard come from halo act (bt, width−1, cd) —
+ * the previous shard's last width−1 rows of src — or are zero when halo is
+ * NULL. weight f32 (cd, width), the last tap on the current position; bias f32
+ * (cd) or NULL. act (bt·l, cd) act with row stride ld_act. */
+int m2k_conv_fwd(int dtype, void* act, int64_t ld_act, const void* src, int64_t ld, int64_t off, const void* halo,
+                 const void* weight, const void* bias, int64_t bt, int64_t l, int64_t cd, int64_t width,
+                 void* stream);
+int m2k_conv_bwd_workspace(int64_t bt, int64_t l, int64_t cd, int64_t width, int64_t* bytes);
+/* Backward given dact (row stride ld_act) and the forward inputs (pre is
+ * recomputed): dsrc act, strided like src, is overwritten in the cd xBC columns;
+ * dw f32 (cd, width) and dbias f32 (cd) (each optional) are added into; dhalo
+ * f32 (bt, width−1, cd) (optional) is overwritten with the gradient of the halo,
+ * to be added by the previous shard into its dsrc. */
+int m2k_conv_bwd(int dtype, void* dsrc, void* dw, void* dbias, void* dhalo, const void* dact, int64_t ld_act,
+                 const void* src, int64_t ld, int64_t off, const void* halo, const void* weight, const void* bias,
+                 int64_t bt, int64_t l, int64_t cd, int64_t width, void* workspace, int64_t workspace_bytes,
+                 void* stream);
+
+/* Gated RMSNorm, grouped (mamba_ssm): rows of e channels in `groups` groups of
+ * e/groups, y act (n, e), z act read with row stride ldz (the z columns of the
+ * in_proj output), w f32 (e), rstd f32 (n, groups):
+ *   before_gate == 0:  out = norm(y·silu(z))·w
+ *   before_gate != 0:  out = norm(y)·w·silu(z)
+ *   enabled == 0:      out = y·silu(z)  (no norm; w, rstd, eps unused)  */
+int m2k_gated_norm_fwd(int dtype, void* out, void* rstd, const void* y, const void* z, int64_t ldz, const void* w,
+                       int64_t n, int64_t e, int64_t groups, float eps, int before_gate, int enabled, void* stream);
+int m2k_gated_norm_bwd_workspace(int64_t n, int64_t e, int64_t* bytes);
+/* dy act (n, e) and dz act (row stride ldz) are overwritten; dw (optional) +=. */
+int m2k_gated_norm_bwd(int dtype, void* dy, void* dz, void* dw, const void* dout, const void* rstd, const void* y,
+                       const void* z, int64_t ldz, const void* w, int64_t n, int64_t e, int64_t groups,
+                       int before_gate, int enabled, void* workspace, int64_t workspace_bytes, void* stream);
+
+/* Cross-entropy of a block of n rows of logits act (row stride ld ≥ vocab)
+ * against targets int32 (n): row_loss f32 (n) = logsumexp(row) − row[target];
+ * a negative target is not counted (loss 0, gradient row 0); a target ≥ vocab
+ * gives a NaN loss. With compute_grad != 0 the logits are overwritten by
+ * (softmax − onehot(target))·grad_scale (grad_scale = 1/count for the mean loss).
+ * loss_sum (optional) is a device double that receives += Σ row_loss, summed in
+ * a fixed order. The LM head runs it per block of positions between the logits
+ * GEMM and the two GEMMs of dhidden and dW, so only one block of logits exists. */
+int m2k_cross_entropy(int dtype, void* logits, int64_t ld, const void* targets, int64_t n, int64_t vocab,
+                      float grad_scale, int compute_grad, void* row_loss, void* loss_sum, void* stream);
+
+/* AdamW over flat f32 buffers of n elements, as model.AdamW (PyTorch):
+ *   g = grads·grad_scale; m = β1·m + (1−β1)·g; v = β2·v + (1−β2)·g²
+ *   params = params·(1 − lr·wd) − lr/(1−β1^step) · m / (√v/√(1−β2^step) + eps)
+ * step counts updates including this one (≥ 1). Elements inside one of the
+ * nranges [start, end) pairs of nodecay_ranges (int64 on device, 2·nranges
+ * values, sorted and disjoint) get no weight decay. grad_scale is the
+ * gradient-clipping coefficient (1 for none). Each operation is rounded to f32
+ * separately, so the update matches the CPU optimizer bit for bit. */
+int m2k_adamw(void* params, const void* grads, void* m, void* v, int64_t n, const void* nodecay_ranges,
+              int64_t nranges, double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step,
+              float grad_scale, void* stream);
+int m2k_grad_norm_workspace(int64_t n, int64_t* bytes);
+/* out (a device double) = ‖grads‖₂ over n f32 values, squares summed in double
+ * over fixed blocks of 2^14 elements and the block sums added in a fixed tree. */
+int m2k_grad_norm(const void* grads, int64_t n, void* out, void* workspace, int64_t workspace_bytes, void* stream);
+
 /* ==== gemm ==== */
+
+/* Matrix products through cuBLASLt, row-major (the convention of model/linalg.Gemm):
+ *   C = alpha·op(A)·op(B) + beta·C
+ * op(A) is m×k, op(B) is k×n, C is m×n. A is stored m×k (k×m when trans_a) with
+ * row stride lda, B is stored k×n (n×k when trans_b) with row stride ldb, C has
+ * row stride ldc. m, n, k ≥ 1. dtype_in M2K_BF16: A and B bf16, fp32
+ * accumulation, C bf16 or f32 (dtype_out). dtype_in M2K_F32: true fp32 compute
+ * (never TF32), C f32. C is read only when beta != 0.
+ *
+ * A handle holds a cuBLASLt handle, a 32 MiB device workspace and a cache of
+ * plans (one heuristic query per distinct shape, types, strides and operand
+ * alignment); one algorithm per plan keeps results reproducible. The
+ * workspace is shared by the handle's calls: calls on different streams need
+ * different handles. m2k_gemm_destroy synchronizes the device first. */
+int m2k_gemm_create(void** handle);
+int m2k_gemm_destroy(void* handle);
+int m2k_gemm(void* handle, int dtype_in, int dtype_out, int trans_a, int trans_b, int64_t m, int64_t n, int64_t k,
+             float alpha, const void* a, int64_t lda, const void* b, int64_t ldb, float beta, void* c, int64_t ldc,
+             void* stream);
 
 #ifdef __cplusplus
 }
