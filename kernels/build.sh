@@ -41,8 +41,8 @@ if [[ ${#srcs[@]} -eq 0 ]]; then
 fi
 
 flags=(-O3 -std=c++17
-    --gencode arch=compute_90a,code=sm_90a
-    --gencode arch=compute_90,code=compute_90
+    -gencode arch=compute_90a,code=sm_90a
+    -gencode arch=compute_90,code=compute_90
     -Xcompiler -fPIC
     -I"$here")
 # shellcheck disable=SC2206

@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# GPU test driver: builds libm2kernels.so, runs every test binary in .devbin/
+# (built elsewhere with `go test -c -tags gpu -o .devbin/NAME.test ./PKG`),
+# optionally again under compute-sanitizer, and writes a markdown report.
+#
+#   kernels/gpu-report.sh [--sanitizer] [--only-sanitizer] [--run REGEX] [REPORT.md]
+#
+# Run from the repository root on a machine with a GPU and nvcc. REPORT.md
+# defaults to $OUT/gpu-report.md when OUT is set, else ./gpu-report.md; the
+# full logs go next to it (gpu-report-logs/). The test binaries print one line
+# per compared kernel output:
+#   KERNEL name dtype max_abs=.. max_rel=.. [elem_rel=..] tol=.. PASS|FAIL
+# and the report tabulates them.
+#
+#   --sanitizer       also run each binary under compute-sanitizer memcheck and
+#                     racecheck, with -test.short (tests keep to small shapes)
+#   --only-sanitizer  skip the plain runs
+#   --run REGEX       pass -test.run REGEX to every plain run
+#   --tests "A B"     run only .devbin/A.test, .devbin/B.test (default: every binary)
+# Environment: M2K_DIRS (passed to build.sh), M2K_NVCC_FLAGS (likewise; -lineinfo
+# is added under --sanitizer so reports name source lines).
+set -uo pipefail
+
+sanitizer=0
+plain=1
+run_re=""
+tests=""
+report=""
+while (($#)); do
+    case "$1" in
+    --sanitizer) sanitizer=1 ;;
+    --only-sanitizer) sanitizer=1; plain=0 ;;
+    --run) run_re="$2"; shift ;;
+    --tests) tests="$2"; shift ;;
+    -h | --help) sed -n '2,23p' "$0"; exit 0 ;;
+    *) report="$1" ;;
+    esac
+    shift
+done
+if [[ -z "$report" ]]; then
+    report="${OUT:-.}/gpu-report.md"
+fi
+root="$(pwd)"
+if [[ ! -f "$root/kernels/m2kernels.h" ]]; then
+    echo "gpu-report.sh: run from the repository root" >&2
+    exit 2
+fi
+logdir="$(dirname "$report")/gpu-report-logs"
+mkdir -p "$logdir"
+status=0
+
+# The package directory a test binary belongs to (its working directory).
+pkgdir() {
+    case "$(basename "$1" .test)" in
+    kernels) echo kernels ;;
+    ops) echo kernels/ops ;;
+    *) echo . ;;
+    esac
+}
+
+{
+    echo "# GPU kernel report"
+    echo
+    echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "- device: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)"
+    echo "- nvcc: $(nvcc --version 2>/dev/null | tail -2 | head -1)"
+    echo "- commit: $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+} >"$report"
+
+flags="${M2K_NVCC_FLAGS:-}"
+((sanitizer)) && flags="$flags -lineinfo"
+echo "== build" >&2
+if M2K_NVCC_FLAGS="$flags" kernels/build.sh kernels/build >"$logdir/build.log" 2>&1; then
+    echo "- build: ok (\`kernels/build.sh\`, dirs: ${M2K_DIRS:-common ssd ops})" >>"$report"
+else
+    echo "- build: **FAILED**" >>"$report"
+    { echo; echo '```'; tail -40 "$logdir/build.log"; echo '```'; } >>"$report"
+    cat "$logdir/build.log" >&2
+    exit 1
+fi
+export M2K_LIB="$root/kernels/build/libm2kernels.so"
+
+shopt -s nullglob
+if [[ -n "$tests" ]]; then
+    bins=()
+    for t in $tests; do bins+=(".devbin/$t.test"); done
+else
+    bins=(.devbin/*.test)
+fi
+if ((${#bins[@]} == 0)); then
+    echo "- no test binaries in .devbin/" >>"$report"
+    exit 1
+fi
+
+table="$logdir/kernels.tsv"
+: >"$table"
+summary=()
+for bin in "${bins[@]}"; do
+    name="$(basename "$bin" .test)"
+    dir="$(pkgdir "$bin")"
+    abs="$root/$bin"
+    if ((plain)); then
+        echo "== $name" >&2
+        args=(-test.v -test.count=1 -test.timeout=20m)
+        [[ -n "$run_re" ]] && args+=(-test.run "$run_re")
+        log="$logdir/$name.log"
+        (cd "$dir" && "$abs" "${args[@]}") >"$log" 2>&1
+        rc=$?
+        ((rc)) && status=1
+        grep -E '^KERNEL ' "$log" | sed "s/^KERNEL /$name /" >>"$table"
+        pass=$(grep -c -E '^--- PASS' "$log")
+        fail=$(grep -c -E '^--- FAIL' "$log")
+        summary+=("| $name | $rc | $pass | $fail |")
+        grep -E '^(--- FAIL|FAIL|panic|ok )' "$log" | head -20 >&2
+    fi
+    if ((sanitizer)); then
+        for tool in memcheck racecheck; do
+            echo "== $name under $tool" >&2
+            log="$logdir/$name.$tool.log"
+            (cd "$dir" && compute-sanitizer --tool "$tool" --error-exitcode 99 \
+                "$abs" -test.short -test.count=1 -test.timeout=20m) >"$log" 2>&1
+            rc=$?
+            ((rc)) && status=1
+            errs="$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)"
+            summary+=("| $name ($tool) | $rc | ${errs:-no summary line} | |")
+            echo "$name $tool rc=$rc $errs" >&2
+        done
+    fi
+done
+
+{
+    echo
+    echo "## Test binaries"
+    echo
+    echo "| binary | exit | tests passed / sanitizer summary | tests failed |"
+    echo "|---|---|---|---|"
+    printf '%s\n' "${summary[@]}"
+    if [[ -s "$table" ]]; then
+        echo
+        echo "## Kernels against the CPU reference"
+        echo
+        echo "max_rel = max|gpu − ref| / max|ref| over the tensor; elem_rel = max of |gpu − ref| / max(|ref|, 1e-3·max|ref|)."
+        echo
+        echo "| binary | kernel | dtype | max_abs | max_rel | elem_rel | tol | result |"
+        echo "|---|---|---|---|---|---|---|---|"
+        while read -r bin kern dt rest; do
+            get() { sed -n "s/.*$1=\([^ ]*\).*/\1/p" <<<"$rest"; }
+            verdict="${rest##* }"
+            echo "| $bin | $kern | $dt | $(get max_abs) | $(get max_rel) | $(get elem_rel) | $(get tol) | $verdict |"
+        done <"$table"
+        echo
+        echo "$(grep -c ' PASS$' "$table") outputs within tolerance, $(grep -c ' FAIL$' "$table") outside."
+    fi
+} >>"$report"
+grep -q ' FAIL$' "$table" && status=1
+echo "report: $report (status $status)" >&2
+exit $status
