@@ -445,12 +445,9 @@ func LoadLatest[T model.Float](ctx context.Context, store Store, prefix string, 
 		return nil, err
 	}
 	for i, step := range steps {
-		_, objs, err := ReadVerified(ctx, store, prefix, step)
+		s, _, err := Load[T](ctx, store, prefix, step)
 		if err == nil {
-			var s *State[T]
-			if s, err = Decode[T](objs); err == nil {
-				return s, nil
-			}
+			return s, nil
 		}
 		if ctx.Err() != nil {
 			return nil, ctx.Err()

@@ -120,3 +120,82 @@ func TestLocalStoreRejectsEscapingNames(t *testing.T) {
 		t.Error("a name escaping the root was accepted")
 	}
 }
+
+// TestLoadStreamsWhatDecodeReads checks the streaming Load against
+// ReadVerified and Decode, in the buffers' own precision and in a wider
+// one (float32 checkpoint into float64 buffers, exact).
+func TestLoadStreamsWhatDecodeReads(t *testing.T) {
+	ctx := context.Background()
+	store := LocalStore{Root: t.TempDir()}
+	want := testState(8)
+	if _, err := Save(ctx, store, "", want); err != nil {
+		t.Fatal(err)
+	}
+	got, man, err := Load[float32](ctx, store, "", 8)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, objs, err := ReadVerified(ctx, store, "", 8)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dec, err := Decode[float32](objs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(got, dec) || !reflect.DeepEqual(got.Params, want.Params) || !reflect.DeepEqual(got.V, want.V) {
+		t.Error("Load and Decode disagree, or differ from what was saved")
+	}
+	if len(man.Objects) != 4 || man.Size() <= 0 {
+		t.Errorf("manifest %+v", man)
+	}
+	wide, _, err := Load[float64](ctx, store, "", 8)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, v := range want.M {
+		if wide.M[i] != float64(v) {
+			t.Fatalf("exp_avg[%d] = %v in float64, %v saved", i, wide.M[i], v)
+		}
+	}
+}
+
+// TestLoadRejectsDamage damages a checkpoint in ways a checksum alone
+// would not name, and checks that Load reports each as ErrCorrupt.
+func TestLoadRejectsDamage(t *testing.T) {
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name   string
+		damage func(dir string)
+	}{
+		{"weights truncated", func(dir string) {
+			p := filepath.Join(dir, ModelObject)
+			b, _ := os.ReadFile(p)
+			os.WriteFile(p, b[:len(b)-4], 0o644)
+		}},
+		{"weights grown", func(dir string) {
+			p := filepath.Join(dir, ModelObject)
+			b, _ := os.ReadFile(p)
+			os.WriteFile(p, append(b, 0), 0o644)
+		}},
+		{"header length", func(dir string) {
+			p := filepath.Join(dir, OptimizerObject)
+			b, _ := os.ReadFile(p)
+			b[7] = 0x7f
+			os.WriteFile(p, b, 0o644)
+		}},
+		{"trainer state missing", func(dir string) { os.Remove(filepath.Join(dir, TrainerObject)) }},
+		{"manifest garbage", func(dir string) { os.WriteFile(filepath.Join(dir, ManifestObject), []byte("{"), 0o644) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			store := LocalStore{Root: t.TempDir()}
+			if _, err := Save(ctx, store, "", testState(4)); err != nil {
+				t.Fatal(err)
+			}
+			tc.damage(filepath.Join(store.Root, StepDir(4)))
+			if _, _, err := Load[float32](ctx, store, "", 4); !errors.Is(err, ErrCorrupt) {
+				t.Errorf("Load: %v, want ErrCorrupt", err)
+			}
+		})
+	}
+}

@@ -29,7 +29,8 @@ type tensorReader[T model.Float] struct {
 	one     [8]byte
 	tensors []tensorData[T]
 	dtype   safetensors.DType
-	elem    int // bytes of one converted value
+	elem    int  // bytes of one converted value
+	same    bool // the buffers hold the encoding already: copy their bytes
 
 	ti  int // current tensor
 	off int // values (or raw bytes) of it already produced
@@ -79,7 +80,8 @@ func newTensorReader[T model.Float](tensors []tensorData[T], dtype safetensors.D
 	if err != nil {
 		return nil, err
 	}
-	return &tensorReader[T]{size: size + int64(len(header)), pend: header, tensors: tensors, dtype: dtype, elem: dtype.Size()}, nil
+	return &tensorReader[T]{size: size + int64(len(header)), pend: header, tensors: tensors, dtype: dtype, elem: dtype.Size(),
+		same: littleEndian && dtype == dtypeOf[T]()}, nil
 }
 
 // Read fills p with the next bytes of the file. Values are converted
@@ -112,7 +114,9 @@ func (r *tensorReader[T]) Read(p []byte) (int, error) {
 			r.off++
 		default:
 			k = min(room, len(t.vals)-r.off)
-			if _, err := safetensors.AppendFloats(p[n:n:n+k*r.elem], t.vals[r.off:r.off+k], r.dtype); err != nil {
+			if r.same {
+				copy(p[n:], bytesOf(t.vals[r.off:r.off+k]))
+			} else if _, err := safetensors.AppendFloats(p[n:n:n+k*r.elem], t.vals[r.off:r.off+k], r.dtype); err != nil {
 				return n, err
 			}
 			r.off += k

@@ -689,3 +689,28 @@ func retryable(err error) bool {
 	}
 	return resp.StatusCode >= 500 || resp.StatusCode == 429 || resp.StatusCode == 408
 }
+
+// PutObjectBaseline uploads b with the S3 client's own PutObject (its
+// multipart upload with the store's part size and concurrency), without
+// this package's hashing or retries. It exists to measure Put and Save
+// against what the client alone achieves (tools/ckptbench).
+func (s *S3Store) PutObjectBaseline(ctx context.Context, name string, b []byte) error {
+	_, err := s.client.PutObject(ctx, s.cfg.Bucket, name, bytes.NewReader(b), int64(len(b)), minio.PutObjectOptions{
+		PartSize: uint64(s.cfg.PartSize), NumThreads: uint(s.cfg.Concurrency)})
+	return err
+}
+
+// GetObjectBaseline reads an object into b, which must have its size, with
+// the S3 client's own GetObject, without this package's verification or
+// retries; the counterpart of PutObjectBaseline.
+func (s *S3Store) GetObjectBaseline(ctx context.Context, name string, b []byte) error {
+	obj, err := s.client.GetObject(ctx, s.cfg.Bucket, name, minio.GetObjectOptions{})
+	if err != nil {
+		return err
+	}
+	defer obj.Close()
+	if _, err := io.ReadFull(obj, b); err != nil {
+		return err
+	}
+	return nil
+}

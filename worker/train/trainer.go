@@ -308,6 +308,15 @@ func (t *Trainer[T]) Checkpoint(ctx context.Context) error {
 	return err
 }
 
+// CheckpointInFlight returns the step of the checkpoint uploading in the
+// background, if one is.
+func (t *Trainer[T]) CheckpointInFlight() (step int, ok bool) {
+	if t.saver == nil {
+		return 0, false
+	}
+	return t.saver.InFlight()
+}
+
 // Close waits for the checkpoint in flight, if any, and returns the
 // failure of a save not reported yet.
 func (t *Trainer[T]) Close() error {
