@@ -360,4 +360,3 @@ func writeDataset(dir string, tokens int) error {
 	}
 	return w.Close()
 }
-
