@@ -5,6 +5,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -50,5 +51,30 @@ func TestProcessServesObjectsAcrossRestarts(t *testing.T) {
 	got, err := checkpoint.GetBytes(ctx, store, "a/b.bin")
 	if err != nil || !bytes.Equal(got, want) {
 		t.Fatalf("after restart: %d bytes, %v", len(got), err)
+	}
+}
+
+func TestOptionsAreChecked(t *testing.T) {
+	dir := t.TempDir()
+	for _, tc := range []struct {
+		o    s3gw.Options
+		want string
+	}{
+		{s3gw.Options{}, "dir is required"},
+		{s3gw.Options{Dir: dir, AccessKey: "a"}, "set together"},
+		{s3gw.Options{Dir: dir, AccessKey: "a", SecretKey: "short"}, "at least 8"},
+		{s3gw.Options{Dir: dir, MaxConnections: 4, MaxRequests: 8}, "must not exceed"},
+		{s3gw.Options{Dir: dir, MultipartMaxParts: -1}, "multipart_max_parts"},
+		{s3gw.Options{Dir: dir, Buckets: []string{"Bad_Name"}}, "bucket"},
+		{s3gw.Options{Dir: dir, Addr: "nonsense"}, "host:port"},
+	} {
+		_, err := s3gw.StartProcess(context.Background(), tc.o, nil)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%v: error %v, want one that says %q", tc.o, err, tc.want)
+		}
+	}
+	o := s3gw.Options{Dir: dir, AccessKey: "AKID", SecretKey: "the-secret-key"}
+	if strings.Contains(o.String(), "the-secret-key") {
+		t.Errorf("Options.String shows the secret: %s", o)
 	}
 }
