@@ -37,6 +37,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"runtime/pprof"
 	"slices"
 	"time"
 
@@ -59,6 +60,7 @@ type options struct {
 	dir         string
 	skipIO      bool
 	skipStall   bool
+	cpuprofile  string
 }
 
 func main() {
@@ -73,6 +75,7 @@ func main() {
 	flag.StringVar(&o.dir, "dir", "", "directory for the gateway's buckets (default: a temporary one, removed afterwards)")
 	flag.BoolVar(&o.skipIO, "no-io", false, "skip the save and load throughput")
 	flag.BoolVar(&o.skipStall, "no-stall", false, "skip the stall measurement")
+	flag.StringVar(&o.cpuprofile, "cpuprofile", "", "write a CPU profile of this process (not the gateway's) to this file")
 	flag.Parse()
 	if err := run(o); err != nil {
 		fmt.Fprintln(os.Stderr, "ckptbench:", err)
@@ -85,6 +88,17 @@ func run(o options) error {
 		return fmt.Errorf("flags: need -size-mib >= 16, -repeats >= 1, -stall-every >= 1 and -stall-steps >= 2 × -stall-every")
 	}
 	ctx := context.Background()
+	if o.cpuprofile != "" {
+		f, err := os.Create(o.cpuprofile)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+		defer pprof.StopCPUProfile()
+	}
 	dir := o.dir
 	if dir == "" {
 		d, err := os.MkdirTemp("", "ckptbench-")
@@ -197,6 +211,7 @@ func benchIO(ctx context.Context, o options, store *checkpoint.S3Store, bucketDi
 		puts = append(puts, time.Since(start))
 
 		// Ours: download, verify, decode into new float buffers.
+		runtime.GC()
 		start = time.Now()
 		got, _, err := checkpoint.Load[float32](ctx, store, "ours", 1000)
 		if err != nil {
@@ -207,13 +222,13 @@ func benchIO(ctx context.Context, o options, store *checkpoint.S3Store, bucketDi
 			return fmt.Errorf("the loaded checkpoint differs from the saved one")
 		}
 		got = nil
-		// Baseline: the client's GetObject into memory.
+		// Baseline: the client's GetObject into new memory, as Load
+		// delivers into new buffers.
+		runtime.GC()
 		bufs := map[string][]byte{}
-		for _, obj := range man.Objects {
-			bufs[obj.Name] = make([]byte, obj.Size)
-		}
 		start = time.Now()
 		for _, obj := range man.Objects {
+			bufs[obj.Name] = make([]byte, obj.Size)
 			if err := store.GetObjectBaseline(ctx, "raw/"+obj.Name, bufs[obj.Name]); err != nil {
 				return err
 			}

@@ -338,10 +338,26 @@ func Load[T model.Float](ctx context.Context, store Store, prefix string, step i
 	}
 	optStep := make([]int64, 1)
 	moments["step"] = target[T]{shape: []int{1}, ints: optStep}
-	if err := streamTensors(ctx, store, dir, byName[ModelObject], weights); err != nil {
-		return nil, nil, err
+	// The two objects stream at once: their hashing, the bulk of the
+	// work, then runs on two cores.
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	errs := make(chan error, 1)
+	go func() {
+		err := streamTensors(ctx, store, dir, byName[OptimizerObject], moments)
+		if err != nil {
+			cancel()
+		}
+		errs <- err
+	}()
+	err = streamTensors(ctx, store, dir, byName[ModelObject], weights)
+	if err != nil {
+		cancel()
 	}
-	if err := streamTensors(ctx, store, dir, byName[OptimizerObject], moments); err != nil {
+	if oerr := <-errs; err == nil || (errors.Is(err, context.Canceled) && oerr != nil) {
+		err = oerr
+	}
+	if err != nil {
 		return nil, nil, err
 	}
 	if optStep[0] != s.Trainer.OptimizerStep {
