@@ -102,6 +102,9 @@ func smooth(x []float64, window int) []float64 {
 // tolerances, and both curves must fall below 0.6 of their start, so that
 // the comparison is made on a curve that trains.
 func TestTrainingTracksCPU(t *testing.T) {
+	if testing.Short() {
+		t.Skip("200 training steps on the CPU and the GPU; skipped with -test.short (the sanitizer runs)")
+	}
 	ctx := context.Background()
 	cfg := model.DefaultConfig(64, 2, 128)
 	cfg.DState, cfg.HeadDim, cfg.ChunkSize = 16, 16, 16
