@@ -4,6 +4,8 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -360,8 +362,13 @@ func (s *S3Store) Put(ctx context.Context, name string, r io.Reader, size int64)
 			return fmt.Errorf("checkpoint: s3: put %s: read %d bytes, caller said %d", name, n, size)
 		}
 		data := (*first)[:n]
+		// A payload signed with its digest, rather than the client's
+		// chunked streaming signature, which gateways misread for an
+		// empty body and then fail the next request on the connection.
+		sum := sha256.Sum256(data)
+		digest := hex.EncodeToString(sum[:])
 		return s.retry(ctx, "PutObject", name, func(ctx context.Context) error {
-			_, err := s.core.PutObject(ctx, s.cfg.Bucket, name, bytes.NewReader(data), int64(len(data)), "", "", minio.PutObjectOptions{})
+			_, err := s.core.PutObject(ctx, s.cfg.Bucket, name, bytes.NewReader(data), int64(len(data)), "", digest, minio.PutObjectOptions{})
 			return err
 		})
 	case err != nil:
