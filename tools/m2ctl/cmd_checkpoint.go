@@ -567,7 +567,11 @@ func exportCheckpoint(ctx context.Context, w io.Writer, loc *ckptLocation, step 
 				bad = append(bad, fmt.Sprintf("%s %s (%s)", o.Name, o.Status, o.Detail))
 			}
 		}
-		return fmt.Errorf("%s does not verify, nothing exported: %s", dir, strings.Join(bad, "; "))
+		msg := fmt.Sprintf("%s does not verify, nothing exported: %s", dir, strings.Join(bad, "; "))
+		if i := slices.Index(loc.steps, step); i+1 < len(loc.steps) {
+			msg += fmt.Sprintf(" (the previous checkpoint is step %d: --step %d)", loc.steps[i+1], loc.steps[i+1])
+		}
+		return errors.New(msg)
 	}
 	cfg, _, err := hf.ParseConfig(kept[checkpoint.ConfigObject])
 	if err != nil {

@@ -496,7 +496,7 @@ func TestCheckpointInspectAndExport(t *testing.T) {
 		t.Errorf("text inspect of a damaged checkpoint: exit %d:\n%s", code, msg)
 	}
 	outBad := filepath.Join(dir, "hfbad")
-	if msg, code := m2ctl(t, "checkpoint", "export", job, outBad); code != exitFailure || !strings.Contains(msg, "nothing exported") {
+	if msg, code := m2ctl(t, "checkpoint", "export", job, outBad); code != exitFailure || !strings.Contains(msg, "nothing exported") || !strings.Contains(msg, "--step 2") {
 		t.Errorf("export of a damaged checkpoint: exit %d: %s", code, msg)
 	}
 	if _, err := os.Stat(outBad); !errors.Is(err, fs.ErrNotExist) {
