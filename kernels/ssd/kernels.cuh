@@ -291,12 +291,14 @@ __global__ void __launch_bounds__(NT) state_passing_bwd_kernel(Geo g, const floa
     if (ok && dinit) dinit[int64_t(bh) * g.PN + e] = gv;
 }
 
-// dCB of row tile I of chunk c of (b, group), summed over the group's heads
-// (§4.6 B3), and per head the intra-chunk part of the log-decay gradient
-// (§4.6 B4): da_k = Σ_{i≥k} Σ_{j<k} W[i,j] with W = CB ∘ dCB_h, restricted to
-// rows i of tile I (da_part (Bt·H, nc, nI, Q); summed over I later).
-// For each column tile J ≤ I and each head: D = dY_I·x_Jᵀ, dCB_h = decay·dt·D,
-// W; the row prefix of W carries across J in rp. Grid (Bt·G, nc, nI).
+// dCB of tile (I, J ≤ I) of chunk c of (b, group), summed over the group's
+// heads (§4.6 B3), and per head what the intra-chunk part of the log-decay
+// gradient (§4.6 B4), da_k = Σ_{i≥k} Σ_{j<k} W[i,j] with W = CB ∘ dCB_h,
+// needs from this tile (da_part (Bt·H, nc, nTri, 2·TM)):
+//   [0, TM):    for k = J0 + kk: Σ_{i ∈ I, i ≥ k} Σ_{j ∈ J, j < k} W[i, j]
+//   [TM, 2TM):  for i = I0 + r: Σ_{j ∈ J} W[i, j]   (the row sums)
+// chunk_da_kernel assembles da_k from them without cancellation.
+// Grid (Bt·G, nc, nI(nI+1)/2).
 template <typename T>
 __global__ void __launch_bounds__(NT) chunk_dcb_kernel(Geo g, const T* __restrict__ x, const T* __restrict__ dy,
                                                        const float* __restrict__ dt, const float* __restrict__ cs,
@@ -304,114 +306,100 @@ __global__ void __launch_bounds__(NT) chunk_dcb_kernel(Geo g, const T* __restric
                                                        float* __restrict__ da_part) {
     extern __shared__ __align__(128) unsigned char smem_raw[];
     Smem<T> s(smem_raw, 3);
-    float* Ds = s.F;                 // D, then W, then its row prefix
+    float* Ds = s.F;                 // D, then W, then its in-tile row prefix
     float* Gs = s.F + TM * LDC;      // dCB summed over heads
     float* CBs = s.F + 2 * TM * LDC; // CB tile (masked)
     float* cs_s = s.X;
     float* dt_s = s.X + MAXQ;
-    float* rp = s.X + 2 * MAXQ;      // [R][TM] running row prefix per head
-    const int bg = blockIdx.x, c = blockIdx.y, I = blockIdx.z, b = bg / g.G, grp = bg % g.G;
-    const int t0 = c * g.Q, q = min(g.Q, g.L - t0), I0 = I * TM;
+    const int bg = blockIdx.x, c = blockIdx.y, b = bg / g.G, grp = bg % g.G;
+    int I, J;
+    tri_tile(blockIdx.z, I, J);
+    const int nTri = g.nI * (g.nI + 1) / 2;
+    const int t0 = c * g.Q, q = min(g.Q, g.L - t0), I0 = I * TM, J0 = J * TN;
+    if (I0 >= q) return;
     const int64_t cbase = (int64_t(bg) * g.nc + c) * g.Q * g.Q;
-    if (I0 >= q) {
-        for (int hh = 0; hh < g.R; ++hh) {
-            const int64_t bh = int64_t(b) * g.H + grp * g.R + hh;
-            for (int k = threadIdx.x; k < g.Q; k += NT) da_part[((bh * g.nc + c) * g.nI + I) * g.Q + k] = 0.f;
-        }
-        return;
-    }
-    for (int idx = threadIdx.x; idx < g.R * TM; idx += NT) rp[idx] = 0.f;
     const int rr = threadIdx.x / 4, seg = threadIdx.x % 4;  // 4 threads per row / column
-    for (int J = 0; J <= I; ++J) {
-        const int J0 = J * TN;
-        for (int idx = threadIdx.x; idx < TM * TN; idx += NT) {
-            const int r = idx / TN, k = idx % TN, i = I0 + r, j = J0 + k;
-            CBs[r * LDC + k] = (i < q && j <= i) ? cb[cbase + int64_t(i) * g.Q + j] : 0.f;
-            Gs[r * LDC + k] = 0.f;
+    for (int idx = threadIdx.x; idx < TM * TN; idx += NT) {
+        const int r = idx / TN, k = idx % TN, i = I0 + r, j = J0 + k;
+        CBs[r * LDC + k] = (i < q && j <= i) ? cb[cbase + int64_t(i) * g.Q + j] : 0.f;
+        Gs[r * LDC + k] = 0.f;
+    }
+    for (int hh = 0; hh < g.R; ++hh) {
+        const int h = grp * g.R + hh;
+        const int64_t bh = int64_t(b) * g.H + h;
+        __syncthreads();
+        for (int j = threadIdx.x; j < g.Q; j += NT) {
+            cs_s[j] = cs[bh * g.Lp + t0 + j];
+            dt_s[j] = dt[bh * g.Lp + t0 + j];
         }
-        for (int hh = 0; hh < g.R; ++hh) {
-            const int h = grp * g.R + hh;
-            const int64_t bh = int64_t(b) * g.H + h;
+        const T* dyp = dy + (int64_t(b) * g.L + t0 + I0) * g.ys + int64_t(h) * g.P;
+        const T* xp = x + (int64_t(b) * g.L + t0 + J0) * g.xs + int64_t(h) * g.P;
+        Acc<T> acc;
+        acc.zero();
+        for (int p0 = 0; p0 < g.P; p0 += TK) {
+            load_rows<TM, TK>(s.A, Ld<T>::A, dyp + p0, g.ys, q - I0, g.P - p0);
+            load_cols<TN, TK>(s.B, Ld<T>::B, xp + p0, g.xs, q - J0, g.P - p0);
             __syncthreads();
-            for (int j = threadIdx.x; j < g.Q; j += NT) {
-                cs_s[j] = cs[bh * g.Lp + t0 + j];
-                dt_s[j] = dt[bh * g.Lp + t0 + j];
-            }
-            const T* dyp = dy + (int64_t(b) * g.L + t0 + I0) * g.ys + int64_t(h) * g.P;
-            const T* xp = x + (int64_t(b) * g.L + t0 + J0) * g.xs + int64_t(h) * g.P;
-            Acc<T> acc;
-            acc.zero();
-            for (int p0 = 0; p0 < g.P; p0 += TK) {
-                load_rows<TM, TK>(s.A, Ld<T>::A, dyp + p0, g.ys, q - I0, g.P - p0);
-                load_cols<TN, TK>(s.B, Ld<T>::B, xp + p0, g.xs, q - J0, g.P - p0);
-                __syncthreads();
-                acc.mma(s.A, s.B, TK);
-                __syncthreads();
-            }
-            acc.store(Ds);
+            acc.mma(s.A, s.B, TK);
             __syncthreads();
-            for (int idx = threadIdx.x; idx < TM * TN; idx += NT) {
-                const int r = idx / TN, k = idx % TN, i = I0 + r, j = J0 + k;
-                float dv = 0.f;
-                if (i < q && j <= i) dv = expf(fminf(cs_s[i] - cs_s[j], 0.f)) * dt_s[j] * Ds[r * LDC + k];
-                Gs[r * LDC + k] += dv;
-                Ds[r * LDC + k] = CBs[r * LDC + k] * dv;
-            }
-            __syncthreads();
-            // Row prefix: Ds[r][k] = Σ_{j < J0+k} W[I0+r][j], carried across J by rp.
-            {
-                float* row = Ds + rr * LDC + seg * 16;
-                float run = 0.f;
-#pragma unroll
-                for (int k = 0; k < 16; ++k) {
-                    const float v = row[k];
-                    row[k] = run;
-                    run += v;
-                }
-                float incl = run;
-                float up = __shfl_up_sync(0xffffffffu, incl, 1, 4);
-                if (seg >= 1) incl += up;
-                up = __shfl_up_sync(0xffffffffu, incl, 2, 4);
-                if (seg >= 2) incl += up;
-                float excl = __shfl_up_sync(0xffffffffu, incl, 1, 4);
-                if (seg == 0) excl = 0.f;
-                const float base = rp[hh * TM + rr];
-                __syncwarp();
-                const float off = base + excl;
-#pragma unroll
-                for (int k = 0; k < 16; ++k) row[k] += off;
-                if (seg == 3) rp[hh * TM + rr] = base + incl;
-            }
-            __syncthreads();
-            // Column sums over the rows i ≥ k of this tile.
-            {
-                const int k = J0 + rr;
-                float sum = 0.f;
-#pragma unroll
-                for (int r = seg * 16; r < seg * 16 + 16; ++r)
-                    if (I0 + r >= k) sum += Ds[r * LDC + rr];
-                sum = sum4(sum);
-                if (seg == 0 && k < g.Q) da_part[((bh * g.nc + c) * g.nI + I) * g.Q + k] = sum;
-            }
         }
+        acc.store(Ds);
         __syncthreads();
         for (int idx = threadIdx.x; idx < TM * TN; idx += NT) {
             const int r = idx / TN, k = idx % TN, i = I0 + r, j = J0 + k;
-            if (i < g.Q && j < g.Q) dcb[cbase + int64_t(i) * g.Q + j] = Gs[r * LDC + k];
+            float dv = 0.f;
+            if (i < q && j <= i) dv = expf(fminf(cs_s[i] - cs_s[j], 0.f)) * dt_s[j] * Ds[r * LDC + k];
+            Gs[r * LDC + k] += dv;
+            Ds[r * LDC + k] = CBs[r * LDC + k] * dv;
+        }
+        __syncthreads();
+        float* part = da_part + ((bh * g.nc + c) * nTri + blockIdx.z) * (2 * TM);
+        // In-tile exclusive row prefix of W, and the row sums.
+        {
+            float* row = Ds + rr * LDC + seg * 16;
+            float run = 0.f;
+#pragma unroll
+            for (int k = 0; k < 16; ++k) {
+                const float v = row[k];
+                row[k] = run;
+                run += v;
+            }
+            float incl = run;
+            float up = __shfl_up_sync(0xffffffffu, incl, 1, 4);
+            if (seg >= 1) incl += up;
+            up = __shfl_up_sync(0xffffffffu, incl, 2, 4);
+            if (seg >= 2) incl += up;
+            float excl = __shfl_up_sync(0xffffffffu, incl, 1, 4);
+            if (seg == 0) excl = 0.f;
+#pragma unroll
+            for (int k = 0; k < 16; ++k) row[k] += excl;
+            if (seg == 3) part[TM + rr] = incl;
+        }
+        __syncthreads();
+        // Column sums of the prefix over the rows i ≥ k.
+        {
+            const int k = J0 + rr;
+            float sum = 0.f;
+#pragma unroll
+            for (int r = seg * 16; r < seg * 16 + 16; ++r)
+                if (I0 + r >= k) sum += Ds[r * LDC + rr];
+            sum = sum4(sum);
+            if (seg == 0) part[rr] = sum;
         }
     }
-    for (int hh = 0; hh < g.R; ++hh) {
-        const int64_t bh = int64_t(b) * g.H + grp * g.R + hh;
-        for (int k = (I + 1) * TM + threadIdx.x; k < g.Q; k += NT) da_part[((bh * g.nc + c) * g.nI + I) * g.Q + k] = 0.f;
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < TM * TN; idx += NT) {
+        const int r = idx / TN, k = idx % TN, i = I0 + r, j = J0 + k;
+        if (i < g.Q && j < g.Q) dcb[cbase + int64_t(i) * g.Q + j] = Gs[r * LDC + k];
     }
 }
 
-// dB and dC of row tile I and column tile nt (of N) of chunk c of (b, group)
-// (§4.6 B3), and the per-head decay terms u (chunk state) and v
-// (off-diagonal) of B4 as partial sums over this N tile:
-//   dC_i = Σ_h exp(cs_i)·Hin_hᵀ dY_i + Σ_j dCB[i,j] B_j,  v_i = C_i · (first term of head h)
-//   dB_j = Σ_h dt_j exp(Λ−cs_j)·Gc_hᵀ x_j + Σ_i dCB[i,j] C_i,  u_j = B_j · (first term of head h)
-// Grid (Bt·G, nc, nI·nNt).
+// dC (which = 0) or dB (which = 1) of row tile I and column tile nt (of N)
+// of chunk c of (b, group) (§4.6 B3), and the per-head decay terms v
+// (off-diagonal) or u (chunk state) of B4 as partial sums over this N tile:
+//   dC_i = Σ_h exp(cs_i)·Hin_hᵀ dY_i + Σ_{j≤i} dCB[i,j] B_j,   v_i = C_i · (term of head h)
+//   dB_j = Σ_h dt_j exp(Λ−cs_j)·Gc_hᵀ x_j + Σ_{i≥j} dCB[i,j] C_i,   u_j = B_j · (term of head h)
+// Grid (Bt·G, nc, nI·nNt·2).
 template <typename T>
 __global__ void __launch_bounds__(NT) chunk_dbc_kernel(Geo g, const T* __restrict__ x, const T* __restrict__ dy,
                                                        const T* __restrict__ B, const T* __restrict__ C,
@@ -421,25 +409,29 @@ __global__ void __launch_bounds__(NT) chunk_dbc_kernel(Geo g, const T* __restric
                                                        T* __restrict__ dC, float* __restrict__ u_part,
                                                        float* __restrict__ v_part) {
     extern __shared__ __align__(128) unsigned char smem_raw[];
-    Smem<T> s(smem_raw, 3);
+    Smem<T> s(smem_raw, 2);
     float* Ts = s.F;
-    float* dCs = s.F + TM * LDC;
-    float* dBs = s.F + 2 * TM * LDC;
+    float* Os = s.F + TM * LDC;  // the output tile
     float* cs_s = s.X;
     float* dt_s = s.X + MAXQ;
     const int bg = blockIdx.x, c = blockIdx.y, b = bg / g.G, grp = bg % g.G;
-    const int I = blockIdx.z / g.nNt, nt = blockIdx.z % g.nNt, I0 = I * TM, n0 = nt * TN;
+    const int which = blockIdx.z % 2, tile = blockIdx.z / 2;
+    const int I = tile / g.nNt, nt = tile % g.nNt, I0 = I * TM, n0 = nt * TN;
     const int t0 = c * g.Q, q = min(g.Q, g.L - t0);
     if (I0 >= q) return;
     const int64_t cbase = (int64_t(bg) * g.nc + c) * g.Q * g.Q;
     const int64_t row0 = int64_t(b) * g.L + t0;  // first row of the chunk
     const T* Bg = B + row0 * g.bs + int64_t(grp) * g.N;
     const T* Cg = C + row0 * g.css + int64_t(grp) * g.N;
+    // dC: rows of dY against Hin, dotted with C; dB: rows of x against Gc, dotted with B.
+    const T* rows = which == 0 ? dy : x;
+    const int64_t rs = which == 0 ? g.ys : g.xs;
+    const float* mats = which == 0 ? st : gst;
+    const T* dotv = which == 0 ? Cg : Bg;
+    const int64_t ds = which == 0 ? g.css : g.bs;
+    float* part = which == 0 ? v_part : u_part;
     const int rr = threadIdx.x / 4, seg = threadIdx.x % 4;
-    for (int idx = threadIdx.x; idx < TM * LDC; idx += NT) {
-        dCs[idx] = 0.f;
-        dBs[idx] = 0.f;
-    }
+    for (int idx = threadIdx.x; idx < TM * TN; idx += NT) Os[(idx / TN) * LDC + idx % TN] = 0.f;
     Acc<T> acc;
     for (int hh = 0; hh < g.R; ++hh) {
         const int h = grp * g.R + hh;
@@ -449,13 +441,12 @@ __global__ void __launch_bounds__(NT) chunk_dbc_kernel(Geo g, const T* __restric
             cs_s[j] = cs[bh * g.Lp + t0 + j];
             dt_s[j] = dt[bh * g.Lp + t0 + j];
         }
-        // Off-diagonal part of dC: dY_I · Hin_h[:, n0:].
-        const T* dyp = dy + (row0 + I0) * g.ys + int64_t(h) * g.P;
-        const float* hin = st + (bh * (g.nc + 1) + c) * g.PN + n0;
+        const T* rp = rows + (row0 + I0) * rs + int64_t(h) * g.P;
+        const float* mp = mats + (bh * (g.nc + 1) + c + which) * g.PN + n0;  // Hin_c or Gc_c = gst[c + 1]
         acc.zero();
         for (int p0 = 0; p0 < g.P; p0 += TK) {
-            load_rows<TM, TK>(s.A, Ld<T>::A, dyp + p0, g.ys, q - I0, g.P - p0);
-            load_rows<TK, TN>(s.B, Ld<T>::B, hin + int64_t(p0) * g.N, g.N, g.P - p0, g.N - n0);
+            load_rows<TM, TK>(s.A, Ld<T>::A, rp + p0, rs, q - I0, g.P - p0);
+            load_rows<TK, TN>(s.B, Ld<T>::B, mp + int64_t(p0) * g.N, g.N, g.P - p0, g.N - n0);
             __syncthreads();
             acc.mma(s.A, s.B, TK);
             __syncthreads();
@@ -464,77 +455,48 @@ __global__ void __launch_bounds__(NT) chunk_dbc_kernel(Geo g, const T* __restric
         __syncthreads();
         {
             const int i = I0 + rr;
-            const float sc = i < q ? expf(fminf(cs_s[i], 0.f)) : 0.f;
-            float vs = 0.f;
+            float sc = 0.f;
+            if (i < q)
+                sc = which == 0 ? expf(fminf(cs_s[i], 0.f)) : dt_s[i] * expf(fminf(cs_s[g.Q - 1] - cs_s[i], 0.f));
+            float acc_dot = 0.f;
 #pragma unroll 4
             for (int k = seg * 16; k < seg * 16 + 16; ++k) {
                 const float val = sc * Ts[rr * LDC + k];
-                dCs[rr * LDC + k] += val;
-                if (i < q && n0 + k < g.N) vs += val * to_f32(Cg[int64_t(i) * g.css + n0 + k]);
+                Os[rr * LDC + k] += val;
+                if (i < q && n0 + k < g.N) acc_dot += val * to_f32(dotv[int64_t(i) * ds + n0 + k]);
             }
-            vs = sum4(vs);
-            if (seg == 0 && i < q) v_part[(bh * g.nNt + nt) * g.Lp + t0 + i] = vs;
+            acc_dot = sum4(acc_dot);
+            if (seg == 0 && i < q) part[(bh * g.nNt + nt) * g.Lp + t0 + i] = acc_dot;
         }
-        __syncthreads();
-        // Chunk-state part of dB: X_I · Gc_h[:, n0:].
-        const T* xp = x + (row0 + I0) * g.xs + int64_t(h) * g.P;
-        const float* gc = gst + (bh * (g.nc + 1) + c + 1) * g.PN + n0;
-        acc.zero();
-        for (int p0 = 0; p0 < g.P; p0 += TK) {
-            load_rows<TM, TK>(s.A, Ld<T>::A, xp + p0, g.xs, q - I0, g.P - p0);
-            load_rows<TK, TN>(s.B, Ld<T>::B, gc + int64_t(p0) * g.N, g.N, g.P - p0, g.N - n0);
+    }
+    __syncthreads();
+    // Group part: dC += Σ_{j ≤ i} dCB[i, j] B_j, or dB += Σ_{i ≥ j} dCB[i, j] C_i.
+    acc.zero();
+    if (which == 0) {
+        const int iend = min(I0 + TM, q);
+        for (int k0 = 0; k0 < iend; k0 += TK) {
+            load_rows<TM, TK>(s.A, Ld<T>::A, dcb + cbase + int64_t(I0) * g.Q + k0, g.Q, q - I0, q - k0);
+            load_rows<TK, TN>(s.B, Ld<T>::B, Bg + int64_t(k0) * g.bs + n0, g.bs, q - k0, g.N - n0);
             __syncthreads();
             acc.mma(s.A, s.B, TK);
             __syncthreads();
         }
-        acc.store(Ts);
-        __syncthreads();
-        {
-            const int j = I0 + rr;
-            const float lam = cs_s[g.Q - 1];
-            const float sc = j < q ? dt_s[j] * expf(fminf(lam - cs_s[j], 0.f)) : 0.f;
-            float us = 0.f;
-#pragma unroll 4
-            for (int k = seg * 16; k < seg * 16 + 16; ++k) {
-                const float val = sc * Ts[rr * LDC + k];
-                dBs[rr * LDC + k] += val;
-                if (j < q && n0 + k < g.N) us += val * to_f32(Bg[int64_t(j) * g.bs + n0 + k]);
-            }
-            us = sum4(us);
-            if (seg == 0 && j < q) u_part[(bh * g.nNt + nt) * g.Lp + t0 + j] = us;
+    } else {
+        for (int k0 = I0; k0 < q; k0 += TK) {
+            load_cols<TK, TM>(s.A, Ld<T>::A, dcb + cbase + int64_t(k0) * g.Q + I0, g.Q, q - k0, q - I0);
+            load_rows<TK, TN>(s.B, Ld<T>::B, Cg + int64_t(k0) * g.css + n0, g.css, q - k0, g.N - n0);
+            __syncthreads();
+            acc.mma(s.A, s.B, TK);
+            __syncthreads();
         }
     }
-    __syncthreads();
-    // Group part of dC: Σ_{j ≤ i} dCB[i, j] B_j.
-    acc.zero();
-    const int iend = min(I0 + TM, q);
-    for (int k0 = 0; k0 < iend; k0 += TK) {
-        load_rows<TM, TK>(s.A, Ld<T>::A, dcb + cbase + int64_t(I0) * g.Q + k0, g.Q, q - I0, q - k0);
-        load_rows<TK, TN>(s.B, Ld<T>::B, Bg + int64_t(k0) * g.bs + n0, g.bs, q - k0, g.N - n0);
-        __syncthreads();
-        acc.mma(s.A, s.B, TK);
-        __syncthreads();
-    }
     acc.store(Ts);
     __syncthreads();
-    for (int idx = threadIdx.x; idx < TM * LDC; idx += NT) dCs[idx] += Ts[idx];
-    __syncthreads();
-    // Group part of dB: Σ_{i ≥ j} dCB[i, j] C_i.
-    acc.zero();
-    for (int k0 = I0; k0 < q; k0 += TK) {
-        load_cols<TK, TM>(s.A, Ld<T>::A, dcb + cbase + int64_t(k0) * g.Q + I0, g.Q, q - k0, q - I0);
-        load_rows<TK, TN>(s.B, Ld<T>::B, Cg + int64_t(k0) * g.css + n0, g.css, q - k0, g.N - n0);
-        __syncthreads();
-        acc.mma(s.A, s.B, TK);
-        __syncthreads();
-    }
-    acc.store(Ts);
-    __syncthreads();
+    T* out = which == 0 ? dC : dB;
     for (int idx = threadIdx.x; idx < TM * TN; idx += NT) {
         const int r = idx / TN, k = idx % TN, i = I0 + r, n = n0 + k;
         if (i >= q || n >= g.N) continue;
-        dC[(row0 + i) * g.css + int64_t(grp) * g.N + n] = from_f32<T>(dCs[r * LDC + k]);
-        dB[(row0 + i) * g.bs + int64_t(grp) * g.N + n] = from_f32<T>(dBs[r * LDC + k] + Ts[r * LDC + k]);
+        out[(row0 + i) * ds + int64_t(grp) * g.N + n] = from_f32<T>(Os[r * LDC + k] + Ts[r * LDC + k]);
     }
 }
 
@@ -663,6 +625,7 @@ __global__ void __launch_bounds__(NT) chunk_da_kernel(Geo g, const T* __restrict
     } tmp;
     __shared__ double dlam_s;
     const int bh = blockIdx.x, b = bh / g.H, h = bh % g.H, i = threadIdx.x;
+    const int nTri = g.nI * (g.nI + 1) / 2, K = i / TM, kk = i % TM;
     const float bias = dt_bias[h], A = -expf(A_log[h]);
     double acc_bias = 0, acc_A = 0;
     for (int c = 0; c < g.nc; ++c) {
@@ -675,7 +638,21 @@ __global__ void __launch_bounds__(NT) chunk_da_kernel(Geo g, const T* __restrict
                 u += u_part[(int64_t(bh) * g.nNt + nt) * g.Lp + t];
                 v += v_part[(int64_t(bh) * g.nNt + nt) * g.Lp + t];
             }
-            for (int I = 0; I * TM < q; ++I) intra += da_part[((int64_t(bh) * g.nc + c) * g.nI + I) * g.Q + i];
+            // Columns j of the block of k: tiles (I, K), I ≥ K.
+            for (int I = K; I * TM < q; ++I)
+                intra += da_part[((int64_t(bh) * g.nc + c) * nTri + I * (I + 1) / 2 + K) * (2 * TM) + kk];
+        }
+        // Columns j of earlier blocks J < K: Σ_{m ≥ k} Σ_{J<K} rowsum_J(m),
+        // a suffix sum over the chunk for each block index K.
+        for (int KB = 1; KB * TM < q; ++KB) {
+            double f = 0;
+            if (valid && K >= KB)
+                for (int J = 0; J < KB; ++J)
+                    f += da_part[((int64_t(bh) * g.nc + c) * nTri + K * (K + 1) / 2 + J) * (2 * TM) + TM + kk];
+            double pre, tot;
+            Scan(tmp.scan).ExclusiveSum(f, pre, tot);
+            __syncthreads();
+            if (K == KB) intra += tot - pre;
         }
         if (i == 0) {
             double sdot = 0;

@@ -41,7 +41,7 @@ int64_t carve(const Geo& g, void* base, bool backward, Ws* w) {
         w->gst = cv.take<float>(BH * (g.nc + 1) * g.PN);
         w->dcb = cv.take<float>(BG * g.nc * g.Q * g.Q);
         w->dlam_part = cv.take<float>(BH * g.nc * g.nEb);
-        w->da_part = cv.take<float>(BH * g.nc * g.nI * g.Q);
+        w->da_part = cv.take<float>(BH * g.nc * (g.nI * (g.nI + 1) / 2) * 2 * TM);
         w->ddt_part = cv.take<float>(BH * g.nPt * g.Lp);
         w->u_part = cv.take<float>(BH * g.nNt * g.Lp);
         w->v_part = cv.take<float>(BH * g.nNt * g.Lp);
@@ -144,8 +144,8 @@ template <typename K> int allow_smem(K kernel, int bytes) {
 template <typename T> constexpr int smem_bmm() { return Smem<T>::bytes(1, 0); }
 template <typename T> constexpr int smem_state() { return Smem<T>::bytes(1, MAXQ); }
 template <typename T> constexpr int smem_scan() { return Smem<T>::bytes(1, 2 * MAXQ); }
-template <typename T> int smem_dcb(const Geo& g) { return Smem<T>::bytes(3, 2 * MAXQ + g.R * TM); }
-template <typename T> constexpr int smem_dbc() { return Smem<T>::bytes(3, 2 * MAXQ); }
+template <typename T> constexpr int smem_dcb() { return Smem<T>::bytes(3, 2 * MAXQ); }
+template <typename T> constexpr int smem_dbc() { return Smem<T>::bytes(2, 2 * MAXQ); }
 template <typename T> constexpr int smem_dx() { return Smem<T>::bytes(1, 2 * MAXQ); }
 
 // Steps (0)–(3) of the forward, shared by m2k_ssd_fwd and the backward's
@@ -198,11 +198,11 @@ template <typename T> int backward(const Geo& g, const Ws& w, const m2k_ssd_bwd_
                                                             static_cast<const float*>(a->dfinal_state),
                                                             static_cast<float*>(a->dinit_state), w.dlam_part);
     // B3, B4.
-    const int sd = smem_dcb<T>(g);
-    if (int e = allow_smem(chunk_dcb_kernel<T>, sd)) return e;
-    chunk_dcb_kernel<T><<<dim3(BG, g.nc, g.nI), NT, sd, st>>>(g, x, dy, w.dt, w.cs, w.cb, w.dcb, w.da_part);
+    if (int e = allow_smem(chunk_dcb_kernel<T>, smem_dcb<T>())) return e;
+    chunk_dcb_kernel<T><<<dim3(BG, g.nc, g.nI * (g.nI + 1) / 2), NT, smem_dcb<T>(), st>>>(g, x, dy, w.dt, w.cs, w.cb,
+                                                                                      w.dcb, w.da_part);
     if (int e = allow_smem(chunk_dbc_kernel<T>, smem_dbc<T>())) return e;
-    chunk_dbc_kernel<T><<<dim3(BG, g.nc, g.nI * g.nNt), NT, smem_dbc<T>(), st>>>(
+    chunk_dbc_kernel<T><<<dim3(BG, g.nc, g.nI * g.nNt * 2), NT, smem_dbc<T>(), st>>>(
         g, x, dy, B, C, w.dt, w.cs, w.st, w.gst, w.dcb, static_cast<T*>(a->dB), static_cast<T*>(a->dC), w.u_part,
         w.v_part);
     if (int e = allow_smem(chunk_dx_kernel<T>, smem_dx<T>())) return e;

@@ -120,15 +120,26 @@ template <> struct Acc<__nv_bfloat16> {
     }
 };
 
+// The loaders below issue all their global loads before the first shared
+// store (two unrolled passes), so that each thread has R·C/NT loads in
+// flight instead of one.
+
 // dst[r][c] = src[r·sld + c] for r < R, c < C, zero outside r < rlim, c < clim;
 // converted to D through f32 (exact for bf16 → f32 → bf16).
 template <int R, int C, typename D, typename S>
 __device__ __forceinline__ void load_rows(D* dst, int ldd, const S* src, int64_t sld, int rlim, int clim) {
-    for (int idx = threadIdx.x; idx < R * C; idx += NT) {
-        const int r = idx / C, c = idx % C;
-        float v = 0.f;
-        if (r < rlim && c < clim) v = to_f32(src[r * sld + c]);
-        dst[r * ldd + c] = from_f32<D>(v);
+    static_assert(R * C % NT == 0, "tile not a multiple of the block");
+    constexpr int IT = R * C / NT;
+    float v[IT];
+#pragma unroll
+    for (int it = 0; it < IT; ++it) {
+        const int idx = threadIdx.x + it * NT, r = idx / C, c = idx % C;
+        v[it] = (r < rlim && c < clim) ? to_f32(src[r * sld + c]) : 0.f;
+    }
+#pragma unroll
+    for (int it = 0; it < IT; ++it) {
+        const int idx = threadIdx.x + it * NT, r = idx / C, c = idx % C;
+        dst[r * ldd + c] = from_f32<D>(v[it]);
     }
 }
 
@@ -136,11 +147,18 @@ __device__ __forceinline__ void load_rows(D* dst, int ldd, const S* src, int64_t
 // along c).
 template <int R, int C, typename D, typename S>
 __device__ __forceinline__ void load_cols(D* dst, int ldd, const S* src, int64_t sld, int rlim, int clim) {
-    for (int idx = threadIdx.x; idx < R * C; idx += NT) {
-        const int r = idx / C, c = idx % C;
-        float v = 0.f;
-        if (r < rlim && c < clim) v = to_f32(src[r * sld + c]);
-        dst[c * ldd + r] = from_f32<D>(v);
+    static_assert(R * C % NT == 0, "tile not a multiple of the block");
+    constexpr int IT = R * C / NT;
+    float v[IT];
+#pragma unroll
+    for (int it = 0; it < IT; ++it) {
+        const int idx = threadIdx.x + it * NT, r = idx / C, c = idx % C;
+        v[it] = (r < rlim && c < clim) ? to_f32(src[r * sld + c]) : 0.f;
+    }
+#pragma unroll
+    for (int it = 0; it < IT; ++it) {
+        const int idx = threadIdx.x + it * NT, r = idx / C, c = idx % C;
+        dst[c * ldd + r] = from_f32<D>(v[it]);
     }
 }
 
@@ -148,11 +166,18 @@ __device__ __forceinline__ void load_cols(D* dst, int ldd, const S* src, int64_t
 template <int R, int C, typename D, typename S>
 __device__ __forceinline__ void load_cols_scaled(D* dst, int ldd, const S* src, int64_t sld, int rlim, int clim,
                                                  const float* w) {
-    for (int idx = threadIdx.x; idx < R * C; idx += NT) {
-        const int r = idx / C, c = idx % C;
-        float v = 0.f;
-        if (r < rlim && c < clim) v = w[r] * to_f32(src[r * sld + c]);
-        dst[c * ldd + r] = from_f32<D>(v);
+    static_assert(R * C % NT == 0, "tile not a multiple of the block");
+    constexpr int IT = R * C / NT;
+    float v[IT];
+#pragma unroll
+    for (int it = 0; it < IT; ++it) {
+        const int idx = threadIdx.x + it * NT, r = idx / C, c = idx % C;
+        v[it] = (r < rlim && c < clim) ? to_f32(src[r * sld + c]) : 0.f;
+    }
+#pragma unroll
+    for (int it = 0; it < IT; ++it) {
+        const int idx = threadIdx.x + it * NT, r = idx / C, c = idx % C;
+        dst[c * ldd + r] = from_f32<D>(w[r] * v[it]);
     }
 }
 
