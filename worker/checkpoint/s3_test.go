@@ -12,6 +12,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/minio/minio-go/v7"
 )
 
 func randomBytes(n int, seed uint64) []byte {
@@ -226,5 +228,27 @@ func TestSaveOnS3KeepsRetentionAndCleansOrphans(t *testing.T) {
 	}
 	if steps, _ := Steps(ctx, s, "r"); !reflect.DeepEqual(steps, []int{3}) {
 		t.Errorf("committed steps %v, want [3]", steps)
+	}
+}
+
+// TestS3PartChecksumIsVerified sends a part whose CRC-32C does not match
+// its bytes: the server must refuse it, or the checksum checks nothing.
+func TestS3PartChecksumIsVerified(t *testing.T) {
+	ctx := context.Background()
+	g := startGateway(t)
+	s := g.store(t, g.config())
+	id, err := s.core.NewMultipartUpload(ctx, testBucket, "c/obj", minio.PutObjectOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.core.AbortMultipartUpload(ctx, testBucket, "c/obj", id)
+	data := randomBytes(MinPartSize, 5)
+	opts := partOptions(data)
+	if _, err := s.core.PutObjectPart(ctx, testBucket, "c/obj", id, 1, bytes.NewReader(data), int64(len(data)), opts); err != nil {
+		t.Fatalf("a part with its checksum: %v", err)
+	}
+	data[12345] ^= 1
+	if _, err := s.core.PutObjectPart(ctx, testBucket, "c/obj", id, 2, bytes.NewReader(data), int64(len(data)), opts); err == nil {
+		t.Fatal("a part that does not match its CRC-32C was accepted")
 	}
 }
