@@ -93,7 +93,9 @@ if ((${#bins[@]} == 0)); then
 fi
 
 table="$logdir/kernels.tsv"
+models="$logdir/models.txt"
 : >"$table"
+: >"$models"
 summary=()
 for bin in "${bins[@]}"; do
     name="$(basename "$bin" .test)"
@@ -108,6 +110,7 @@ for bin in "${bins[@]}"; do
         rc=$?
         ((rc)) && status=1
         grep -E '^KERNEL ' "$log" | sed "s/^KERNEL /$name /" >>"$table"
+        grep -E '^MODEL ' "$log" | sed "s/^MODEL /$name /" >>"$models"
         pass=$(grep -c -E '^--- PASS' "$log")
         fail=$(grep -c -E '^--- FAIL' "$log")
         summary+=("| $name | $rc | $pass | $fail |")
@@ -151,7 +154,17 @@ done
         echo
         echo "$(grep -c ' PASS$' "$table") outputs within tolerance, $(grep -c ' FAIL$' "$table") outside."
     fi
+    if [[ -s "$models" ]]; then
+        echo
+        echo "## Whole model against the CPU reference"
+        echo
+        echo '```'
+        cat "$models"
+        echo '```'
+        echo
+        echo "$(grep -c ' PASS$' "$models") model checks within tolerance, $(grep -c ' FAIL$' "$models") outside."
+    fi
 } >>"$report"
-grep -q ' FAIL$' "$table" && status=1
+grep -q ' FAIL$' "$table" "$models" && status=1
 echo "report: $report (status $status)" >&2
 exit $status

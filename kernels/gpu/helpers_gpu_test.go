@@ -70,8 +70,15 @@ type tolerances struct {
 // is of the same order. Forward outputs: 2^-5 ≈ 0.031 (3× that). The loss
 // averages the logit errors over the positions: 2^-7. The backward adds as
 // many roundings again (≈ 0.015 normwise) and every weight gradient is a
-// sum over positions of products of two perturbed factors: the whole
-// gradient buffer to 2^-5 in rel_l2. Single small tensors (dt_bias, A_log,
+// sum over positions of products of two perturbed factors, where
+// cancellation between positions magnifies the relative error: the whole
+// gradient buffer to 2^-4 in rel_l2. Measured on an H200: 0.007 to 0.016 for
+// eleven of the twelve configurations and 0.031 for D-per-channel, whose
+// gradients cancel more (every tensor of that model, the embedding
+// included, is about twice as far off as in the others); 2^-4 keeps a 2×
+// margin over the worst seen. Exactness is the F32 path's job (1e-4
+// above); this bound only has to catch structural errors, which give rel_l2
+// near 1. Single small tensors (dt_bias, A_log,
 // D: one sum per head over all positions, with cancellation between
 // positions) can lose more, relative to their own norm, than the whole: 2^-3
 // each, which still fails on any structural error (a missing term or a wrong
@@ -80,7 +87,7 @@ func tolFor(p Precision) tolerances {
 	if p == F32 {
 		return tolerances{fwd: 1e-4, loss: 1e-5, grad: 1e-4, gradAll: 1e-4}
 	}
-	return tolerances{fwd: 1.0 / 32, loss: 1.0 / 128, grad: 1.0 / 8, gradAll: 1.0 / 32}
+	return tolerances{fwd: 1.0 / 32, loss: 1.0 / 128, grad: 1.0 / 8, gradAll: 1.0 / 16}
 }
 
 var precisions = []Precision{F32, BF16}
