@@ -18,8 +18,8 @@ import (
 type Store interface {
 	// Put stores the bytes of r under name. size is the number of bytes r
 	// yields, or -1 when unknown. An object becomes visible whole or not
-	// at all; a failed Put leaves no object (and no incomplete upload)
-	// behind, but a previous object of the same name may be gone.
+	// at all. A failed Put makes no new object visible and aborts its
+	// incomplete upload, best effort (Cleanup removes what a crash left).
 	Put(ctx context.Context, name string, r io.Reader, size int64) error
 	// Open returns a reader of the object; a missing object is ErrNotFound.
 	// The reader fails, rather than ends early, if the object cannot be
