@@ -1,9 +1,12 @@
 // Package train owns the training loop of one rank: reading its
-// micro-batches, forward and backward on a model.Backend, gradient
-// accumulation with the loss normalised by the step's count of target
-// tokens, clipping, AdamW with the learning-rate schedule, progress
-// reporting, checkpoints and resume. The loop is the same for the CPU and
-// the CUDA backends.
+// micro-batches (from a token dataset or the built-in MQAR task), forward
+// and backward on a model.Backend, gradient accumulation with the loss
+// normalised by the step's count of target tokens, clipping, AdamW with the
+// learning-rate schedule, progress reporting, checkpoints and resume. The
+// loop is the same for the CPU and the CUDA backends; with a
+// model.DeviceBackend the gradient norm and the optimizer run where the
+// state lives, and the host mirrors move only around checkpoints and
+// resumption.
 package train
 
 import (
@@ -20,10 +23,79 @@ import (
 	"github.com/m2train/m2train/model/hf"
 	"github.com/m2train/m2train/worker/checkpoint"
 	"github.com/m2train/m2train/worker/data"
+	"github.com/m2train/m2train/worker/data/mqar"
 )
 
-// ErrDiverged is returned when the loss or the gradient norm stops being finite.
-var ErrDiverged = errors.New("train: loss is not finite")
+// Sentinel errors of the package.
+var (
+	// ErrDiverged is returned when the loss or the gradient norm stops
+	// being finite.
+	ErrDiverged = errors.New("train: loss is not finite")
+	// ErrNoTargets is returned for a step whose micro-batches hold no
+	// counted target (every target negative): its loss would be 0/0.
+	ErrNoTargets = errors.New("train: step has no counted targets")
+)
+
+// Source is where a trainer reads its steps: the contract of worker/data's
+// Loader, which the MQAR task's Loader follows too. Next returns this
+// rank's micro-batches of the step at the cursor and advances the cursor
+// by the global batch; the cursor is the global sample position of the next
+// step, saved in checkpoints and restored with Seek on resumption.
+type Source interface {
+	Next(ctx context.Context) ([]data.Batch, error)
+	Cursor() uint64
+	Seek(cursor uint64)
+}
+
+var (
+	_ Source = (*data.Loader)(nil)
+	_ Source = (*mqar.Loader)(nil)
+)
+
+// Input is a trainer's data: the source of its steps and the vocabulary
+// that the source's tokens come from.
+type Input struct {
+	Source Source
+	// Vocab is the size of the source's vocabulary: every token lies in
+	// [0, Vocab). It must not exceed the model's vocab_size.
+	Vocab int
+	// What names the data in errors ("the dataset", "the MQAR task").
+	What string
+}
+
+// NewInput returns the input of spec's data for a single process (data
+// parallel rank 0 of 1): for data.path a loader of ds, the opened dataset;
+// for data.mqar a loader of the task's training stream (ds is not used and
+// may be nil).
+func NewInput(spec *jobspec.Spec, ds *data.Dataset) (Input, error) {
+	lc := data.LoaderConfig{
+		SeqLen: spec.Data.SeqLen, MicroBatch: spec.Batch.MicroBatch, GlobalBatch: spec.Batch.GlobalBatch,
+		DPRank: 0, DPSize: 1, Seed: spec.Seed,
+	}
+	if spec.Data.MQAR != nil {
+		task, err := mqar.ConfigFromSpec(spec)
+		if err != nil {
+			return Input{}, fmt.Errorf("train: data.mqar: %w", err)
+		}
+		gen, err := mqar.New(task)
+		if err != nil {
+			return Input{}, fmt.Errorf("train: data.mqar: %w", err)
+		}
+		l, err := mqar.NewLoader(gen, lc)
+		if err != nil {
+			return Input{}, fmt.Errorf("train: data.mqar: %w", err)
+		}
+		return Input{Source: l, Vocab: gen.Vocab(), What: "the MQAR task"}, nil
+	}
+	if ds == nil {
+		return Input{}, errors.New("train: data.path: no dataset given for a spec that reads one")
+	}
+	l, err := data.NewLoader(ds, lc)
+	if err != nil {
+		return Input{}, err
+	}
+	return Input{Source: l, Vocab: int(ds.Vocab()), What: "the dataset"}, nil
+}
 
 // ModelConfig turns the spec's architecture into a model configuration,
 // with mamba_ssm's defaults for the fields the spec leaves out.
@@ -78,28 +150,56 @@ type Options struct {
 type Trainer[T model.Float] struct {
 	spec    *jobspec.Spec
 	backend model.Backend[T]
-	opt     *model.AdamW[T]
-	sched   model.Schedule
-	loader  *data.Loader
-	opts    Options
-	log     *slog.Logger
-	step    int
-	loss    float64
-	started time.Time
-	rate    float64 // smoothed tokens per second
-	saver   *checkpoint.Saver[T]
+	// dev is backend as a DeviceBackend, or nil: the step then runs the
+	// gradient norm and AdamW on the device, and the host mirrors of the
+	// parameters and moments are current only when hostStale is false.
+	dev       model.DeviceBackend[T]
+	hostStale bool
+	opt       *model.AdamW[T]
+	sched     model.Schedule
+	src       Source
+	opts      Options
+	log       *slog.Logger
+	step      int
+	loss      float64
+	started   time.Time
+	rate      float64 // smoothed tokens per second
+	saver     *checkpoint.Saver[T]
 }
 
-// New builds a trainer for spec on backend, reading ds. The backend's
-// parameters must already be initialised or loaded; Resume replaces them
-// with a checkpoint's when one exists.
+// New builds a trainer for spec on backend, reading the input NewInput
+// makes of spec and ds (ds may be nil for a data.mqar spec). The backend's
+// parameters must already be initialised or loaded (for a
+// model.DeviceBackend, into the host mirror Params(), which New uploads);
+// Resume replaces them with a checkpoint's when one exists.
 func New[T model.Float](spec *jobspec.Spec, backend model.Backend[T], ds *data.Dataset, opts Options) (*Trainer[T], error) {
 	if spec.Parallel.World() != 1 {
 		return nil, fmt.Errorf("train: parallel: a single-process trainer needs dp = sp = 1, got dp %d sp %d", spec.Parallel.DP, spec.Parallel.SP)
 	}
+	in, err := NewInput(spec, ds)
+	if err != nil {
+		return nil, err
+	}
+	return NewWithInput(spec, backend, in, opts)
+}
+
+// NewWithInput is New reading in. A backend that implements
+// model.DeviceBackend is switched to explicit synchronisation, and its
+// parameters and (zero) optimizer moments are uploaded from the host.
+func NewWithInput[T model.Float](spec *jobspec.Spec, backend model.Backend[T], in Input, opts Options) (*Trainer[T], error) {
+	if spec.Parallel.World() != 1 {
+		return nil, fmt.Errorf("train: parallel: a single-process trainer needs dp = sp = 1, got dp %d sp %d", spec.Parallel.DP, spec.Parallel.SP)
+	}
+	if in.Source == nil {
+		return nil, errors.New("train: data: the input has no source")
+	}
 	cfg := backend.Config()
-	if v := int(ds.Vocab()); v > cfg.VocabSize {
-		return nil, fmt.Errorf("train: data: the dataset's vocabulary %d exceeds the model's vocab_size %d", v, cfg.VocabSize)
+	if in.Vocab > cfg.VocabSize {
+		what := in.What
+		if what == "" {
+			what = "the data"
+		}
+		return nil, fmt.Errorf("train: data: the vocabulary of %s, %d, exceeds the model's vocab_size %d", what, in.Vocab, cfg.VocabSize)
 	}
 	ac := model.AdamWConfig{Beta1: spec.Optimizer.Betas[0], Beta2: spec.Optimizer.Betas[1], Eps: spec.Optimizer.Eps, WeightDecay: spec.Optimizer.WeightDecay}
 	opt, err := model.NewAdamW[T](backend.Layout(), ac)
@@ -110,18 +210,23 @@ func New[T model.Float](spec *jobspec.Spec, backend model.Backend[T], ds *data.D
 	if err := sched.Validate(); err != nil {
 		return nil, err
 	}
-	loader, err := data.NewLoader(ds, data.LoaderConfig{
-		SeqLen: spec.Data.SeqLen, MicroBatch: spec.Batch.MicroBatch, GlobalBatch: spec.Batch.GlobalBatch,
-		DPRank: 0, DPSize: 1, Seed: spec.Seed,
-	})
-	if err != nil {
-		return nil, err
-	}
 	log := opts.Log
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	t := &Trainer[T]{spec: spec, backend: backend, opt: opt, sched: sched, loader: loader, opts: opts, log: log}
+	t := &Trainer[T]{spec: spec, backend: backend, opt: opt, sched: sched, src: in.Source, opts: opts, log: log}
+	if dev, ok := backend.(model.DeviceBackend[T]); ok {
+		t.dev = dev
+		if dev.AutoSync() {
+			if err := dev.SetAutoSync(false); err != nil {
+				return nil, fmt.Errorf("train: %s: switching to explicit synchronisation: %w", backend.Name(), err)
+			}
+		}
+		if err := dev.SyncFromHost(model.SyncParams|model.SyncMoments, opt); err != nil {
+			return nil, fmt.Errorf("train: %s: uploading the parameters: %w", backend.Name(), err)
+		}
+		log.Info("training on a device", "backend", backend.Name(), "device", dev.Device())
+	}
 	if opts.Store != nil {
 		t.saver = checkpoint.NewSaver[T](opts.Store, opts.Prefix, checkpoint.SaverOptions{
 			Keep: spec.Checkpoint.Keep,
@@ -178,7 +283,13 @@ func (t *Trainer[T]) Resume(ctx context.Context) (bool, error) {
 	t.opt.Step = s.Trainer.OptimizerStep
 	t.step = s.Trainer.Step
 	t.loss = s.Trainer.Loss
-	t.loader.Seek(s.Trainer.Cursor)
+	t.src.Seek(s.Trainer.Cursor)
+	if t.dev != nil {
+		if err := t.dev.SyncFromHost(model.SyncParams|model.SyncMoments, t.opt); err != nil {
+			return false, fmt.Errorf("train: uploading the checkpoint of step %d: %w", t.step, err)
+		}
+		t.hostStale = false
+	}
 	t.log.Info("resumed from checkpoint", "step", t.step, "cursor", s.Trainer.Cursor)
 	return true, nil
 }
@@ -194,13 +305,32 @@ func (t *Trainer[T]) Run(ctx context.Context) error {
 // fails is logged and reported to OnCheckpointError, and training
 // continues. Before returning, RunUntil waits for the last checkpoint and
 // returns its failure, if it failed: the trained state is then not on
-// storage (Checkpoint may be called again).
+// storage (Checkpoint may be called again). When it returns without an
+// error, the host mirrors of a device backend hold the trained parameters
+// and optimizer moments.
 func (t *Trainer[T]) RunUntil(ctx context.Context, stop int) error {
 	if err := t.runUntil(ctx, stop); err != nil {
 		t.Close()
 		return err
 	}
+	if err := t.syncHost(); err != nil {
+		t.Close()
+		return err
+	}
 	return t.Close()
+}
+
+// syncHost copies a device backend's parameters and moments into their
+// host mirrors if a step changed them since the last copy.
+func (t *Trainer[T]) syncHost() error {
+	if t.dev == nil || !t.hostStale {
+		return nil
+	}
+	if err := t.dev.SyncToHost(model.SyncParams|model.SyncMoments, t.opt); err != nil {
+		return fmt.Errorf("train: downloading the state of step %d: %w", t.step, err)
+	}
+	t.hostStale = false
+	return nil
 }
 
 func (t *Trainer[T]) runUntil(ctx context.Context, stop int) error {
@@ -237,10 +367,14 @@ func (t *Trainer[T]) runUntil(ctx context.Context, stop int) error {
 
 // TrainStep runs one optimizer step: every micro-batch of the step forward
 // and backward with the loss averaged over the step's target tokens, then
-// clipping and the AdamW update.
+// clipping and the AdamW update. On a model.DeviceBackend the clipping
+// coefficient and the update are applied on the device (GradNorm,
+// OptimizerStep), with the same result as ClipGrads and AdamW.Update on the
+// host.
 func (t *Trainer[T]) TrainStep(ctx context.Context) (Progress, error) {
 	start := time.Now()
-	batches, err := t.loader.Next(ctx)
+	cursor := t.src.Cursor()
+	batches, err := t.src.Next(ctx)
 	if err != nil {
 		return Progress{}, err
 	}
@@ -249,6 +383,12 @@ func (t *Trainer[T]) TrainStep(ctx context.Context) (Progress, error) {
 	for i, b := range batches {
 		mbs[i] = &model.Batch{Batch: b.Rows(), SeqLen: b.SeqLen, Inputs: b.Inputs, Targets: b.Targets}
 		count += mbs[i].Counted()
+	}
+	if count == 0 {
+		return Progress{}, fmt.Errorf("%w: step %d (cursor %d) has %d micro-batches and not one target >= 0", ErrNoTargets, t.step, cursor, len(mbs))
+	}
+	if t.dev != nil {
+		return t.deviceStep(ctx, start, mbs, count)
 	}
 	t.backend.ZeroGrads()
 	var lossSum float64
@@ -266,6 +406,40 @@ func (t *Trainer[T]) TrainStep(ctx context.Context) (Progress, error) {
 	}
 	lr := t.sched.LR(t.step)
 	t.opt.Update(t.backend.Params(), t.backend.Grads(), lr)
+	return t.finishStep(start, loss, lr, norm, count), nil
+}
+
+// deviceStep is TrainStep's work on a DeviceBackend: the gradients, their
+// norm, the clipping and the update stay on the device.
+func (t *Trainer[T]) deviceStep(ctx context.Context, start time.Time, mbs []*model.Batch, count int) (Progress, error) {
+	t.dev.ZeroGrads()
+	var lossSum float64
+	for _, mb := range mbs {
+		r, err := t.dev.ForwardBackward(ctx, mb, model.StepOptions{Count: count})
+		if err != nil {
+			return Progress{}, err
+		}
+		lossSum += r.LossSum
+	}
+	loss := lossSum / float64(count)
+	norm, err := t.dev.GradNorm()
+	if err != nil {
+		return Progress{}, err
+	}
+	if math.IsNaN(loss) || math.IsInf(loss, 0) || math.IsNaN(norm) || math.IsInf(norm, 0) {
+		return Progress{}, fmt.Errorf("%w at step %d: loss %v, gradient norm %v", ErrDiverged, t.step, loss, norm)
+	}
+	lr := t.sched.LR(t.step)
+	// From here the device holds the newer parameters and moments.
+	t.hostStale = true
+	if err := t.dev.OptimizerStep(t.opt, lr, model.ClipScale(norm, t.spec.Optimizer.GradClip)); err != nil {
+		return Progress{}, err
+	}
+	return t.finishStep(start, loss, lr, norm, count), nil
+}
+
+// finishStep counts a step that was applied and returns its progress.
+func (t *Trainer[T]) finishStep(start time.Time, loss, lr, norm float64, count int) Progress {
 	t.step++
 	t.loss = loss
 	dt := time.Since(start)
@@ -276,17 +450,21 @@ func (t *Trainer[T]) TrainStep(ctx context.Context) (Progress, error) {
 		t.rate = 0.8*t.rate + 0.2*rate
 	}
 	return Progress{Step: t.step, TotalSteps: t.spec.Schedule.TotalSteps, Loss: loss, LR: lr, GradNorm: norm,
-		Tokens: int64(count), TokensPerSec: t.rate, StepTime: dt}, nil
+		Tokens: int64(count), TokensPerSec: t.rate, StepTime: dt}
 }
 
 // Checkpoint starts saving the current state in the background: it waits
 // for the save in flight, if any, copies the parameters, moments and
 // trainer state, and returns while the copy uploads. Retention runs after
 // the commit. The error is that of an earlier save that failed (already
-// logged and reported to OnCheckpointError), or ctx's.
+// logged and reported to OnCheckpointError), or ctx's. A device backend's
+// parameters and moments are first copied to their host mirrors.
 func (t *Trainer[T]) Checkpoint(ctx context.Context) error {
 	if t.saver == nil {
 		return errors.New("train: checkpoint: no store configured")
+	}
+	if err := t.syncHost(); err != nil {
+		return err
 	}
 	specJSON, err := json.Marshal(t.spec)
 	if err != nil {
@@ -300,7 +478,7 @@ func (t *Trainer[T]) Checkpoint(ctx context.Context) error {
 	s := &checkpoint.State[T]{
 		Config: t.backend.Config(), Layout: t.backend.Layout(),
 		Params: t.backend.Params(), M: t.opt.M, V: t.opt.V,
-		Trainer: checkpoint.TrainerState{Step: t.step, Cursor: t.loader.Cursor(), Seed: t.spec.Seed,
+		Trainer: checkpoint.TrainerState{Step: t.step, Cursor: t.src.Cursor(), Seed: t.spec.Seed,
 			OptimizerStep: t.opt.Step, Loss: t.loss, Precision: prec, Spec: specJSON},
 	}
 	took, err := t.saver.Save(ctx, s)
