@@ -9,15 +9,17 @@
 // exp_avg_sq.NAME, and the step), trainer.json (the job spec, the data
 // cursor as a global sample index, the seed from which the data order
 // follows, and the schedule position) and manifest.json, written last,
-// with the size and SHA-256 of every other object. A checkpoint exists
-// only once its manifest exists: the manifest is the commit point. Resume
-// verifies every checksum and falls back to an older checkpoint when one
-// fails or an object is missing. Nothing in a checkpoint depends on the
-// number of workers that wrote it.
+// with the size and SHA-256 of every other object, whole and in segments
+// of a fixed size. A checkpoint exists only once its manifest exists: the
+// manifest is the commit point. Resume verifies every byte against a
+// SHA-256 of the manifest before it trusts it, and falls back to an older
+// checkpoint when one fails or an object is missing. Nothing in a
+// checkpoint depends on the number of workers that wrote it.
 //
 // Objects are encoded and hashed while they stream to the store, so a save
-// holds no second copy of the tensors. This package is the only one that
-// talks to S3 (through minio-go).
+// holds no second copy of the tensors. A load fetches the segments of the
+// tensor objects in parallel and verifies each on its own. This package is
+// the only one that talks to S3 (through minio-go).
 package checkpoint
 
 import (
@@ -28,7 +30,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"hash"
 	"io"
 	"log/slog"
 	"sort"
@@ -48,8 +49,12 @@ const (
 	OptimizerObject = "optimizer.safetensors"
 	TrainerObject   = "trainer.json"
 	ManifestObject  = "manifest.json"
-	// ManifestFormat identifies the manifest's schema.
-	ManifestFormat = "m2train-checkpoint/v1"
+	// ManifestFormat identifies the schema of the manifests Save writes:
+	// objects with their segment digests.
+	ManifestFormat = "m2train-checkpoint/v2"
+	// ManifestFormatV1 is the schema of manifests without segments, which
+	// Load still reads (verifying each object whole).
+	ManifestFormatV1 = "m2train-checkpoint/v1"
 )
 
 // Errors of the package.
@@ -61,9 +66,13 @@ var (
 
 // Manifest lists the objects of a committed checkpoint.
 type Manifest struct {
-	Format  string   `json:"format"`
-	Step    int      `json:"step"`
-	Objects []Object `json:"objects"`
+	Format string `json:"format"`
+	Step   int    `json:"step"`
+	// SegmentSize is the size in bytes of the segments whose digests each
+	// object lists (every segment but an object's last has this size);
+	// 0 in a v1 manifest, which has no segments.
+	SegmentSize int64    `json:"segment_size,omitempty"`
+	Objects     []Object `json:"objects"`
 }
 
 // Size returns the total size of the objects the manifest lists.
@@ -75,11 +84,15 @@ func (m *Manifest) Size() int64 {
 	return n
 }
 
-// Object is one file of a checkpoint with its size and SHA-256.
+// Object is one file of a checkpoint with its size and SHA-256, the
+// latter whole (what sha256sum prints) and of each segment.
 type Object struct {
 	Name   string `json:"name"`
 	Size   int64  `json:"size"`
 	SHA256 string `json:"sha256"`
+	// Segments are the SHA-256 digests of bytes [i·S, min((i+1)·S, Size))
+	// for S the manifest's SegmentSize, in hex: ceil(Size/S) of them.
+	Segments []string `json:"segments,omitempty"`
 }
 
 // TrainerState is what the trainer needs besides the tensors to continue a
@@ -179,28 +192,24 @@ func sources[T model.Float](s *State[T]) ([]source, error) {
 	}, nil
 }
 
-// hashingReader hashes and counts what is read through it.
-type hashingReader struct {
-	r io.Reader
-	h hash.Hash
-	n int64
-}
-
-func (h *hashingReader) Read(p []byte) (int, error) {
-	n, err := h.r.Read(p)
-	h.h.Write(p[:n])
-	h.n += int64(n)
-	return n, err
-}
-
-// Save writes s under prefix/step-N/ in store and returns its manifest.
-// The objects stream to the store as they are encoded, each hashed on the
-// way; the manifest goes last and commits the checkpoint. An earlier
-// manifest of the same step is removed first, so that a checkpoint is
-// never committed with objects of another save. When a write fails, Save
-// deletes what it wrote (best effort, even after ctx ended) and the step
-// is left uncommitted.
+// Save writes s under prefix/step-N/ in store with the default options
+// and returns its manifest; see SaveWith.
 func Save[T model.Float](ctx context.Context, store Store, prefix string, s *State[T]) (*Manifest, error) {
+	return SaveWith(ctx, store, prefix, s, SaveOptions{})
+}
+
+// SaveWith writes s under prefix/step-N/ in store and returns its
+// manifest. The objects stream to the store as they are encoded, each
+// hashed on the way, whole and per segment; the manifest goes last and
+// commits the checkpoint. An earlier manifest of the same step is removed
+// first, so that a checkpoint is never committed with objects of another
+// save. When a write fails, SaveWith deletes what it wrote (best effort,
+// even after ctx ended) and the step is left uncommitted.
+func SaveWith[T model.Float](ctx context.Context, store Store, prefix string, s *State[T], opts SaveOptions) (*Manifest, error) {
+	if err := opts.Validate(); err != nil {
+		return nil, err
+	}
+	segSize := opts.segmentSize()
 	srcs, err := sources(s)
 	if err != nil {
 		return nil, err
@@ -209,7 +218,7 @@ func Save[T model.Float](ctx context.Context, store Store, prefix string, s *Sta
 	if err := store.Delete(ctx, JoinKey(dir, ManifestObject)); err != nil {
 		return nil, fmt.Errorf("checkpoint: save %s: remove the old manifest: %w", dir, err)
 	}
-	man := &Manifest{Format: ManifestFormat, Step: s.Trainer.Step}
+	man := &Manifest{Format: ManifestFormat, Step: s.Trainer.Step, SegmentSize: segSize}
 	var written []string
 	fail := func(err error) (*Manifest, error) {
 		removeObjects(store, append([]string{JoinKey(dir, ManifestObject)}, written...))
@@ -217,15 +226,16 @@ func Save[T model.Float](ctx context.Context, store Store, prefix string, s *Sta
 	}
 	for _, src := range srcs {
 		key := JoinKey(dir, src.name)
-		hr := &hashingReader{r: src.r, h: sha256.New()}
+		d := newDigester(src.r, segSize)
 		written = append(written, key)
-		if err := store.Put(ctx, key, hr, src.size); err != nil {
+		if err := store.Put(ctx, key, d, src.size); err != nil {
 			return fail(err)
 		}
-		if hr.n != src.size {
-			return fail(fmt.Errorf("%s: wrote %d bytes, encoded %d", src.name, hr.n, src.size))
+		if d.n != src.size {
+			return fail(fmt.Errorf("%s: wrote %d bytes, encoded %d", src.name, d.n, src.size))
 		}
-		man.Objects = append(man.Objects, Object{Name: src.name, Size: hr.n, SHA256: hex.EncodeToString(hr.h.Sum(nil))})
+		whole, segments := d.sums()
+		man.Objects = append(man.Objects, Object{Name: src.name, Size: d.n, SHA256: whole, Segments: segments})
 	}
 	mj, err := json.MarshalIndent(man, "", "  ")
 	if err != nil {
@@ -294,17 +304,73 @@ func ReadManifest(ctx context.Context, store Store, prefix string, step int) (*M
 	if err := json.Unmarshal(mj, &man); err != nil {
 		return nil, fmt.Errorf("%w: %s: manifest: %v", ErrCorrupt, dir, err)
 	}
-	if man.Format != ManifestFormat || man.Step != step {
-		return nil, fmt.Errorf("%w: %s: manifest format %q step %d, want %q step %d", ErrCorrupt, dir, man.Format, man.Step, ManifestFormat, step)
-	}
-	seen := map[string]bool{}
-	for _, o := range man.Objects {
-		if o.Name == "" || strings.Contains(o.Name, "/") || o.Name == ManifestObject || seen[o.Name] || o.Size < 0 || len(o.SHA256) != 64 {
-			return nil, fmt.Errorf("%w: %s: manifest entry %+v is not a valid object", ErrCorrupt, dir, o)
-		}
-		seen[o.Name] = true
+	if err := man.validate(step); err != nil {
+		return nil, fmt.Errorf("%w: %s: manifest: %v", ErrCorrupt, dir, err)
 	}
 	return &man, nil
+}
+
+// validate checks a manifest read for step, naming the field and the rule
+// a bad value breaks.
+func (m *Manifest) validate(step int) error {
+	switch m.Format {
+	case ManifestFormat:
+		if m.SegmentSize < MinSegmentSize || m.SegmentSize > MaxSegmentSize {
+			return fmt.Errorf("segment_size must be between %d and %d, got %d", MinSegmentSize, MaxSegmentSize, m.SegmentSize)
+		}
+	case ManifestFormatV1:
+		if m.SegmentSize != 0 {
+			return fmt.Errorf("format %s has no segment_size, got %d", ManifestFormatV1, m.SegmentSize)
+		}
+	default:
+		return fmt.Errorf("format %q is not %q or %q", m.Format, ManifestFormat, ManifestFormatV1)
+	}
+	if m.Step != step {
+		return fmt.Errorf("step is %d, want %d", m.Step, step)
+	}
+	seen := map[string]bool{}
+	for i, o := range m.Objects {
+		switch {
+		case o.Name == "" || strings.Contains(o.Name, "/") || o.Name == ManifestObject:
+			return fmt.Errorf("objects[%d]: name %q must be a plain object name other than %s", i, o.Name, ManifestObject)
+		case seen[o.Name]:
+			return fmt.Errorf("objects[%d]: %s is listed twice", i, o.Name)
+		case o.Size < 0:
+			return fmt.Errorf("objects[%d]: %s: size %d is negative", i, o.Name, o.Size)
+		case !isDigest(o.SHA256):
+			return fmt.Errorf("objects[%d]: %s: sha256 %q is not 64 lowercase hex digits", i, o.Name, o.SHA256)
+		}
+		seen[o.Name] = true
+		if m.SegmentSize == 0 {
+			if o.Segments != nil {
+				return fmt.Errorf("objects[%d]: %s: format %s has no segments", i, o.Name, ManifestFormatV1)
+			}
+			continue
+		}
+		if want := segmentCount(o.Size, m.SegmentSize); int64(len(o.Segments)) != want {
+			return fmt.Errorf("objects[%d]: %s: %d segments, want %d for %d bytes in segments of %d", i, o.Name, len(o.Segments), want, o.Size, m.SegmentSize)
+		}
+		for j, d := range o.Segments {
+			if !isDigest(d) {
+				return fmt.Errorf("objects[%d]: %s: segments[%d] %q is not 64 lowercase hex digits", i, o.Name, j, d)
+			}
+		}
+	}
+	return nil
+}
+
+// isDigest says whether s is a SHA-256 digest as hex.EncodeToString
+// writes it, the form the verifications compare against.
+func isDigest(s string) bool {
+	if len(s) != 2*sha256.Size {
+		return false
+	}
+	for _, c := range []byte(s) {
+		if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f') {
+			return false
+		}
+	}
+	return true
 }
 
 // readChunk is the size of the reads of ReadVerified, whose hashing

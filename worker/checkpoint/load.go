@@ -147,9 +147,20 @@ func readHeader(s *objectStream) ([]stEntry, error) {
 	if err := s.readFull(header); err != nil {
 		return nil, err
 	}
+	entries, err := parseHeader(header, s.obj.Size)
+	if err != nil {
+		return nil, bad("%v", err)
+	}
+	return entries, nil
+}
+
+// parseHeader parses the JSON header of a safetensors object of size
+// bytes and checks that its tensors, sorted by offset, tile the rest of
+// the object.
+func parseHeader(header []byte, size int64) ([]stEntry, error) {
 	var raw map[string]json.RawMessage
 	if err := json.Unmarshal(header, &raw); err != nil {
-		return nil, bad("header: %v", err)
+		return nil, fmt.Errorf("header: %v", err)
 	}
 	var entries []stEntry
 	for name, r := range raw {
@@ -162,7 +173,7 @@ func readHeader(s *objectStream) ([]stEntry, error) {
 			DataOffsets []int64 `json:"data_offsets"`
 		}
 		if err := json.Unmarshal(r, &e); err != nil || len(e.DataOffsets) != 2 {
-			return nil, bad("tensor %s: malformed entry", name)
+			return nil, fmt.Errorf("tensor %s: malformed entry", name)
 		}
 		entries = append(entries, stEntry{name: name, dtype: safetensors.DType(e.DType), shape: e.Shape, start: e.DataOffsets[0], end: e.DataOffsets[1]})
 	}
@@ -172,17 +183,17 @@ func readHeader(s *objectStream) ([]stEntry, error) {
 		elems := int64(1)
 		for _, d := range e.shape {
 			if d < 0 || (d > 0 && elems > math.MaxInt64/int64(d)) {
-				return nil, bad("tensor %s: shape %v", e.name, e.shape)
+				return nil, fmt.Errorf("tensor %s: shape %v", e.name, e.shape)
 			}
 			elems *= int64(d)
 		}
-		if !e.dtype.Valid() || e.start != off || e.end-e.start != elems*int64(e.dtype.Size()) {
-			return nil, bad("tensor %s: dtype %s, shape %v and offsets [%d, %d] do not fit at offset %d", e.name, e.dtype, e.shape, e.start, e.end, off)
+		if !e.dtype.Valid() || e.start != off || elems > (math.MaxInt64-off)/int64(e.dtype.Size()) || e.end-e.start != elems*int64(e.dtype.Size()) {
+			return nil, fmt.Errorf("tensor %s: dtype %s, shape %v and offsets [%d, %d] do not fit at offset %d", e.name, e.dtype, e.shape, e.start, e.end, off)
 		}
 		off = e.end
 	}
-	if 8+int64(n)+off != s.obj.Size {
-		return nil, bad("tensors end at %d, the object has %d bytes", 8+int64(n)+off, s.obj.Size)
+	if end := 8 + int64(len(header)) + off; end != size {
+		return nil, fmt.Errorf("tensors end at %d, the object has %d bytes", end, size)
 	}
 	return entries, nil
 }
@@ -285,11 +296,27 @@ func checkTargets[T model.Float](entries []stEntry, targets map[string]target[T]
 	return nil
 }
 
-// Load reads step's checkpoint under prefix straight into new buffers,
-// verifying the size and SHA-256 of every object the manifest lists as it
-// streams; only the buffers of the state are held in memory. A missing or
-// mismatched object is ErrCorrupt, and the state is then not returned.
+// Load reads step's checkpoint under prefix straight into new buffers
+// with the default options; see LoadWith.
 func Load[T model.Float](ctx context.Context, store Store, prefix string, step int) (*State[T], *Manifest, error) {
+	return LoadWith[T](ctx, store, prefix, step, LoadOptions{})
+}
+
+// LoadWith reads step's checkpoint under prefix straight into new
+// buffers, checking every byte against a SHA-256 of the manifest; only
+// the buffers of the state are held in memory. A missing or mismatched
+// object is ErrCorrupt, and the state is then not returned.
+//
+// With a manifest that lists segments and a store that reads ranges (a
+// RangeStore), the tensor objects are fetched segment by segment,
+// opts.Concurrency segments at once, and each segment is verified against
+// its own digest as it arrives; a mismatch names the object and the
+// segment. Otherwise each object streams whole and is verified against
+// its whole digest.
+func LoadWith[T model.Float](ctx context.Context, store Store, prefix string, step int, opts LoadOptions) (*State[T], *Manifest, error) {
+	if err := opts.Validate(); err != nil {
+		return nil, nil, err
+	}
 	man, err := ReadManifest(ctx, store, prefix, step)
 	if err != nil {
 		return nil, nil, err
@@ -338,24 +365,11 @@ func Load[T model.Float](ctx context.Context, store Store, prefix string, step i
 	}
 	optStep := make([]int64, 1)
 	moments["step"] = target[T]{shape: []int{1}, ints: optStep}
-	// The two objects stream at once: their hashing, the bulk of the
-	// work, then runs on two cores.
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	errs := make(chan error, 1)
-	go func() {
-		err := streamTensors(ctx, store, dir, byName[OptimizerObject], moments)
-		if err != nil {
-			cancel()
-		}
-		errs <- err
-	}()
-	err = streamTensors(ctx, store, dir, byName[ModelObject], weights)
-	if err != nil {
-		cancel()
-	}
-	if oerr := <-errs; err == nil || (errors.Is(err, context.Canceled) && oerr != nil) {
-		err = oerr
+	if rs, ok := store.(RangeStore); ok && man.SegmentSize > 0 {
+		err = loadSegmented(ctx, rs, dir, man.SegmentSize, opts.concurrency(), []tensorObject[T]{
+			{byName[ModelObject], weights}, {byName[OptimizerObject], moments}})
+	} else {
+		err = streamBoth(ctx, store, dir, byName[ModelObject], weights, byName[OptimizerObject], moments)
 	}
 	if err != nil {
 		return nil, nil, err
@@ -367,4 +381,27 @@ func Load[T model.Float](ctx context.Context, store Store, prefix string, step i
 		return nil, nil, fmt.Errorf("%w: %s: %s says step %d", ErrCorrupt, dir, TrainerObject, s.Trainer.Step)
 	}
 	return s, man, nil
+}
+
+// streamBoth streams two tensor objects at once, each verified whole: the
+// hashing, the bulk of the work, then runs on two cores.
+func streamBoth[T model.Float](ctx context.Context, store Store, dir string, a Object, ta map[string]target[T], b Object, tb map[string]target[T]) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	errs := make(chan error, 1)
+	go func() {
+		err := streamTensors(ctx, store, dir, b, tb)
+		if err != nil {
+			cancel()
+		}
+		errs <- err
+	}()
+	err := streamTensors(ctx, store, dir, a, ta)
+	if err != nil {
+		cancel()
+	}
+	if berr := <-errs; err == nil || (errors.Is(err, context.Canceled) && berr != nil) {
+		err = berr
+	}
+	return err
 }

@@ -105,6 +105,65 @@ func (s LocalStore) Open(ctx context.Context, name string) (io.ReadCloser, error
 	return f, err
 }
 
+// OpenRanges opens an object for reads at offsets (pread on one file
+// descriptor); a missing one is ErrNotFound. The object is the file that
+// was opened: a rename over it afterwards is not seen.
+func (s LocalStore) OpenRanges(ctx context.Context, name string) (RangeReader, error) {
+	r, err := s.Open(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	f := r.(*os.File)
+	info, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return &fileRanges{f: f, name: name, size: info.Size()}, nil
+}
+
+// fileRanges reads ranges of an open file with ReadAt.
+type fileRanges struct {
+	f    *os.File
+	name string
+	size int64
+}
+
+func (r *fileRanges) Size() int64 { return r.size }
+
+func (r *fileRanges) ReadRange(ctx context.Context, off, n int64) (io.ReadCloser, error) {
+	if err := checkRange(r.name, r.size, off, n); err != nil {
+		return nil, err
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	return io.NopCloser(&exactReader{r: ctxReader{ctx, io.NewSectionReader(r.f, off, n)}, left: n}), nil
+}
+
+func (r *fileRanges) Close() error { return r.f.Close() }
+
+// exactReader turns an end before left bytes into io.ErrUnexpectedEOF:
+// a file cut short after it was opened.
+type exactReader struct {
+	r    io.Reader
+	left int64
+}
+
+func (e *exactReader) Read(p []byte) (int, error) {
+	if e.left == 0 {
+		return 0, io.EOF
+	}
+	n, err := e.r.Read(p[:min(int64(len(p)), e.left)])
+	e.left -= int64(n)
+	if err == io.EOF && e.left > 0 {
+		err = io.ErrUnexpectedEOF
+	} else if err == io.EOF && n > 0 {
+		err = nil
+	}
+	return n, err
+}
+
 // List returns the object names that start with prefix, sorted; temporary
 // files of unfinished writes are not objects.
 func (s LocalStore) List(ctx context.Context, prefix string) ([]string, error) {

@@ -533,21 +533,73 @@ func (s *S3Store) abort(name, uploadID string) {
 // resumed from where it stopped, with the retry policy, as long as the
 // object is unchanged (same ETag).
 func (s *S3Store) Open(ctx context.Context, name string) (io.ReadCloser, error) {
-	r := &s3Reader{s: s, ctx: ctx, name: name}
+	r := &s3Reader{s: s, ctx: ctx, name: name, end: -1}
 	if err := r.open(); err != nil {
 		return nil, err
 	}
 	return r, nil
 }
 
+// OpenRanges opens an object for range reads with one HEAD request, which
+// gives its size and ETag. Every range is then a GET of that ETag, so
+// that all come from the same object (a changed object fails the read),
+// and a range that fails on the way resumes as Open's reader does.
+func (s *S3Store) OpenRanges(ctx context.Context, name string) (RangeReader, error) {
+	var info minio.ObjectInfo
+	err := s.retry(ctx, "StatObject", name, func(ctx context.Context) error {
+		var err error
+		info, err = s.client.StatObject(ctx, s.cfg.Bucket, name, minio.StatObjectOptions{})
+		return err
+	})
+	if err != nil {
+		switch minio.ToErrorResponse(err).Code {
+		case "NoSuchKey", "NoSuchBucket":
+			return nil, fmt.Errorf("%w: %s", ErrNotFound, name)
+		}
+		return nil, fmt.Errorf("checkpoint: s3: stat %s: %w", name, err)
+	}
+	if info.ETag == "" {
+		return nil, fmt.Errorf("checkpoint: s3: stat %s: the server gave no ETag, which range reads need", name)
+	}
+	return &s3Ranges{s: s, name: name, etag: info.ETag, size: info.Size}, nil
+}
+
+// s3Ranges reads ranges of one version of an object.
+type s3Ranges struct {
+	s    *S3Store
+	name string
+	etag string
+	size int64
+}
+
+func (o *s3Ranges) Size() int64 { return o.size }
+
+func (o *s3Ranges) ReadRange(ctx context.Context, off, n int64) (io.ReadCloser, error) {
+	if err := checkRange(o.name, o.size, off, n); err != nil {
+		return nil, err
+	}
+	if n == 0 {
+		return io.NopCloser(bytes.NewReader(nil)), nil
+	}
+	r := &s3Reader{s: o.s, ctx: ctx, name: o.name, etag: o.etag, off: off, end: off + n}
+	if err := r.open(); err != nil {
+		return nil, err
+	}
+	return r, nil
+}
+
+func (o *s3Ranges) Close() error { return nil }
+
+// s3Reader reads an object, or the range [off, end) of it, resuming after
+// a failure from where it stopped.
 type s3Reader struct {
 	s    *S3Store
 	ctx  context.Context
 	name string
 	body io.ReadCloser
-	etag string
-	size int64
-	off  int64
+	etag string // of the object being read; empty until the first response of a whole-object read
+	off  int64  // next byte to read
+	end  int64  // end of what is read; -1 until the first response of a whole-object read
 }
 
 func (r *s3Reader) open() error {
@@ -557,16 +609,23 @@ func (r *s3Reader) open() error {
 			if err := opts.SetMatchETag(r.etag); err != nil {
 				return err
 			}
-			if err := opts.SetRange(r.off, 0); err != nil {
+		}
+		ranged := r.end >= 0
+		if ranged {
+			if err := opts.SetRange(r.off, r.end-1); err != nil {
 				return err
 			}
 		}
-		body, info, _, err := r.s.core.GetObject(r.ctx, r.s.cfg.Bucket, r.name, opts)
+		body, info, _, err := r.s.core.GetObject(ctx, r.s.cfg.Bucket, r.name, opts)
 		if err != nil {
 			return err
 		}
-		if r.etag == "" {
-			r.etag, r.size = info.ETag, info.Size
+		if ranged && info.Size != r.end-r.off {
+			body.Close()
+			return fmt.Errorf("checkpoint: s3: get %s: asked for bytes %d to %d, the server sent %d bytes", r.name, r.off, r.end, info.Size)
+		}
+		if !ranged {
+			r.etag, r.end = info.ETag, info.Size
 		}
 		r.body = body
 		return nil
@@ -588,17 +647,19 @@ func (r *s3Reader) Read(p []byte) (int, error) {
 		if r.body == nil {
 			return 0, io.ErrClosedPipe
 		}
-		n, err := r.body.Read(p)
+		if r.off == r.end {
+			return 0, io.EOF
+		}
+		n, err := r.body.Read(p[:min(int64(len(p)), r.end-r.off)])
 		r.off += int64(n)
 		if err == nil || n > 0 {
 			return n, nil
 		}
 		if err == io.EOF {
-			if r.off != r.size {
-				err = io.ErrUnexpectedEOF
-			} else {
+			if r.off == r.end {
 				return 0, io.EOF
 			}
+			err = io.ErrUnexpectedEOF
 		}
 		if r.ctx.Err() != nil || !retryable(err) {
 			return 0, err
@@ -739,4 +800,57 @@ func (s *S3Store) GetObjectBaseline(ctx context.Context, name string, b []byte) 
 		return err
 	}
 	return nil
+}
+
+// GetRangesBaseline reads objects into bufs (one each, of the object's
+// size) with the S3 client's own GetObject of ranges of rangeSize bytes,
+// concurrency ranges at once over all the objects, without this package's
+// verification or retries: the raw counterpart of Load's parallel fetch,
+// for tools/ckptbench.
+func (s *S3Store) GetRangesBaseline(ctx context.Context, names []string, bufs [][]byte, rangeSize int64, concurrency int) error {
+	if len(names) != len(bufs) || rangeSize <= 0 || concurrency <= 0 {
+		return fmt.Errorf("checkpoint: s3: ranges baseline: %d names, %d buffers, range size %d, concurrency %d", len(names), len(bufs), rangeSize, concurrency)
+	}
+	type rng struct {
+		name string
+		off  int64
+		b    []byte
+	}
+	work := make(chan rng)
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	var wg sync.WaitGroup
+	for range concurrency {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for r := range work {
+				var opts minio.GetObjectOptions
+				err := opts.SetRange(r.off, r.off+int64(len(r.b))-1)
+				if err == nil {
+					var obj *minio.Object
+					if obj, err = s.client.GetObject(ctx, s.cfg.Bucket, r.name, opts); err == nil {
+						_, err = io.ReadFull(obj, r.b)
+						obj.Close()
+					}
+				}
+				if err != nil {
+					cancel(fmt.Errorf("get %s at %d: %w", r.name, r.off, err))
+				}
+			}
+		}()
+	}
+feed:
+	for i, name := range names {
+		for off := int64(0); off < int64(len(bufs[i])); off += rangeSize {
+			select {
+			case work <- rng{name, off, bufs[i][off:min(off+rangeSize, int64(len(bufs[i])))]}:
+			case <-ctx.Done():
+				break feed
+			}
+		}
+	}
+	close(work)
+	wg.Wait()
+	return context.Cause(ctx)
 }

@@ -33,6 +33,38 @@ type Store interface {
 	String() string
 }
 
+// RangeStore is implemented by stores that read parts of an object
+// independently of each other; Load then fetches the segments of a
+// checkpoint's tensor objects in parallel.
+type RangeStore interface {
+	Store
+	// OpenRanges opens name for range reads; a missing object is
+	// ErrNotFound.
+	OpenRanges(ctx context.Context, name string) (RangeReader, error)
+}
+
+// RangeReader reads byte ranges of one object. Every range comes from the
+// object as it was when it was opened, or the read fails. Its methods are
+// safe for concurrent use.
+type RangeReader interface {
+	// Size is the object's size in bytes.
+	Size() int64
+	// ReadRange returns a reader of the n bytes of the object from offset
+	// off on; off+n must not exceed Size. The reader fails, rather than
+	// ends early, if the range cannot be read whole.
+	ReadRange(ctx context.Context, off, n int64) (io.ReadCloser, error)
+	// Close releases the object; readers it returned must be closed first.
+	Close() error
+}
+
+// checkRange checks that [off, off+n) lies within an object of size bytes.
+func checkRange(name string, size, off, n int64) error {
+	if off < 0 || n < 0 || off > size || n > size-off {
+		return fmt.Errorf("checkpoint: %s: range of %d bytes at offset %d is outside its %d bytes", name, n, off, size)
+	}
+	return nil
+}
+
 // UploadJanitor is implemented by stores that can leave incomplete
 // multipart uploads behind when a writer dies (S3).
 type UploadJanitor interface {
