@@ -22,9 +22,6 @@ import (
 
 	"github.com/m2train/m2train/coordinator/jobspec"
 	"github.com/m2train/m2train/model"
-	"github.com/m2train/m2train/model/ref"
-	"github.com/m2train/m2train/worker/checkpoint"
-	"github.com/m2train/m2train/worker/data"
 	"github.com/m2train/m2train/worker/data/mqar"
 	"github.com/m2train/m2train/worker/metrics"
 	"github.com/m2train/m2train/worker/train"
@@ -250,11 +247,7 @@ func (s *mqarSweep) run(ctx context.Context, stdout, log io.Writer) error {
 		ctx = context.Background()
 	}
 	switch s.backend {
-	case jobspec.BackendCPU, jobspec.BackendAuto:
-	case jobspec.BackendCUDA:
-		if !s.dryRun {
-			return usagef("--backend cuda: this m2ctl has no CUDA backend; use --dry-run to write the specs for a GPU cluster, or --backend auto")
-		}
+	case jobspec.BackendCPU, jobspec.BackendAuto, jobspec.BackendCUDA:
 	default:
 		return usagef("--backend: must be auto, cpu or cuda, got %q", s.backend)
 	}
@@ -280,9 +273,6 @@ func (s *mqarSweep) run(ctx context.Context, stdout, log io.Writer) error {
 				p.Name, p.SeqLen, p.DModel, p.DState, p.LR, model.NewLayout(cfg).Total)
 		}
 		return nil
-	}
-	if s.backend == jobspec.BackendAuto {
-		fmt.Fprintln(log, "backend: cpu-float32 (no CUDA backend in this process)")
 	}
 	var results []sweepResult
 	for i, p := range pts {
@@ -333,8 +323,10 @@ func (s *mqarSweep) resultPath(p sweepPointSpec) string {
 	return filepath.Join(s.out, "results", p.Name+".json")
 }
 
-// runPoint trains one point, then scores its final checkpoint on the
-// held-out stream through the code of `m2ctl eval mqar`.
+// runPoint trains one point from scratch through runTraining (the code of
+// `m2ctl train`, on the backend of --backend), then scores its final
+// checkpoint on the held-out stream on the CPU through the code of
+// `m2ctl eval mqar`.
 func (s *mqarSweep) runPoint(ctx context.Context, p sweepPointSpec, log io.Writer) (sweepResult, error) {
 	start := time.Now()
 	task, err := mqar.ConfigFromSpec(p.Spec)
@@ -355,9 +347,18 @@ func (s *mqarSweep) runPoint(ctx context.Context, p sweepPointSpec, log io.Write
 	if err != nil {
 		return sweepResult{}, err
 	}
-	tr, err := trainMQARLocal(ctx, p.Spec, mqarRunHooks{Metrics: mw, EvalEvery: s.evalEvery, EvalSamples: min(s.evalSamples, 128)}, log)
+	// A point without a result starts over: checkpoints left by an
+	// interrupted run, or by a run of another spec under the same name,
+	// must neither be resumed nor outrank the new run's.
+	if err := os.RemoveAll(filepath.Join(s.out, "checkpoints", p.Name)); err != nil {
+		return sweepResult{}, err
+	}
+	tr, err := runTraining(ctx, p.Spec, trainOptions{Metrics: mw, EvalEvery: s.evalEvery, EvalSamples: min(s.evalSamples, 128)}, log)
 	if err != nil {
 		return sweepResult{}, err
+	}
+	if tr.Checkpoint == "" {
+		return sweepResult{}, fmt.Errorf("training left no checkpoint in %s", p.Spec.Checkpoint.Location)
 	}
 	if err := mf.Close(); err != nil {
 		return sweepResult{}, err
@@ -383,7 +384,7 @@ func (s *mqarSweep) runPoint(ctx context.Context, p sweepPointSpec, log io.Write
 		VocabSize: task.VocabSize, NumPairs: task.NumPairs, NumQueries: task.NumQueries, LR: p.LR,
 		Steps: tr.Steps, Params: m.Layout().Total, FinalLoss: tr.FinalLoss, EvalLoss: ev.Loss,
 		Accuracy: ev.Accuracy, Correct: ev.Correct, Answers: ev.Answers,
-		Seconds: math.Round(time.Since(start).Seconds()*10) / 10, Backend: m.Name(), Checkpoint: tr.Checkpoint,
+		Seconds: math.Round(time.Since(start).Seconds()*10) / 10, Backend: tr.Backend, Checkpoint: tr.Checkpoint,
 	}, nil
 }
 
@@ -393,142 +394,6 @@ func saveCurvesFrom(metricsPath, prefix string) ([]string, error) {
 		return nil, err
 	}
 	return saveCurves(h, h.Header.Job, prefix)
-}
-
-// mqarRunHooks are what the sweep adds to a training run: a metrics history
-// and held-out accuracy checks every EvalEvery steps (0: only after the
-// last step) on EvalSamples sequences.
-type mqarRunHooks struct {
-	Metrics     *metrics.Writer
-	EvalEvery   int
-	EvalSamples int
-}
-
-// trainMQARLocal trains an MQAR spec in this process on the CPU backend
-// and writes its final checkpoint to checkpoint.location/NAME/step-N/, as
-// m2ctl train does. Its step is the trainer's (worker/train TrainStep):
-// every micro-batch forward and backward with the loss averaged over the
-// step's counted targets, clipping, then AdamW at the schedule's rate. It
-// stands in for runTraining until worker/train reads MQAR batches; the
-// sweep then calls runTraining instead.
-func trainMQARLocal(ctx context.Context, spec *jobspec.Spec, hooks mqarRunHooks, log io.Writer) (trainResult, error) {
-	if spec.Model.Config == nil {
-		return trainResult{}, usagef("model: the sweep builds models from model.config")
-	}
-	cfg := train.ModelConfig(spec.Model.Config)
-	if err := cfg.Validate(); err != nil {
-		return trainResult{}, usageError{err}
-	}
-	m, err := ref.New[float32](cfg)
-	if err != nil {
-		return trainResult{}, usageError{err}
-	}
-	if err := model.Init(cfg, m.Layout(), m.Params(), spec.Seed); err != nil {
-		return trainResult{}, err
-	}
-	task, err := mqar.ConfigFromSpec(spec)
-	if err != nil {
-		return trainResult{}, usageError{err}
-	}
-	gen, err := mqar.New(task)
-	if err != nil {
-		return trainResult{}, usageError{err}
-	}
-	loader, err := mqar.NewLoader(gen, data.LoaderConfig{SeqLen: spec.Data.SeqLen, MicroBatch: spec.Batch.MicroBatch,
-		GlobalBatch: spec.Batch.GlobalBatch, DPRank: 0, DPSize: 1, Seed: spec.Seed})
-	if err != nil {
-		return trainResult{}, usageError{err}
-	}
-	o := spec.Optimizer
-	opt, err := model.NewAdamW[float32](m.Layout(), model.AdamWConfig{Beta1: o.Betas[0], Beta2: o.Betas[1], Eps: o.Eps, WeightDecay: o.WeightDecay})
-	if err != nil {
-		return trainResult{}, usageError{err}
-	}
-	sched := model.Schedule{PeakLR: o.LR, MinLR: spec.Schedule.MinLR, WarmupSteps: spec.Schedule.WarmupSteps, TotalSteps: spec.Schedule.TotalSteps}
-	if err := sched.Validate(); err != nil {
-		return trainResult{}, usageError{err}
-	}
-	bar := newProgressBar(log)
-	evaluate := func(step int) error {
-		ev, err := evalMQAR(ctx, m, gen, mqar.Eval, hooks.EvalSamples, 0)
-		if err != nil {
-			return err
-		}
-		fmt.Fprintf(log, "eval at step %d: accuracy %.4f (%d/%d answers), loss on the answers %.4f\n", step, ev.Accuracy, ev.Correct, ev.Answers, ev.Loss)
-		if hooks.Metrics == nil {
-			return nil
-		}
-		return hooks.Metrics.Write(metrics.Record{Kind: metrics.KindEval, Step: step, Loss: ev.Loss, Accuracy: ev.Accuracy, Correct: ev.Correct, Answers: ev.Answers})
-	}
-	started := time.Now()
-	total := spec.Schedule.TotalSteps
-	var loss, rate float64
-	for step := 0; step < total; {
-		t0 := time.Now()
-		batches, err := loader.Next(ctx)
-		if err != nil {
-			return trainResult{}, err
-		}
-		mbs := make([]*model.Batch, len(batches))
-		count := 0
-		for i, b := range batches {
-			mbs[i] = &model.Batch{Batch: b.Rows(), SeqLen: b.SeqLen, Inputs: b.Inputs, Targets: b.Targets}
-			count += mbs[i].Counted()
-		}
-		m.ZeroGrads()
-		var lossSum float64
-		for _, mb := range mbs {
-			r, err := m.ForwardBackward(ctx, mb, model.StepOptions{Count: count})
-			if err != nil {
-				return trainResult{}, err
-			}
-			lossSum += r.LossSum
-		}
-		loss = lossSum / float64(count)
-		norm := model.ClipGrads(m.Grads(), o.GradClip)
-		if math.IsNaN(loss) || math.IsInf(loss, 0) || math.IsNaN(norm) || math.IsInf(norm, 0) {
-			return trainResult{}, fmt.Errorf("%w at step %d: loss %v, gradient norm %v", train.ErrDiverged, step, loss, norm)
-		}
-		lr := sched.LR(step)
-		opt.Update(m.Params(), m.Grads(), lr)
-		step++
-		dt := time.Since(t0)
-		if r := float64(count) / dt.Seconds(); rate == 0 {
-			rate = r
-		} else {
-			rate = 0.8*rate + 0.2*r
-		}
-		elapsed := time.Since(started)
-		bar.Update(train.Progress{Step: step, TotalSteps: total, Loss: loss, LR: lr, GradNorm: norm, Tokens: int64(count),
-			TokensPerSec: rate, StepTime: dt, Elapsed: elapsed, ETA: time.Duration(float64(elapsed) / float64(step) * float64(total-step))})
-		if hooks.Metrics != nil {
-			if err := hooks.Metrics.Write(metrics.Record{Kind: metrics.KindTrain, Step: step, TotalSteps: total, Loss: loss, LR: lr,
-				GradNorm: norm, Tokens: int64(count), TokensPerSec: rate, ElapsedSec: elapsed.Seconds()}); err != nil {
-				return trainResult{}, err
-			}
-		}
-		if hooks.EvalSamples > 0 && (step == total || hooks.EvalEvery > 0 && step%hooks.EvalEvery == 0) {
-			if err := evaluate(step); err != nil {
-				return trainResult{}, err
-			}
-		}
-	}
-	res := trainResult{FinalLoss: loss, Steps: total}
-	if spec.Checkpoint.Location == "" {
-		return res, nil
-	}
-	specJSON, err := json.Marshal(spec)
-	if err != nil {
-		return trainResult{}, err
-	}
-	st := &checkpoint.State[float32]{Config: cfg, Layout: m.Layout(), Params: m.Params(), M: opt.M, V: opt.V,
-		Trainer: checkpoint.TrainerState{Step: total, Cursor: loader.Cursor(), Seed: spec.Seed, OptimizerStep: opt.Step,
-			Loss: loss, Precision: "float32", Spec: specJSON}}
-	if _, err := checkpoint.Save(ctx, checkpoint.LocalStore{Root: spec.Checkpoint.Location}, spec.Name, st); err != nil {
-		return trainResult{}, err
-	}
-	res.Checkpoint = filepath.Join(spec.Checkpoint.Location, spec.Name, checkpoint.StepDir(total))
-	return res, nil
 }
 
 func readSweepResult(path string) (sweepResult, error) {

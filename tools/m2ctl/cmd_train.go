@@ -22,10 +22,14 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/m2train/m2train/coordinator/jobspec"
+	"github.com/m2train/m2train/kernels/gpu"
+	"github.com/m2train/m2train/model"
 	"github.com/m2train/m2train/model/hf"
 	"github.com/m2train/m2train/model/ref"
 	"github.com/m2train/m2train/worker/checkpoint"
 	"github.com/m2train/m2train/worker/data"
+	"github.com/m2train/m2train/worker/data/mqar"
+	"github.com/m2train/m2train/worker/metrics"
 	"github.com/m2train/m2train/worker/train"
 )
 
@@ -36,14 +40,31 @@ const envCacheDir = "M2_CACHE_DIR"
 
 func newTrainCmd() *cobra.Command {
 	var (
-		noResume bool
-		cacheDir string
+		noResume    bool
+		cacheDir    string
+		metricsPath string
+		evalEvery   int
+		evalSamples int
 	)
 	cmd := &cobra.Command{
-		Use:   "train SPEC.yaml",
-		Short: "Train a model in this process on the CPU backend",
+		Use:   "train SPEC.yaml [--metrics FILE] [--eval-every N]",
+		Short: "Train a model in this process on the CPU or CUDA backend",
 		Long: `Trains the model of a job spec (docs/jobspec.md) in this process, with a
-progress bar (step, loss, tokens/s, ETA). Checkpoints go to
+progress bar (step, loss, tokens/s, ETA). The data is the spec's data.path
+dataset or its built-in MQAR task (data.mqar, docs/mqar.md).
+
+The spec's backend picks the device: cpu trains on the CPU reference in
+float32; cuda on the GPU (the CUDA backend, bf16 activations with fp32
+parameters and optimizer state), failing when no CUDA backend can run here;
+auto (the default) on the GPU when one can run, else on the CPU, saying why.
+The backend that runs is printed first.
+
+--metrics FILE appends a metrics history (JSON Lines, docs/mqar.md §5): one
+record per step and, with --eval-every N on an MQAR spec, the held-out
+accuracy on --eval-samples sequences every N steps and after the last. A
+resumed run appends to the same file.
+
+Checkpoints go to
 checkpoint.location/NAME/step-N/ every checkpoint.every_steps steps and at the
 end, uploading in the background while training goes on; each is a Hugging
 Face directory (config.json + model.safetensors) plus the optimizer and
@@ -69,13 +90,53 @@ A model.init_from in S3 is downloaded there on every start.`,
 			if err != nil {
 				return usageError{fmt.Errorf("%s: %w", args[0], err)}
 			}
-			_, err = runTraining(cmd.Context(), spec, trainOptions{Resume: !noResume, CacheDir: cacheDir}, cmd.ErrOrStderr())
+			o := trainOptions{Resume: !noResume, CacheDir: cacheDir}
+			switch {
+			case evalEvery < 0:
+				return usagef("--eval-every: must be at least 0 (0: no evaluation), got %d", evalEvery)
+			case evalEvery > 0 && evalSamples < 1:
+				return usagef("--eval-samples: must be at least 1, got %d", evalSamples)
+			case evalEvery > 0 && spec.Data.MQAR == nil:
+				return usagef("--eval-every: held-out evaluation needs a spec with data.mqar; %s trains on data.path", args[0])
+			case evalEvery > 0:
+				o.EvalEvery, o.EvalSamples = evalEvery, evalSamples
+			}
+			if metricsPath != "" {
+				w, err := metrics.Append(metricsPath, metricsHeader(spec))
+				if err != nil {
+					return usagef("--metrics: %v", err)
+				}
+				defer w.Close()
+				o.Metrics = w
+			}
+			_, err = runTraining(cmd.Context(), spec, o, cmd.ErrOrStderr())
 			return err
 		},
 	}
-	cmd.Flags().BoolVar(&noResume, "no-resume", false, "start from scratch even if checkpoints exist")
-	cmd.Flags().StringVar(&cacheDir, "cache-dir", "", "where s3:// datasets and init_from checkpoints are downloaded (default $"+envCacheDir+", else the user cache directory's m2train/)")
+	f := cmd.Flags()
+	f.BoolVar(&noResume, "no-resume", false, "start from scratch even if checkpoints exist")
+	f.StringVar(&cacheDir, "cache-dir", "", "where s3:// datasets and init_from checkpoints are downloaded (default $"+envCacheDir+", else the user cache directory's m2train/)")
+	f.StringVar(&metricsPath, "metrics", "", "append the run's metrics history (JSON Lines) to this file")
+	f.IntVar(&evalEvery, "eval-every", 0, "MQAR specs: held-out accuracy every N steps and after the last (0: none)")
+	f.IntVar(&evalSamples, "eval-samples", 128, "held-out sequences per evaluation")
 	return cmd
+}
+
+// metricsHeader describes a run in its metrics history.
+func metricsHeader(spec *jobspec.Spec) metrics.Header {
+	h := metrics.Header{Job: spec.Name, Labels: map[string]string{"seq_len": strconv.Itoa(spec.Data.SeqLen), "task": "tokens"}}
+	if c := spec.Model.Config; c != nil {
+		h.Labels["d_model"] = strconv.Itoa(c.DModel)
+		h.Labels["n_layer"] = strconv.Itoa(c.NLayer)
+		if c.DState > 0 {
+			h.Labels["d_state"] = strconv.Itoa(c.DState)
+		}
+	}
+	if spec.Data.MQAR != nil {
+		h.Labels["task"] = "mqar"
+	}
+	h.Labels["lr"] = strconv.FormatFloat(spec.Optimizer.LR, 'g', -1, 64)
+	return h
 }
 
 // trainOptions configure runTraining beyond the spec.
@@ -87,12 +148,21 @@ type trainOptions struct {
 	// S3 replaces the endpoint and credentials that s3:// locations
 	// otherwise take from the environment (the demo's own gateway).
 	S3 *checkpoint.S3Config
+	// Metrics, when set, receives a train record after every step and the
+	// eval records of the evaluations below.
+	Metrics *metrics.Writer
+	// EvalSamples > 0 evaluates the model of an MQAR spec on that many
+	// sequences of the task's held-out stream after the last step and
+	// every EvalEvery steps (EvalEvery 0: after the last step only).
+	EvalSamples, EvalEvery int
 }
 
 // trainResult is what a finished local run reports.
 type trainResult struct {
 	FinalLoss float64
 	Steps     int
+	// Backend names the backend that trained (cpu-float32, cuda-bf16).
+	Backend string
 	// Checkpoint is the newest checkpoint's directory, as a path or an
 	// s3:// URL, if any.
 	Checkpoint string
@@ -134,18 +204,16 @@ func closeStore(s checkpoint.Store) {
 	}
 }
 
-// runTraining trains spec in this process on the CPU backend.
+// runTraining trains spec in this process on the backend that spec.backend
+// selects (openBackend).
 func runTraining(ctx context.Context, spec *jobspec.Spec, o trainOptions, out io.Writer) (trainResult, error) {
 	if ctx == nil {
 		ctx = context.Background()
 	}
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	switch spec.Backend {
-	case jobspec.BackendCUDA:
-		return trainResult{}, usagef("backend: cuda is not available in m2ctl train; use cpu or auto")
-	case jobspec.BackendAuto:
-		fmt.Fprintln(out, "backend: cpu-float32 (no CUDA backend in this process)")
+	if o.EvalSamples > 0 && spec.Data.MQAR == nil {
+		return trainResult{}, usagef("held-out evaluation needs a spec with data.mqar; %s trains on data.path", spec.Name)
 	}
 	if o.CacheDir == "" {
 		o.CacheDir = defaultCacheDir()
@@ -166,26 +234,48 @@ func runTraining(ctx context.Context, spec *jobspec.Spec, o trainOptions, out io
 	if err != nil {
 		return trainResult{}, usageError{err}
 	}
-	m, err := ref.New[float32](cfg)
+	m, closeBackend, err := openBackend(spec.Backend, cfg, out)
 	if err != nil {
-		return trainResult{}, usageError{err}
+		return trainResult{}, err
 	}
+	defer closeBackend()
 	if err := train.LoadInit(&local, cfg, m.Layout(), m.Params()); err != nil {
 		return trainResult{}, err
 	}
 	var ds *data.Dataset
-	if isS3(spec.Data.Path) {
-		ds, err = fetchDataset(ctx, spec.Data.Path, o, log, out)
-		if err != nil {
+	dataLine := ""
+	switch {
+	case spec.Data.MQAR != nil:
+		q := spec.Data.MQAR
+		dataLine = fmt.Sprintf("MQAR task (vocab %d, %d pairs, %d queries)", q.VocabSize, q.NumPairs, q.NumQueries)
+	case isS3(spec.Data.Path):
+		if ds, err = fetchDataset(ctx, spec.Data.Path, o, log, out); err != nil {
 			return trainResult{}, err
 		}
-	} else if ds, err = data.Open(spec.Data.Path); err != nil {
+	default:
+		if ds, err = data.Open(spec.Data.Path); err != nil {
+			return trainResult{}, usageError{err}
+		}
+	}
+	if ds != nil {
+		defer ds.Close()
+		dataLine = fmt.Sprintf("%d tokens", ds.Tokens())
+	}
+	in, err := train.NewInput(spec, ds)
+	if err != nil {
 		return trainResult{}, usageError{err}
 	}
-	defer ds.Close()
-	bar := newProgressBar(out)
+
+	// A hook that fails (a metrics write, an evaluation) stops the run
+	// through its context, with its error as the cause.
+	runCtx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	onProgress, err := progressHooks(runCtx, spec, m, o, out, cancel)
+	if err != nil {
+		return trainResult{}, err
+	}
 	// Checkpoints go to LOCATION/NAME/step-N/, as a job's do (docs/jobspec.md).
-	opts := train.Options{Log: log, OnProgress: bar.Update}
+	opts := train.Options{Log: log, OnProgress: onProgress}
 	if spec.Checkpoint.Location != "" {
 		store, prefix, err := openStore(ctx, "checkpoint.location", spec.Checkpoint.Location, o, log)
 		if err != nil {
@@ -194,7 +284,7 @@ func runTraining(ctx context.Context, spec *jobspec.Spec, o trainOptions, out io
 		defer closeStore(store)
 		opts.Store, opts.Prefix = store, checkpoint.JoinKey(prefix, spec.Name)
 	}
-	tr, err := train.New(spec, m, ds, opts)
+	tr, err := train.NewWithInput(spec, m, in, opts)
 	if err != nil {
 		return trainResult{}, usageError{err}
 	}
@@ -207,15 +297,18 @@ func runTraining(ctx context.Context, spec *jobspec.Spec, o trainOptions, out io
 			fmt.Fprintf(out, "resumed from the checkpoint of step %d in %s\n", tr.Step(), spec.Checkpoint.Location)
 		}
 	}
-	fmt.Fprintf(out, "model: %d parameters (d_model %d, %d layers, d_state %d, %d heads × %d); data: %d tokens, seq_len %d; %s\n",
-		m.Layout().Total, cfg.DModel, cfg.NLayer, cfg.DState, cfg.NHeads, cfg.HeadDim, ds.Tokens(), spec.Data.SeqLen, m.Name())
-	if err := tr.Run(ctx); err != nil {
+	fmt.Fprintf(out, "model: %d parameters (d_model %d, %d layers, d_state %d, %d heads × %d); data: %s, seq_len %d; %s\n",
+		m.Layout().Total, cfg.DModel, cfg.NLayer, cfg.DState, cfg.NHeads, cfg.HeadDim, dataLine, spec.Data.SeqLen, m.Name())
+	if err := tr.Run(runCtx); err != nil {
+		if cause := context.Cause(runCtx); cause != nil && ctx.Err() == nil && !errors.Is(cause, context.Canceled) {
+			return trainResult{}, fmt.Errorf("step %d: %w", tr.Step(), cause)
+		}
 		if errors.Is(err, context.Canceled) {
 			return trainResult{}, fmt.Errorf("interrupted at step %d: %w", tr.Step(), err)
 		}
 		return trainResult{}, err
 	}
-	res := trainResult{FinalLoss: tr.Loss(), Steps: tr.Step()}
+	res := trainResult{FinalLoss: tr.Loss(), Steps: tr.Step(), Backend: m.Name()}
 	if opts.Store != nil {
 		steps, err := checkpoint.Steps(ctx, opts.Store, opts.Prefix)
 		if err == nil && len(steps) > 0 {
@@ -223,6 +316,99 @@ func runTraining(ctx context.Context, spec *jobspec.Spec, o trainOptions, out io
 		}
 	}
 	return res, nil
+}
+
+// progressHooks returns what runs after every step: the progress bar, the
+// metrics record and, on the steps o asks for, an evaluation on the MQAR
+// task's held-out stream with the trained backend m. A hook that fails
+// cancels the run with its error.
+func progressHooks(ctx context.Context, spec *jobspec.Spec, m model.Backend[float32], o trainOptions, out io.Writer, fail context.CancelCauseFunc) (func(train.Progress), error) {
+	bar := newProgressBar(out)
+	var gen *mqar.Generator
+	if o.EvalSamples > 0 {
+		task, err := mqar.ConfigFromSpec(spec)
+		if err != nil {
+			return nil, usageError{err}
+		}
+		if gen, err = mqar.New(task); err != nil {
+			return nil, usageError{err}
+		}
+	}
+	evaluate := func(step int) error {
+		ev, err := evalMQAR(ctx, m, gen, mqar.Eval, o.EvalSamples, 0)
+		if err != nil {
+			return fmt.Errorf("evaluation at step %d: %w", step, err)
+		}
+		fmt.Fprintf(out, "eval at step %d: accuracy %.4f (%d/%d answers), loss on the answers %.4f\n", step, ev.Accuracy, ev.Correct, ev.Answers, ev.Loss)
+		if o.Metrics == nil {
+			return nil
+		}
+		return o.Metrics.Write(metrics.Record{Kind: metrics.KindEval, Step: step, Loss: ev.Loss, Accuracy: ev.Accuracy, Correct: ev.Correct, Answers: ev.Answers})
+	}
+	return func(p train.Progress) {
+		if ctx.Err() != nil {
+			return
+		}
+		bar.Update(p)
+		if o.Metrics != nil {
+			if err := o.Metrics.Write(metrics.Record{Kind: metrics.KindTrain, Step: p.Step, TotalSteps: p.TotalSteps, Loss: p.Loss, LR: p.LR,
+				GradNorm: p.GradNorm, Tokens: p.Tokens, TokensPerSec: p.TokensPerSec, ElapsedSec: p.Elapsed.Seconds()}); err != nil {
+				fail(err)
+				return
+			}
+		}
+		if gen != nil && (p.Step == p.TotalSteps || o.EvalEvery > 0 && p.Step%o.EvalEvery == 0) {
+			if err := evaluate(p.Step); err != nil {
+				fail(err)
+			}
+		}
+	}, nil
+}
+
+// openBackend returns the backend that kind (a spec's backend) selects for
+// cfg, and a function that releases it. cpu is the CPU reference in
+// float32. cuda is the CUDA backend with explicit synchronisation (the
+// trainer moves the state between host and device itself); an error says
+// why it cannot run here. auto is the CUDA backend when it can run and
+// supports cfg, else the CPU reference, with the reason printed. The
+// backend that runs is printed to out.
+func openBackend(kind string, cfg model.Config, out io.Writer) (model.Backend[float32], func(), error) {
+	cpu := func(why string) (model.Backend[float32], func(), error) {
+		m, err := ref.New[float32](cfg)
+		if err != nil {
+			return nil, nil, usageError{err}
+		}
+		fmt.Fprintf(out, "backend: %s%s\n", m.Name(), why)
+		return m, func() {}, nil
+	}
+	switch kind {
+	case jobspec.BackendCPU:
+		return cpu("")
+	case jobspec.BackendCUDA, jobspec.BackendAuto:
+	default:
+		return nil, nil, usagef("backend: must be cpu, cuda or auto, got %q", kind)
+	}
+	g, err := gpu.Open("", cfg, gpu.Options{ExplicitSync: true})
+	switch {
+	case err == nil:
+		fmt.Fprintf(out, "backend: %s (%s)\n", g.Name(), g.Device())
+		return g, func() { g.Close() }, nil
+	case kind == jobspec.BackendCUDA && errors.Is(err, gpu.ErrUnavailable):
+		return nil, nil, usagef("backend: cuda: no CUDA backend can run here (%s); use backend cpu or auto", unavailableReason(err))
+	case kind == jobspec.BackendCUDA && errors.Is(err, gpu.ErrUnsupported):
+		return nil, nil, usagef("backend: cuda: %v; use backend cpu or auto", err)
+	case errors.Is(err, gpu.ErrUnavailable):
+		return cpu(fmt.Sprintf(" (CUDA unavailable: %s)", unavailableReason(err)))
+	case errors.Is(err, gpu.ErrUnsupported):
+		return cpu(fmt.Sprintf(" (the CUDA kernels do not support this model: %v)", err))
+	}
+	return nil, nil, fmt.Errorf("backend: %s: starting the CUDA backend: %w", kind, err)
+}
+
+// unavailableReason is the reason in an error wrapping gpu.ErrUnavailable,
+// without the sentinel's own words.
+func unavailableReason(err error) string {
+	return strings.TrimPrefix(err.Error(), gpu.ErrUnavailable.Error()+": ")
 }
 
 // locationJoin appends path elements to a location: with slashes to an
