@@ -46,7 +46,7 @@ type mqarSweep struct {
 	evalSamples, evalEvery    int
 	weightDecay, gradClip     float64
 	seed                      uint64
-	backend                   string
+	backend, precision        string
 	dryRun                    bool
 }
 
@@ -99,6 +99,7 @@ specs and lists the grid without training.`,
 	f.IntVar(&s.evalEvery, "eval-every", 200, "steps between held-out accuracy checks during training (on at most 128 sequences); 0 = only at the end")
 	f.Uint64Var(&s.seed, "seed", 1, "initialisation and task seed")
 	f.StringVar(&s.backend, "backend", jobspec.BackendAuto, "auto, cpu or cuda")
+	f.StringVar(&s.precision, "precision", jobspec.PrecisionFloat32, "float32, or bf16 (activations and products on the GPU; needs --backend cuda or auto)")
 	f.BoolVar(&s.dryRun, "dry-run", false, "write the specs and list the grid without training")
 	_ = cmd.MarkFlagRequired("out")
 	return cmd
@@ -202,8 +203,9 @@ func (s *mqarSweep) pointSpec(name string, L, D, N int, lr float64) (*jobspec.Sp
 		Checkpoint: jobspec.Checkpoint{
 			Location: filepath.Join(s.out, "checkpoints"), EverySteps: max(1, s.steps), Keep: 1,
 		},
-		Seed:    s.seed,
-		Backend: s.backend,
+		Seed:      s.seed,
+		Backend:   s.backend,
+		Precision: s.precision,
 	}
 	spec.Normalize()
 	if err := spec.Validate(); err != nil {

@@ -54,10 +54,11 @@ progress bar (step, loss, tokens/s, ETA). The data is the spec's data.path
 dataset or its built-in MQAR task (data.mqar, docs/mqar.md).
 
 The spec's backend picks the device: cpu trains on the CPU reference in
-float32; cuda on the GPU (the CUDA backend, bf16 activations with fp32
-parameters and optimizer state), failing when no CUDA backend can run here;
-auto (the default) on the GPU when one can run, else on the CPU, saying why.
-The backend that runs is printed first.
+float32; cuda on the GPU in the spec's precision (float32, or bf16
+activations and products over fp32 parameters and optimizer state), failing
+when no CUDA backend can run here; auto (the default) on the GPU when one
+can run, else on the CPU, saying why. The backend that runs is printed
+first.
 
 --metrics FILE appends a metrics history (JSON Lines, docs/mqar.md §5): one
 record per step and, with --eval-every N on an MQAR spec, the held-out
@@ -234,7 +235,7 @@ func runTraining(ctx context.Context, spec *jobspec.Spec, o trainOptions, out io
 	if err != nil {
 		return trainResult{}, usageError{err}
 	}
-	m, closeBackend, err := openBackend(spec.Backend, cfg, out)
+	m, closeBackend, err := openBackend(spec.Backend, spec.Precision, cfg, out)
 	if err != nil {
 		return trainResult{}, err
 	}
@@ -365,14 +366,16 @@ func progressHooks(ctx context.Context, spec *jobspec.Spec, m model.Backend[floa
 	}, nil
 }
 
-// openBackend returns the backend that kind (a spec's backend) selects for
-// cfg, and a function that releases it. cpu is the CPU reference in
-// float32. cuda is the CUDA backend with explicit synchronisation (the
-// trainer moves the state between host and device itself); an error says
-// why it cannot run here. auto is the CUDA backend when it can run and
-// supports cfg, else the CPU reference, with the reason printed. The
-// backend that runs is printed to out.
-func openBackend(kind string, cfg model.Config, out io.Writer) (model.Backend[float32], func(), error) {
+// openBackend returns the backend that kind and precision (a spec's
+// backend and precision) select for cfg, and a function that releases it.
+// cpu is the CPU reference in float32. cuda is the CUDA backend in the
+// spec's precision (float32: fp32 throughout; bf16: bf16 activations and
+// products over fp32 parameters and optimizer state), with explicit
+// synchronisation (the trainer moves the state between host and device
+// itself); an error says why it cannot run here. auto is the CUDA backend
+// when it can run and supports cfg, else the CPU reference, with the
+// reason printed. The backend that runs is printed to out.
+func openBackend(kind, precision string, cfg model.Config, out io.Writer) (model.Backend[float32], func(), error) {
 	cpu := func(why string) (model.Backend[float32], func(), error) {
 		m, err := ref.New[float32](cfg)
 		if err != nil {
@@ -388,7 +391,16 @@ func openBackend(kind string, cfg model.Config, out io.Writer) (model.Backend[fl
 	default:
 		return nil, nil, usagef("backend: must be cpu, cuda or auto, got %q", kind)
 	}
-	g, err := gpu.Open("", cfg, gpu.Options{ExplicitSync: true})
+	var prec gpu.Precision
+	switch precision {
+	case jobspec.PrecisionFloat32, "":
+		prec = gpu.F32
+	case jobspec.PrecisionBF16:
+		prec = gpu.BF16
+	default:
+		return nil, nil, usagef("precision: must be float32 or bf16, got %q", precision)
+	}
+	g, err := gpu.Open("", cfg, gpu.Options{Precision: prec, ExplicitSync: true})
 	switch {
 	case err == nil:
 		fmt.Fprintf(out, "backend: %s (%s)\n", g.Name(), g.Device())

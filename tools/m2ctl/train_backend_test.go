@@ -126,7 +126,7 @@ func TestOpenBackend(t *testing.T) {
 	cfg.NHeads = cfg.Expand * cfg.DModel / cfg.HeadDim
 	var out strings.Builder
 	for _, kind := range []string{"cpu", "auto"} {
-		m, release, err := openBackend(kind, cfg, &out)
+		m, release, err := openBackend(kind, "float32", cfg, &out)
 		if err != nil {
 			t.Fatalf("%s: %v", kind, err)
 		}
@@ -138,11 +138,14 @@ func TestOpenBackend(t *testing.T) {
 	if got := out.String(); !strings.HasPrefix(got, "backend: cpu-float32\nbackend: cpu-float32 (CUDA unavailable: ") || !strings.Contains(got, "no-such-dir") {
 		t.Errorf("printed %q", got)
 	}
-	for _, kind := range []string{"cuda", "tpu", ""} {
-		_, _, err := openBackend(kind, cfg, io.Discard)
+	for _, tc := range []struct{ kind, precision, field string }{
+		{"cuda", "float32", "backend"}, {"cuda", "bf16", "backend"}, {"tpu", "float32", "backend"}, {"", "float32", "backend"},
+		{"auto", "fp8", "precision"},
+	} {
+		_, _, err := openBackend(tc.kind, tc.precision, cfg, io.Discard)
 		var ue usageError
-		if !errors.As(err, &ue) || !strings.Contains(err.Error(), "backend") {
-			t.Errorf("%q: %v, want a usage error about the backend", kind, err)
+		if !errors.As(err, &ue) || !strings.HasPrefix(err.Error(), tc.field+": ") {
+			t.Errorf("backend %q, precision %q: %v, want a usage error about %s", tc.kind, tc.precision, err, tc.field)
 		}
 	}
 }
