@@ -381,7 +381,7 @@ func TestSweepMQARDryRunAndBadFlags(t *testing.T) {
 		{"too many pairs", []string{"--num-pairs", "100", "--seq-lens", "256"}, "data.seq_len"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			out, code := m2ctl(t, append([]string{"sweep", "mqar", "--out", t.TempDir()}, tc.args...)...)
+			out, code := m2ctlEnv(t, noCUDA, append([]string{"sweep", "mqar", "--out", t.TempDir()}, tc.args...)...)
 			if code != exitUsage || !strings.Contains(out, tc.msg) {
 				t.Errorf("exit %d, output %q; want exit %d mentioning %q", code, out, exitUsage, tc.msg)
 			}
