@@ -8,15 +8,19 @@
 // loopback network path and the server's CPU is not the benchmark's.
 //
 // Save and load: a model sized so that its checkpoint (fp32 weights plus
-// the two AdamW moments) is -size-mib MiB is saved with checkpoint.Save
-// (encoding from the float buffers, SHA-256 of every object, multipart
-// upload, manifest) and loaded with checkpoint.Load
-// (download, verification, decoding into new float buffers). The baseline
-// uploads the very bytes of that checkpoint's objects with the client's
-// PutObject (its own multipart upload, same part size and concurrency)
-// and reads them back into memory with GetObject. Each repeat times ours
-// and the baseline back to back; the median repeat is reported, with
-// ratio = baseline time / our time (1 means as fast as the raw client).
+// the two AdamW moments) is -size-mib MiB is saved with checkpoint.SaveWith
+// (encoding from the float buffers, SHA-256 of every object whole and per
+// segment, multipart upload, manifest) and loaded with
+// checkpoint.LoadWith (segments fetched with concurrent range requests,
+// each verified against its SHA-256, decoded into new float buffers). The
+// save's baseline uploads the very bytes of that checkpoint's objects with
+// the client's PutObject (its own multipart upload, same part size and
+// concurrency). The load has two baselines reading those bytes back into
+// memory: the client's GetObject of each whole object, one stream at a
+// time, and GetObject of ranges of the segment size, as many at once as
+// the load, with no hashing. Each repeat times ours and the baselines back
+// to back; the median repeat is reported, with ratio = baseline time / our
+// time (1 means as fast as the raw client).
 //
 // Stall: a small model trains on the CPU backend; the time the training
 // loop spends in Trainer.Checkpoint (waiting for nothing in flight, then
@@ -26,6 +30,7 @@
 //
 //	go run ./tools/ckptbench                # 1 GiB, 3 repeats
 //	go run ./tools/ckptbench -size-mib 256 -repeats 1
+//	go run ./tools/ckptbench -no-stall -load-concurrency 8 -segment-mib 16
 package main
 
 import (
@@ -39,6 +44,7 @@ import (
 	"runtime"
 	"runtime/pprof"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/m2train/m2train/coordinator/jobspec"
@@ -55,6 +61,8 @@ type options struct {
 	repeats     int
 	partMiB     int
 	concurrency int
+	segmentMiB  int
+	loadConc    int
 	stallSteps  int
 	every       int
 	dir         string
@@ -70,6 +78,8 @@ func main() {
 	flag.IntVar(&o.repeats, "repeats", 3, "repeats of save, load and their baselines; the median counts")
 	flag.IntVar(&o.partMiB, "part-mib", checkpoint.DefaultPartSize>>20, "multipart part size in MiB, for both")
 	flag.IntVar(&o.concurrency, "concurrency", checkpoint.DefaultConcurrency, "parts in flight, for both")
+	flag.IntVar(&o.segmentMiB, "segment-mib", checkpoint.DefaultSegmentSize>>20, "segment size of the manifest in MiB, and range size of the ranged baseline")
+	flag.IntVar(&o.loadConc, "load-concurrency", 0, "segments in flight of the load and ranges of its baseline (0: checkpoint.DefaultLoadConcurrency)")
 	flag.IntVar(&o.stallSteps, "stall-steps", 18, "training steps of the stall measurement")
 	flag.IntVar(&o.every, "stall-every", 6, "checkpoint every this many steps in the stall measurement")
 	flag.StringVar(&o.dir, "dir", "", "directory for the gateway's buckets (default: a temporary one, removed afterwards)")
@@ -86,6 +96,15 @@ func main() {
 func run(o options) error {
 	if o.sizeMiB < 16 || o.repeats < 1 || o.stallSteps < 2*o.every || o.every < 1 {
 		return fmt.Errorf("flags: need -size-mib >= 16, -repeats >= 1, -stall-every >= 1 and -stall-steps >= 2 × -stall-every")
+	}
+	if o.loadConc == 0 {
+		o.loadConc = checkpoint.DefaultLoadConcurrency()
+	}
+	if err := (checkpoint.SaveOptions{SegmentSize: int64(o.segmentMiB) << 20}).Validate(); err != nil {
+		return fmt.Errorf("flags: -segment-mib: %w", err)
+	}
+	if err := (checkpoint.LoadOptions{Concurrency: o.loadConc}).Validate(); err != nil {
+		return fmt.Errorf("flags: -load-concurrency: %w", err)
 	}
 	ctx := context.Background()
 	if o.cpuprofile != "" {
@@ -120,8 +139,10 @@ func run(o options) error {
 		return err
 	}
 	defer store.Close()
-	fmt.Printf("ckptbench: %s, GOMAXPROCS %d, gateway %s (child process), part %d MiB, concurrency %d\n",
-		runtime.GOARCH, runtime.GOMAXPROCS(0), gw.Endpoint, o.partMiB, o.concurrency)
+	fmt.Printf("ckptbench: %s, %d CPUs, GOMAXPROCS %d, load average %s, gateway %s (child process)\n",
+		runtime.GOARCH, runtime.NumCPU(), runtime.GOMAXPROCS(0), loadAverage(), gw.Endpoint)
+	fmt.Printf("save: part %d MiB, %d parts in flight; load: segment %d MiB, %d segments in flight\n",
+		o.partMiB, o.concurrency, o.segmentMiB, o.loadConc)
 	if !o.skipIO {
 		if err := benchIO(ctx, o, store, filepath.Join(gw.Dir, "bench")); err != nil {
 			return err
@@ -174,13 +195,14 @@ func benchIO(ctx context.Context, o options, store *checkpoint.S3Store, bucketDi
 	fmt.Printf("model: d_model %d, n_layer %d, vocab %d: %d parameters; checkpoint = weights + exp_avg + exp_avg_sq in fp32\n",
 		cfg.DModel, cfg.NLayer, cfg.VocabSize, layout.Total)
 
-	var saves, puts, loads, gets []time.Duration
+	segSize := int64(o.segmentMiB) << 20
+	var saves, puts, loads, gets, ranged []time.Duration
 	var man *checkpoint.Manifest
 	var raw map[string][]byte
 	for rep := range o.repeats {
 		// Ours: encode, hash, upload, commit.
 		start := time.Now()
-		m, err := checkpoint.Save(ctx, store, "ours", s)
+		m, err := checkpoint.SaveWith(ctx, store, "ours", s, checkpoint.SaveOptions{SegmentSize: segSize})
 		if err != nil {
 			return err
 		}
@@ -213,7 +235,7 @@ func benchIO(ctx context.Context, o options, store *checkpoint.S3Store, bucketDi
 		// Ours: download, verify, decode into new float buffers.
 		runtime.GC()
 		start = time.Now()
-		got, _, err := checkpoint.Load[float32](ctx, store, "ours", 1000)
+		got, _, err := checkpoint.LoadWith[float32](ctx, store, "ours", 1000, checkpoint.LoadOptions{Concurrency: o.loadConc})
 		if err != nil {
 			return err
 		}
@@ -235,24 +257,58 @@ func benchIO(ctx context.Context, o options, store *checkpoint.S3Store, bucketDi
 		}
 		gets = append(gets, time.Since(start))
 		bufs = nil
+		// Baseline: the client's GetObject of ranges of the segment size,
+		// as many in flight as the load, over all objects, no hashing.
 		runtime.GC()
-		fmt.Printf("repeat %d: save %v, put %v, load %v, get %v\n", rep+1, saves[rep].Round(time.Millisecond),
-			puts[rep].Round(time.Millisecond), loads[rep].Round(time.Millisecond), gets[rep].Round(time.Millisecond))
+		names := make([]string, len(man.Objects))
+		rbufs := make([][]byte, len(man.Objects))
+		start = time.Now()
+		for i, obj := range man.Objects {
+			names[i], rbufs[i] = "raw/"+obj.Name, make([]byte, obj.Size)
+		}
+		if err := store.GetRangesBaseline(ctx, names, rbufs, segSize, o.loadConc); err != nil {
+			return err
+		}
+		ranged = append(ranged, time.Since(start))
+		rbufs = nil
+		runtime.GC()
+		fmt.Printf("repeat %d: save %v, put %v, load %v, get %v, ranged get %v\n", rep+1, saves[rep].Round(time.Millisecond),
+			puts[rep].Round(time.Millisecond), loads[rep].Round(time.Millisecond), gets[rep].Round(time.Millisecond), ranged[rep].Round(time.Millisecond))
 	}
 	size := float64(man.Size())
 	mibps := func(d time.Duration) float64 { return size / (1 << 20) / d.Seconds() }
 	fmt.Printf("checkpoint: %.1f MiB in %d objects (%s %.1f MiB, %s %.1f MiB)\n", size/(1<<20), len(man.Objects),
 		checkpoint.ModelObject, float64(objSize(man, checkpoint.ModelObject))/(1<<20),
 		checkpoint.OptimizerObject, float64(objSize(man, checkpoint.OptimizerObject))/(1<<20))
-	fmt.Printf("%-6s %12s %12s %12s %12s %8s\n", "", "ours", "ours MiB/s", "baseline", "base MiB/s", "ratio")
+	fmt.Printf("%-6s %10s %10s | %-24s %10s %10s %6s\n", "", "ours", "MiB/s", "baseline", "time", "MiB/s", "ratio")
 	for _, row := range []struct {
-		name       string
-		ours, base []time.Duration
-	}{{"save", saves, puts}, {"load", loads, gets}} {
-		a, b := median(row.ours), median(row.base)
-		fmt.Printf("%-6s %12v %12.0f %12v %12.0f %8.2f\n", row.name, a.Round(time.Millisecond), mibps(a), b.Round(time.Millisecond), mibps(b), b.Seconds()/a.Seconds())
+		name  string
+		ours  []time.Duration
+		label string
+		base  []time.Duration
+	}{{"save", saves, "PutObject (multipart)", puts}, {"load", loads, "GetObject, one stream", gets},
+		{"", nil, fmt.Sprintf("GetObject, %d ranges", o.loadConc), ranged}} {
+		b := median(row.base)
+		if row.ours == nil {
+			a := median(loads)
+			fmt.Printf("%-6s %10s %10s | %-24s %10v %10.0f %6.2f\n", "", "", "", row.label, b.Round(time.Millisecond), mibps(b), b.Seconds()/a.Seconds())
+			continue
+		}
+		a := median(row.ours)
+		fmt.Printf("%-6s %10v %10.0f | %-24s %10v %10.0f %6.2f\n", row.name, a.Round(time.Millisecond), mibps(a), row.label, b.Round(time.Millisecond), mibps(b), b.Seconds()/a.Seconds())
 	}
+	fmt.Printf("load average %s at the end\n", loadAverage())
 	return nil
+}
+
+// loadAverage returns the 1, 5 and 15 minute load averages, or "unknown"
+// where /proc/loadavg is not there.
+func loadAverage() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if f := strings.Fields(string(b)); err == nil && len(f) >= 3 {
+		return strings.Join(f[:3], " ")
+	}
+	return "unknown"
 }
 
 func objSize(m *checkpoint.Manifest, name string) int64 {
