@@ -170,6 +170,14 @@ extern "C" int m2k_gemm_create(void** handle) {
   m2k::clear_detail();
   M2K_CHECK_PTR(handle);
   *handle = nullptr;
+  // cublasLtCreate asks the driver for the current context. The caller may be
+  // on a host thread that has made no runtime call yet (Go moves goroutines
+  // between threads), so make this thread's device's primary context current
+  // first; without it the driver reports an invalid context.
+  int dev = 0;
+  cudaError_t ce = cudaGetDevice(&dev);
+  if (ce == cudaSuccess) ce = cudaSetDevice(dev);
+  if (ce != cudaSuccess) return static_cast<int>(ce);
   m2k_gemm_handle* h = new m2k_gemm_handle;
   cublasStatus_t st = cublasLtCreate(&h->lt);
   if (st != CUBLAS_STATUS_SUCCESS) {
