@@ -379,7 +379,7 @@ func TestCheckpointInspectAndExport(t *testing.T) {
 	step4, step2 := filepath.Join(job, "step-00000004"), filepath.Join(job, "step-00000002")
 
 	msg, code := m2ctl(t, "checkpoint", "inspect", job)
-	for _, want := range []string{"step 4, 2 (newest first)", "step-00000004: manifest m2train-checkpoint/v1, step 4, 4 objects",
+	for _, want := range []string{"step 4, 2 (newest first)", "step-00000004: manifest m2train-checkpoint/v2, step 4, 4 objects",
 		"trainer: job t, step 4, data cursor 8, seed 0, optimizer step 4", "precision float32", "d_model 32, 1 layers", "verified: 4 of 4 objects OK"} {
 		if code != 0 || !strings.Contains(msg, want) {
 			t.Fatalf("inspect: exit %d, output lacks %q:\n%s", code, want, msg)
