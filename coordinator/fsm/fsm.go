@@ -193,9 +193,18 @@ func (f *FSM) registerWorker(c *RegisterWorker) *Result {
 		w = &Worker{ID: c.WorkerID, RegisteredAt: c.At, State: WorkerRegistered}
 		f.st.Workers[c.WorkerID] = w
 	}
-	if w.State == WorkerAlive && w.GPUs != c.GPUs && f.busySlots(w.ID) > 0 {
+	// A live worker that shows up with another lease is a new process
+	// under the same ID (a restarted pod): the ranks its old process ran
+	// are gone, although the old lease has not expired, and its record
+	// now belongs to the new lease, so no expiry will ever report them.
+	// Their jobs end their generation here, before the GPU check below.
+	replaced := c.Lease != 0 && w.State == WorkerAlive && w.Lease != 0 && w.Lease != c.Lease
+	if !replaced && w.State == WorkerAlive && w.GPUs != c.GPUs && f.busySlots(w.ID) > 0 {
 		return &Result{Err: fmt.Errorf("%w: worker %q changes its GPU count from %d to %d while it runs ranks",
 			ErrConflict, w.ID, w.GPUs, c.GPUs)}
+	}
+	if replaced {
+		f.requeueWorkerJobs(w.ID, c.At, fmt.Sprintf("worker %s restarted (lease %x replaced by %x)", w.ID, w.Lease, c.Lease))
 	}
 	w.Addr, w.Hostname, w.GPUs, w.UpdatedAt = c.Addr, c.Hostname, c.GPUs, c.At
 	switch {
@@ -242,19 +251,26 @@ func (f *FSM) workerLost(c *WorkerLost) *Result {
 		reason = "lease expired"
 	}
 	f.event(c.At, "", w.ID, EventWorkerLost, reason)
+	f.requeueWorkerJobs(w.ID, c.At, fmt.Sprintf("worker %s lost (%s)", w.ID, reason))
+	return &Result{}
+}
+
+// requeueWorkerJobs ends the current generation of every running job with a
+// rank on the worker, in job ID order; why is completed with the
+// generation.
+func (f *FSM) requeueWorkerJobs(workerID string, at int64, why string) {
 	for _, id := range f.sortedJobIDs() {
 		j := f.st.Jobs[id]
 		if j.State != JobRunning {
 			continue
 		}
 		for _, a := range j.Assignments {
-			if a.WorkerID == w.ID {
-				f.requeue(j, c.At, fmt.Sprintf("worker %s lost (%s) in generation %d", w.ID, reason, j.Generation))
+			if a.WorkerID == workerID {
+				f.requeue(j, at, fmt.Sprintf("%s in generation %d", why, j.Generation))
 				break
 			}
 		}
 	}
-	return &Result{}
 }
 
 // requeue ends the current generation of a running job: it waits for a new

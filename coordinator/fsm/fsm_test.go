@@ -430,3 +430,46 @@ func checkNoDoubleBooking(t *testing.T, f *FSM) {
 		}
 	}
 }
+
+// TestWorkerRestartWithNewLease checks that a live worker seen with another
+// lease (its process restarted under the same ID before the old lease
+// expired) ends the generation of the jobs it ran, and that the old lease's
+// expiry afterwards changes nothing.
+func TestWorkerRestartWithNewLease(t *testing.T) {
+	f := cluster(t, 2)
+	id := mustApply(t, f, &SubmitJob{At: 1, Spec: testSpec(t, "r", 2, 1)}).JobID
+	mustApply(t, f, &Assign{At: 2, JobID: id, Slots: cpuSlots("w0", "w1")})
+	mustApply(t, f, &CommitCheckpoint{At: 3, JobID: id, Generation: 1, Step: 10, Location: "/ckpt/r-1/step-10"})
+	// The same lease again (a reconcile after a leader change) is not a
+	// restart.
+	mustApply(t, f, &RegisterWorker{At: 4, WorkerID: "w1", Addr: "10.0.0.1:7000", Lease: 101})
+	if j, _ := f.Job(id); j.State != JobRunning || j.Generation != 1 {
+		t.Fatalf("same lease requeued the job: %+v", j)
+	}
+	// A new lease with another GPU count: the job is requeued first, so
+	// the change is accepted.
+	mustApply(t, f, &RegisterWorker{At: 5, WorkerID: "w1", Addr: "10.0.0.1:7001", GPUs: 1, Lease: 555})
+	j, _ := f.Job(id)
+	if j.State != JobQueued || j.Restarts != 1 || len(j.Assignments) != 0 ||
+		!strings.Contains(j.Message, "worker w1 restarted (lease 65 replaced by 22b) in generation 1") {
+		t.Fatalf("after the restart: %+v", j)
+	}
+	if w, _ := f.Worker("w1"); w.State != WorkerAlive || w.Lease != 555 || w.GPUs != 1 {
+		t.Fatalf("restarted worker: %+v", w)
+	}
+	evs := f.Events(id, 0, 0)
+	if last := evs[len(evs)-1]; last.Type != EventRequeued || !strings.Contains(last.Message, "resume from the checkpoint of step 10") {
+		t.Fatalf("last event %+v", last)
+	}
+	// The expiry of the replaced lease is stale.
+	if r := apply(t, f, &WorkerLost{At: 6, WorkerID: "w1", Lease: 101}); !errors.Is(r.Err, ErrStale) {
+		t.Fatalf("expiry of the old lease: %v", r.Err)
+	}
+	// A worker that is not alive (lost, or only registered) comes back
+	// without requeuing anything.
+	mustApply(t, f, &Assign{At: 7, JobID: id, Generation: 1, Slots: cpuSlots("w0", "w1")})
+	mustApply(t, f, &RegisterWorker{At: 8, WorkerID: "w2", Lease: 900})
+	if j, _ := f.Job(id); j.State != JobRunning || j.Generation != 2 {
+		t.Fatalf("a new worker changed the job: %+v", j)
+	}
+}
