@@ -16,6 +16,7 @@ type Workspace[T model.Float] struct {
 	dt    []float64 // (Bt, H, L): clamped dt
 	cs    []float64 // (Bt, H, L): inclusive cumsum of dt·A, restarting at every chunk
 	lam   []float64 // (Bt, H, nc): chunk totals Λ_c
+	base  []float64 // (Bt, H, nc+1): Σ of the chunk totals before chunk c (AddInitialState)
 	dlam  []float64 // (Bt, H, nc): ∂loss/∂Λ_c (backward)
 	st    []T       // (Bt, H, nc+1, P, N): chunk states, then Hin_c; [nc] is the final state
 	gst   []T       // (Bt, H, nc+1, P, N): dP_c, then ∂loss/∂Hin_c; [c+1] is Gc_c (backward)
