@@ -20,6 +20,11 @@ import (
 // ErrNoTargets is returned by ForwardBackward for a batch without targets.
 var ErrNoTargets = errors.New("ref: batch has no targets")
 
+// ErrShardTooShort is returned for a sequence shard (a pass with a
+// Boundary) of fewer than d_conv−1 positions: every shard must hold the
+// whole conv halo that it passes to the next one (MAMBA2_SPEC.md §5.1).
+var ErrShardTooShort = errors.New("ref: sequence shard shorter than the conv halo")
+
 // Model is the CPU backend: parameters and gradients in flat buffers with
 // the layout of model.NewLayout, and the activations of the last forward pass
 // kept for the backward pass.
@@ -93,6 +98,9 @@ type layerActs[T model.Float] struct {
 	x, b, c, dt []T // contiguous SSD inputs
 	y, o, grstd []T // SSD output, gated-norm output (n×E), its rstd (n × norm groups)
 	state, halo []T // received from the previous shard; nil when zero
+	// logDecay is Λ (Bt×H) of the shard's scan, kept in the parallel-prefix
+	// mode for PrefixBackward.
+	logDecay []T
 }
 
 type workspace[T model.Float] struct {
@@ -172,8 +180,10 @@ func (m *Model[T]) run(ctx context.Context, b *model.Batch, o model.StepOptions,
 		return model.StepResult{}, err
 	}
 	if o.Boundary != nil && b.SeqLen < c.DConv-1 {
-		return model.StepResult{}, fmt.Errorf("ref: a sequence shard of %d positions is shorter than the conv halo d_conv−1 = %d", b.SeqLen, c.DConv-1)
+		return model.StepResult{}, fmt.Errorf("%w: SeqLen %d < d_conv−1 = %d; with sequence parallelism every shard needs at least d_conv−1 positions",
+			ErrShardTooShort, b.SeqLen, c.DConv-1)
 	}
+	sp := newSPLink(o.Boundary)
 	ws := m.workspace(b.Batch, b.SeqLen)
 	n, D := b.Batch*b.SeqLen, c.DModel
 	emb := model.View(m.params, m.emb)
@@ -184,7 +194,7 @@ func (m *Model[T]) run(ctx context.Context, b *model.Batch, o model.StepOptions,
 		if err := ctx.Err(); err != nil {
 			return model.StepResult{}, err
 		}
-		if err := m.layerForward(ctx, i, b, o.Boundary); err != nil {
+		if err := m.layerForward(ctx, i, b, sp); err != nil {
 			return model.StepResult{}, err
 		}
 	}
@@ -226,7 +236,7 @@ func (m *Model[T]) run(ctx context.Context, b *model.Batch, o model.StepOptions,
 		if err := ctx.Err(); err != nil {
 			return model.StepResult{}, err
 		}
-		if err := m.layerBackward(ctx, i, b, dres, o.Boundary); err != nil {
+		if err := m.layerBackward(ctx, i, b, dres, sp); err != nil {
 			return model.StepResult{}, err
 		}
 	}
@@ -311,7 +321,22 @@ func (m *Model[T]) lmHeadLoss(b *model.Batch, hf []T, count int, dhf []T, keep [
 	return sum
 }
 
-func (m *Model[T]) layerForward(ctx context.Context, i int, b *model.Batch, bd model.Boundary) error {
+// spLink is the sequence-parallel boundary of one pass: bd is nil for an
+// unsplit sequence, and prefix is set when it runs the parallel-prefix mode.
+type spLink struct {
+	bd     model.Boundary
+	prefix model.PrefixBoundary
+}
+
+func newSPLink(bd model.Boundary) spLink {
+	l := spLink{bd: bd}
+	if model.ModeOf(bd) == model.SPPrefix {
+		l.prefix = bd.(model.PrefixBoundary)
+	}
+	return l
+}
+
+func (m *Model[T]) layerForward(ctx context.Context, i int, b *model.Batch, sp spLink) error {
 	c, ws, lt := m.cfg, m.ws, &m.layers[i]
 	a := &ws.acts[i]
 	bt, l := b.Batch, b.SeqLen
@@ -325,13 +350,25 @@ func (m *Model[T]) layerForward(ctx context.Context, i int, b *model.Batch, bd m
 	if lt.InProjBias != nil {
 		addBias(a.zxbcdt, model.View(p, lt.InProjBias), n, F)
 	}
-	a.state, a.halo = nil, nil
-	if bd != nil {
+	a.state, a.halo, a.logDecay = nil, nil, nil
+	stateLen := bt * H * c.HeadDim * c.DState
+	if bd := sp.bd; bd != nil {
+		if sp.prefix != nil {
+			// Only the halo travels here, and it is ready before the scan:
+			// send it first so that every shard exchanges at once.
+			if err := bd.SendForward(ctx, i, nil, toFloat64(m.haloOut(a.zxbcdt, bt, l))); err != nil {
+				return fmt.Errorf("ref: layer %d: send halo: %w", i, err)
+			}
+		}
 		st, halo, err := bd.RecvForward(ctx, i)
 		if err != nil {
 			return fmt.Errorf("ref: layer %d: receive state: %w", i, err)
 		}
-		if a.state, err = fromFloat64[T](st, bt*H*c.HeadDim*c.DState, "state"); err != nil {
+		if sp.prefix != nil {
+			if err := requireZero(st, i, "RecvForward", "state"); err != nil {
+				return err
+			}
+		} else if a.state, err = fromFloat64[T](st, stateLen, "state"); err != nil {
 			return err
 		}
 		if a.halo, err = fromFloat64[T](halo, bt*(c.DConv-1)*Cd, "halo"); err != nil {
@@ -363,8 +400,23 @@ func (m *Model[T]) layerForward(ctx context.Context, i int, b *model.Batch, bd m
 	if err != nil {
 		return fmt.Errorf("ref: layer %d: %w", i, err)
 	}
-	if bd != nil {
-		if err := bd.SendForward(ctx, i, toFloat64(ws.final), toFloat64(m.haloOut(a.zxbcdt, bt, l))); err != nil {
+	switch {
+	case sp.prefix != nil:
+		// The scan above started from zero; the group's prefix gives the
+		// state that enters this shard, and its contribution is added.
+		a.logDecay = append(a.logDecay[:0], ws.decay...)
+		hIn, err := sp.prefix.PrefixForward(ctx, i, toFloat64(ws.final), toFloat64(ws.decay))
+		if err != nil {
+			return fmt.Errorf("ref: layer %d: prefix of the states: %w", i, err)
+		}
+		if a.state, err = fromFloat64[T](hIn, stateLen, "incoming state"); err != nil {
+			return err
+		}
+		if err := m.scan.AddInitialState(dims, opts, sin, a.state, a.y, nil); err != nil {
+			return fmt.Errorf("ref: layer %d: %w", i, err)
+		}
+	case sp.bd != nil:
+		if err := sp.bd.SendForward(ctx, i, toFloat64(ws.final), toFloat64(m.haloOut(a.zxbcdt, bt, l))); err != nil {
 			return fmt.Errorf("ref: layer %d: send state: %w", i, err)
 		}
 	}
@@ -402,7 +454,7 @@ func (m *Model[T]) ssdInputs(a *layerActs[T], lt *model.LayerTensors) *ssd.Input
 		B: a.b, C: a.c, D: model.View(p, lt.D), InitState: a.state}
 }
 
-func (m *Model[T]) layerBackward(ctx context.Context, i int, b *model.Batch, dres []T, bd model.Boundary) error {
+func (m *Model[T]) layerBackward(ctx context.Context, i int, b *model.Batch, dres []T, sp spLink) error {
 	c, ws, lt := m.cfg, m.ws, &m.layers[i]
 	a := &ws.acts[i]
 	bt, l := b.Batch, b.SeqLen
@@ -427,21 +479,37 @@ func (m *Model[T]) layerBackward(ctx context.Context, i int, b *model.Batch, dre
 	gatedNormBwd(m.gatedNorm(n), dy, dz, ggw, do, a.grstd, a.y, a.zxbcdt, gw)
 
 	var dFinal, dHaloNext []T
-	if bd != nil {
-		st, halo, err := bd.RecvBackward(ctx, i)
+	stateLen := bt * H * c.HeadDim * c.DState
+	dims, opts := m.ssdDims(bt, l)
+	sg := &ws.sg
+	var err error
+	switch {
+	case sp.prefix != nil:
+		// U = ∂loss/∂h_in through this shard's outputs; the group's reverse
+		// prefix of the U returns the gradient of this shard's final state.
+		u := &ssd.InitialStateGrads[T]{InitState: sg.InitState}
+		if err := m.scan.InitialStateBackward(dims, opts, m.ssdInputs(a, lt), nil, dy, nil, u); err != nil {
+			return fmt.Errorf("ref: layer %d: %w", i, err)
+		}
+		g, err := sp.prefix.PrefixBackward(ctx, i, toFloat64(a.logDecay), toFloat64(u.InitState))
+		if err != nil {
+			return fmt.Errorf("ref: layer %d: reverse prefix of the state gradients: %w", i, err)
+		}
+		if dFinal, err = fromFloat64[T](g, stateLen, "final-state gradient"); err != nil {
+			return err
+		}
+	case sp.bd != nil:
+		st, halo, err := sp.bd.RecvBackward(ctx, i)
 		if err != nil {
 			return fmt.Errorf("ref: layer %d: receive state gradient: %w", i, err)
 		}
-		if dFinal, err = fromFloat64[T](st, bt*H*c.HeadDim*c.DState, "state gradient"); err != nil {
+		if dFinal, err = fromFloat64[T](st, stateLen, "state gradient"); err != nil {
 			return err
 		}
 		if dHaloNext, err = fromFloat64[T](halo, bt*(W-1)*Cd, "halo gradient"); err != nil {
 			return err
 		}
 	}
-	dims, opts := m.ssdDims(bt, l)
-	sg := &ws.sg
-	var err error
 	if m.Recurrent {
 		err = ssd.BackwardRecurrent(dims, opts, m.ssdInputs(a, lt), dy, dFinal, sg)
 	} else {
@@ -471,6 +539,21 @@ func (m *Model[T]) layerBackward(ctx context.Context, i int, b *model.Batch, dre
 		convGB = model.View(g, lt.ConvBias)
 	}
 	convBwd(m.convShape(bt, l), dz, model.View(g, lt.Conv), convGB, dhalo, dact, a.pre, a.zxbcdt, a.halo, model.View(p, lt.Conv))
+	if sp.prefix != nil {
+		if err := sp.bd.SendBackward(ctx, i, nil, toFloat64(dhalo)); err != nil {
+			return fmt.Errorf("ref: layer %d: send halo gradient: %w", i, err)
+		}
+		st, halo, err := sp.bd.RecvBackward(ctx, i)
+		if err != nil {
+			return fmt.Errorf("ref: layer %d: receive halo gradient: %w", i, err)
+		}
+		if err := requireZero(st, i, "RecvBackward", "state gradient"); err != nil {
+			return err
+		}
+		if dHaloNext, err = fromFloat64[T](halo, bt*(W-1)*Cd, "halo gradient"); err != nil {
+			return err
+		}
+	}
 	if dHaloNext != nil {
 		for bb := 0; bb < bt; bb++ {
 			for j := 0; j < W-1; j++ {
@@ -479,12 +562,12 @@ func (m *Model[T]) layerBackward(ctx context.Context, i int, b *model.Batch, dre
 			}
 		}
 	}
-	if bd != nil {
+	if sp.bd != nil && sp.prefix == nil {
 		var dInit []T
 		if a.state != nil {
 			dInit = sg.InitState
 		}
-		if err := bd.SendBackward(ctx, i, toFloat64(dInit), toFloat64(dhalo)); err != nil {
+		if err := sp.bd.SendBackward(ctx, i, toFloat64(dInit), toFloat64(dhalo)); err != nil {
 			return fmt.Errorf("ref: layer %d: send state gradient: %w", i, err)
 		}
 	}
@@ -535,4 +618,16 @@ func fromFloat64[T model.Float](x []float64, want int, what string) ([]T, error)
 		out[i] = T(v)
 	}
 	return out, nil
+}
+
+// requireZero checks that a state the parallel-prefix mode does not use
+// came back from the Boundary as nil or zeros: states travel through
+// PrefixForward and PrefixBackward in that mode.
+func requireZero(x []float64, layer int, call, what string) error {
+	for _, v := range x {
+		if v != 0 {
+			return fmt.Errorf("ref: layer %d: %s returned a nonzero %s in the %v mode, which passes states only through the prefix calls", layer, call, what, model.SPPrefix)
+		}
+	}
+	return nil
 }

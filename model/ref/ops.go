@@ -138,13 +138,17 @@ func convBwd[T model.Float](s convShape, dst, dw, dbias, dhalo, dact, pre, src, 
 			}
 		}
 	})
+	// Halo gradient: halo row j is the input at position j−(W−1), read by
+	// output t = j−k through w[c,k] for every k with 0 <= t < L. Rows that
+	// no output reads get zero; with L < W−1 (a sequence shorter than the
+	// halo) the first admissible k is above zero.
 	if dhalo != nil {
 		for b := 0; b < s.bt; b++ {
 			for j := 0; j < s.w-1; j++ {
 				out := dhalo[(b*(s.w-1)+j)*s.cd : (b*(s.w-1)+j+1)*s.cd]
 				for c := range out {
 					var v T
-					for k := 0; k <= j && j-k < s.l; k++ {
+					for k := max(0, j-s.l+1); k <= j; k++ {
 						v += w[c*s.w+k] * dpre[(b*s.l+j-k)*s.cd+c]
 					}
 					out[c] = v
