@@ -14,6 +14,16 @@ import (
 // the forward pass, and their gradients in the backward pass, with
 // model/ref's conventions (a nil slice means zeros or nothing to send).
 
+// checkSPMode rejects the sequence-parallel modes the kernels do not run
+// yet: only the sequential pipeline is implemented on the device.
+func checkSPMode(bd model.Boundary) error {
+	if mode := model.ModeOf(bd); mode != model.SPSequential {
+		return fmt.Errorf("%w: sequence parallelism in the %v mode (model.PrefixBoundary) is not implemented by the CUDA backend; use the %v mode",
+			ErrUnsupported, mode, model.SPSequential)
+	}
+	return nil
+}
+
 // download copies a whole buffer to the host as float64.
 func download(b *kernels.Buffer) ([]float64, error) {
 	v, err := b.GetF32()

@@ -34,6 +34,9 @@ func (m *Model) run(ctx context.Context, b *model.Batch, o model.StepOptions, ba
 	if o.Boundary != nil && b.SeqLen < c.DConv-1 {
 		return model.StepResult{}, fmt.Errorf("gpu: a sequence shard of %d positions is shorter than the conv halo d_conv−1 = %d", b.SeqLen, c.DConv-1)
 	}
+	if err := checkSPMode(o.Boundary); err != nil {
+		return model.StepResult{}, err
+	}
 	if m.auto {
 		what := model.SyncParams
 		if backward {
