@@ -68,9 +68,25 @@ type Input struct {
 // for data.mqar a loader of the task's training stream (ds is not used and
 // may be nil).
 func NewInput(spec *jobspec.Spec, ds *data.Dataset) (Input, error) {
+	return newInput(spec, ds, 0, 1)
+}
+
+// NewRankInput is NewInput for data-parallel rank dpRank of the spec's
+// parallel.dp: the source yields the rank's share of every global batch
+// (worker/data's RankPositions), whole sequences; a distributed trainer
+// takes its sequence-parallel slice of them itself.
+func NewRankInput(spec *jobspec.Spec, ds *data.Dataset, dpRank int) (Input, error) {
+	dp := spec.Parallel.DP
+	if dp < 1 || dpRank < 0 || dpRank >= dp {
+		return Input{}, fmt.Errorf("train: parallel.dp: data-parallel rank %d of %d; it must be in [0, dp)", dpRank, dp)
+	}
+	return newInput(spec, ds, dpRank, dp)
+}
+
+func newInput(spec *jobspec.Spec, ds *data.Dataset, dpRank, dpSize int) (Input, error) {
 	lc := data.LoaderConfig{
 		SeqLen: spec.Data.SeqLen, MicroBatch: spec.Batch.MicroBatch, GlobalBatch: spec.Batch.GlobalBatch,
-		DPRank: 0, DPSize: 1, Seed: spec.Seed,
+		DPRank: dpRank, DPSize: dpSize, Seed: spec.Seed,
 	}
 	if spec.Data.MQAR != nil {
 		task, err := mqar.ConfigFromSpec(spec)
@@ -128,6 +144,12 @@ type Progress struct {
 	StepTime         time.Duration
 	Elapsed          time.Duration
 	ETA              time.Duration
+	// Comm is the part of StepTime this rank spent waiting on other ranks
+	// in a distributed run: the collective operations it blocked on, the
+	// gradient all-reduce that the backward pass did not hide, and the
+	// sequence-parallel receives (pipeline bubbles included). Zero in a
+	// single process.
+	Comm time.Duration
 }
 
 // Options configure a Trainer beyond its spec.
@@ -144,6 +166,9 @@ type Options struct {
 	// OnCheckpointError is called when a checkpoint fails to save, from
 	// the goroutine that saves in the background. Training goes on.
 	OnCheckpointError func(step int, err error)
+	// Dist tunes a distributed trainer (NewDistributed); a single-process
+	// trainer ignores it.
+	Dist DistOptions
 }
 
 // Trainer trains one model replica on one process.
@@ -165,6 +190,9 @@ type Trainer[T model.Float] struct {
 	started   time.Time
 	rate      float64 // smoothed tokens per second
 	saver     *checkpoint.Saver[T]
+	// par is the distributed state of a rank of a dp×sp grid; nil in a
+	// single process.
+	par *parallel[T]
 }
 
 // New builds a trainer for spec on backend, reading the input NewInput
@@ -190,6 +218,13 @@ func NewWithInput[T model.Float](spec *jobspec.Spec, backend model.Backend[T], i
 	if spec.Parallel.World() != 1 {
 		return nil, fmt.Errorf("train: parallel: a single-process trainer needs dp = sp = 1, got dp %d sp %d", spec.Parallel.DP, spec.Parallel.SP)
 	}
+	return newTrainer(spec, backend, in, opts, true)
+}
+
+// newTrainer builds the trainer of one process or rank; fullOpt says
+// whether it keeps the optimizer moments of every parameter (all but a
+// ZeRO-1 rank do).
+func newTrainer[T model.Float](spec *jobspec.Spec, backend model.Backend[T], in Input, opts Options, fullOpt bool) (*Trainer[T], error) {
 	if in.Source == nil {
 		return nil, errors.New("train: data: the input has no source")
 	}
@@ -201,10 +236,12 @@ func NewWithInput[T model.Float](spec *jobspec.Spec, backend model.Backend[T], i
 		}
 		return nil, fmt.Errorf("train: data: the vocabulary of %s, %d, exceeds the model's vocab_size %d", what, in.Vocab, cfg.VocabSize)
 	}
-	ac := model.AdamWConfig{Beta1: spec.Optimizer.Betas[0], Beta2: spec.Optimizer.Betas[1], Eps: spec.Optimizer.Eps, WeightDecay: spec.Optimizer.WeightDecay}
-	opt, err := model.NewAdamW[T](backend.Layout(), ac)
-	if err != nil {
-		return nil, err
+	var opt *model.AdamW[T]
+	if fullOpt {
+		var err error
+		if opt, err = model.NewAdamW[T](backend.Layout(), adamWConfig(spec)); err != nil {
+			return nil, err
+		}
 	}
 	sched := model.Schedule{PeakLR: spec.Optimizer.LR, MinLR: spec.Schedule.MinLR, WarmupSteps: spec.Schedule.WarmupSteps, TotalSteps: spec.Schedule.TotalSteps}
 	if err := sched.Validate(); err != nil {
@@ -246,6 +283,11 @@ func NewWithInput[T model.Float](spec *jobspec.Spec, backend model.Backend[T], i
 	return t, nil
 }
 
+// adamWConfig returns the optimizer hyperparameters of spec.
+func adamWConfig(spec *jobspec.Spec) model.AdamWConfig {
+	return model.AdamWConfig{Beta1: spec.Optimizer.Betas[0], Beta2: spec.Optimizer.Betas[1], Eps: spec.Optimizer.Eps, WeightDecay: spec.Optimizer.WeightDecay}
+}
+
 // Step returns the number of optimizer steps done.
 func (t *Trainer[T]) Step() int { return t.step }
 
@@ -258,6 +300,9 @@ func (t *Trainer[T]) Loss() float64 { return t.loss }
 // newest committed one). A checkpoint that fails verification is logged
 // and the previous one is tried.
 func (t *Trainer[T]) Resume(ctx context.Context) (bool, error) {
+	if t.par != nil {
+		return t.distResume(ctx)
+	}
 	if t.opts.Store == nil {
 		return false, nil
 	}
@@ -378,6 +423,9 @@ func (t *Trainer[T]) TrainStep(ctx context.Context) (Progress, error) {
 	if err != nil {
 		return Progress{}, err
 	}
+	if t.par != nil {
+		return t.distStep(ctx, start, cursor, batches)
+	}
 	mbs := make([]*model.Batch, len(batches))
 	count := 0
 	for i, b := range batches {
@@ -460,12 +508,21 @@ func (t *Trainer[T]) finishStep(start time.Time, loss, lr, norm float64, count i
 // logged and reported to OnCheckpointError), or ctx's. A device backend's
 // parameters and moments are first copied to their host mirrors.
 func (t *Trainer[T]) Checkpoint(ctx context.Context) error {
+	if t.par != nil {
+		return t.distCheckpoint(ctx)
+	}
 	if t.saver == nil {
 		return errors.New("train: checkpoint: no store configured")
 	}
 	if err := t.syncHost(); err != nil {
 		return err
 	}
+	return t.save(ctx, t.opt.M, t.opt.V, t.opt.Step)
+}
+
+// save starts saving the parameters, the moments m and v and the trainer
+// state in the background; see Checkpoint.
+func (t *Trainer[T]) save(ctx context.Context, m, v []T, optStep int64) error {
 	specJSON, err := json.Marshal(t.spec)
 	if err != nil {
 		return err
@@ -477,9 +534,9 @@ func (t *Trainer[T]) Checkpoint(ctx context.Context) error {
 	}
 	s := &checkpoint.State[T]{
 		Config: t.backend.Config(), Layout: t.backend.Layout(),
-		Params: t.backend.Params(), M: t.opt.M, V: t.opt.V,
+		Params: t.backend.Params(), M: m, V: v,
 		Trainer: checkpoint.TrainerState{Step: t.step, Cursor: t.src.Cursor(), Seed: t.spec.Seed,
-			OptimizerStep: t.opt.Step, Loss: t.loss, Precision: prec, Spec: specJSON},
+			OptimizerStep: optStep, Loss: t.loss, Precision: prec, Spec: specJSON},
 	}
 	took, err := t.saver.Save(ctx, s)
 	t.log.Debug("checkpoint snapshot taken; uploading in the background", "step", t.step, "snapshot", took)

@@ -1,0 +1,534 @@
+package train
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"time"
+
+	"github.com/m2train/m2train/collective"
+	"github.com/m2train/m2train/coordinator/jobspec"
+	"github.com/m2train/m2train/model"
+	"github.com/m2train/m2train/worker/checkpoint"
+	"github.com/m2train/m2train/worker/data"
+	"github.com/m2train/m2train/worker/dist"
+)
+
+// Rank is the place of a trainer in a job of DP data-parallel replicas,
+// each split into SP sequence-parallel ranks: World = DP·SP ranks, laid out
+// with the sequence-parallel rank fastest, Rank = DPRank·SP + SPRank (the
+// layout of collective.Communicator.Grid). Comm is the world communicator,
+// of size World, in which this process has rank Rank. GridRank fills a
+// Rank from a communicator.
+type Rank struct {
+	World, Rank int
+	DP, DPRank  int
+	SP, SPRank  int
+	Comm        *collective.Communicator
+}
+
+// GridRank returns the Rank of comm's caller in a dp×sp grid.
+func GridRank(comm *collective.Communicator, dp, sp int) Rank {
+	r := Rank{World: comm.Size(), Rank: comm.Rank(), DP: dp, SP: sp, Comm: comm}
+	if sp > 0 {
+		r.DPRank, r.SPRank = r.Rank/sp, r.Rank%sp
+	}
+	return r
+}
+
+// Validate checks that the fields agree with one another and with Comm.
+func (r Rank) Validate() error {
+	switch {
+	case r.DP < 1 || r.SP < 1:
+		return fmt.Errorf("train: rank: dp %d and sp %d must be at least 1", r.DP, r.SP)
+	case r.World != r.DP*r.SP:
+		return fmt.Errorf("train: rank: world %d must be dp·sp = %d·%d", r.World, r.DP, r.SP)
+	case r.DPRank < 0 || r.DPRank >= r.DP:
+		return fmt.Errorf("train: rank: dp rank %d must be in [0, dp = %d)", r.DPRank, r.DP)
+	case r.SPRank < 0 || r.SPRank >= r.SP:
+		return fmt.Errorf("train: rank: sp rank %d must be in [0, sp = %d)", r.SPRank, r.SP)
+	case r.Rank != r.DPRank*r.SP+r.SPRank:
+		return fmt.Errorf("train: rank: rank %d must be dp rank·sp + sp rank = %d", r.Rank, r.DPRank*r.SP+r.SPRank)
+	case r.Comm == nil && r.World != 1:
+		return errors.New("train: rank: a world of more than one rank needs a communicator")
+	case r.Comm != nil && (r.Comm.Size() != r.World || r.Comm.Rank() != r.Rank):
+		return fmt.Errorf("train: rank: the communicator has rank %d of %d, the rank says %d of %d", r.Comm.Rank(), r.Comm.Size(), r.Rank, r.World)
+	}
+	return nil
+}
+
+// DistOptions tune a distributed trainer. The zero value is the default.
+type DistOptions struct {
+	// BucketBytes is the size of a gradient all-reduce bucket in bytes;
+	// zero means DefaultBucketBytes.
+	BucketBytes int
+	// NoOverlap starts the gradient all-reduce only after the backward pass
+	// of the step's last micro-batch, instead of bucket by bucket while it
+	// runs. Results are identical either way; it exists for measurements.
+	// A model.DeviceBackend never overlaps (its gradients reach the host
+	// after the pass).
+	NoOverlap bool
+	// OrderedLoss makes the reported loss the sum of the per-position
+	// losses in the order of a single process, so that with dp = 1 and the
+	// sequential sequence-parallel mode on chunk-aligned shards the loss is
+	// bitwise that of one process. It keeps every micro-batch's logits
+	// (Batch·L/sp·vocab float64 values) and all-gathers per-position
+	// losses over the sp group: for verification, not for production.
+	// The per-position losses are recomputed from the logits the way
+	// model/ref computes them (dist.PositionLosses).
+	OrderedLoss bool
+	// CheckpointPoll bounds how long rank 0 waits for its checkpoint in
+	// flight before telling the other ranks, which meanwhile wait in a
+	// collective operation; it must stay well below the communicator's
+	// Timeout. Zero means 5s.
+	CheckpointPoll time.Duration
+}
+
+// DefaultBucketBytes is the default gradient bucket size.
+const DefaultBucketBytes = 8 << 20
+
+// parallel is the state of one rank of a distributed trainer.
+type parallel[T model.Float] struct {
+	rank                   Rank
+	world, dpComm, spComm  *collective.Communicator
+	bd                     *dist.Boundary[T]
+	red                    *dist.Reducer[T] // nil under ZeRO-1
+	zero                   *dist.ZeRO[T]    // nil unless ZeRO-1
+	layerEnds              []int
+	overlap, ordered       bool
+	poll                   time.Duration
+	fullM, fullV           []T // rank 0 under ZeRO-1: the gathered moments of a checkpoint
+	lastComm               time.Duration
+	lastOverlap, lastTotal int
+}
+
+// NewDistributed builds the trainer of one rank of a dp×sp job: the same
+// training loop as New, run on every rank with the same spec. spec's
+// parallel.dp and parallel.sp must match rank; its sp_mode picks the
+// sequence-parallel mode and zero1 shards the optimizer. ds (nil for a
+// data.mqar spec) is read through NewRankInput. Every rank must initialise
+// its backend's parameters identically (LoadInit with the spec's seed does)
+// and pass the same kind of Options: a Store on all ranks or on none.
+//
+// Per step, each rank reads its data-parallel share of the global batch
+// and takes its sequence-parallel slice of every sequence; the ranks agree
+// on the global count of counted targets, which normalises the loss; the
+// backward pass hands the SSM state gradients between sequence shards
+// while the gradient all-reduce over all dp·sp ranks runs bucket by bucket;
+// then every rank applies the same clipping and AdamW update (under ZeRO-1,
+// to its own range of the parameters, followed by an all-gather).
+//
+// Rank 0 writes the checkpoints (all ranks hold the same parameters; under
+// ZeRO-1 the optimizer moments are first gathered to it, so a checkpoint is
+// the same files as a single process writes and resumes with any dp and
+// sp). Every rank loads at Resume. Checkpoint and Resume are collective:
+// every rank calls them at the same step, as Run does.
+//
+// A world of one rank without a communicator is a single process: the
+// trainer is New's.
+func NewDistributed[T model.Float](spec *jobspec.Spec, backend model.Backend[T], ds *data.Dataset, rank Rank, opts Options) (*Trainer[T], error) {
+	if err := rank.Validate(); err != nil {
+		return nil, err
+	}
+	in, err := NewRankInput(spec, ds, rank.DPRank)
+	if err != nil {
+		return nil, err
+	}
+	return NewDistributedWithInput(spec, backend, in, rank, opts)
+}
+
+// NewDistributedWithInput is NewDistributed reading in, which must yield
+// this rank's data-parallel share of every step (as NewRankInput's does),
+// whole sequences of the spec's seq_len. Every rank must call it at once:
+// it splits the communicator into the data- and sequence-parallel groups.
+func NewDistributedWithInput[T model.Float](spec *jobspec.Spec, backend model.Backend[T], in Input, rank Rank, opts Options) (*Trainer[T], error) {
+	if err := rank.Validate(); err != nil {
+		return nil, err
+	}
+	p := spec.Parallel
+	if p.DP != rank.DP || p.SP != rank.SP {
+		return nil, fmt.Errorf("train: parallel: the spec asks for dp %d sp %d, the rank is in a grid of dp %d sp %d", p.DP, p.SP, rank.DP, rank.SP)
+	}
+	if rank.Comm == nil {
+		return NewWithInput(spec, backend, in, opts)
+	}
+	cfg := backend.Config()
+	if L := spec.Data.SeqLen; L%rank.SP != 0 || L/rank.SP < cfg.DConv-1 {
+		return nil, fmt.Errorf("train: data.seq_len: %d must be a multiple of sp = %d with slices of at least d_conv−1 = %d positions", L, rank.SP, cfg.DConv-1)
+	}
+	mode := model.SPSequential
+	switch p.SPMode {
+	case jobspec.SPModeSequential, "":
+	case jobspec.SPModePrefix:
+		mode = model.SPPrefix
+	default:
+		return nil, fmt.Errorf("train: parallel.sp_mode: %q is not %q or %q", p.SPMode, jobspec.SPModeSequential, jobspec.SPModePrefix)
+	}
+	_, isDev := backend.(model.DeviceBackend[T])
+	if p.Zero1 && isDev {
+		return nil, fmt.Errorf("train: parallel.zero1: the %s backend keeps the optimizer on the device, which has no sharded update; ZeRO-1 needs a host backend", backend.Name())
+	}
+	t, err := newTrainer(spec, backend, in, opts, !p.Zero1)
+	if err != nil {
+		return nil, err
+	}
+	par := &parallel[T]{rank: rank, world: rank.Comm, ordered: opts.Dist.OrderedLoss, poll: opts.Dist.CheckpointPoll}
+	if par.poll <= 0 {
+		par.poll = 5 * time.Second
+	}
+	if par.dpComm, par.spComm, err = rank.Comm.Grid(rank.DP, rank.SP); err != nil {
+		return nil, fmt.Errorf("train: splitting the world into dp and sp groups: %w", err)
+	}
+	var spComm *collective.Communicator
+	if rank.SP > 1 {
+		spComm = par.spComm
+	}
+	if par.bd, err = dist.NewBoundary[T](spComm, cfg, mode); err != nil {
+		return nil, err
+	}
+	if p.Zero1 {
+		if par.zero, err = dist.NewZeRO[T](rank.Comm, backend.Layout(), adamWConfig(spec)); err != nil {
+			return nil, err
+		}
+		t.opt = par.zero.Optimizer()
+	} else {
+		var z T
+		bytes := opts.Dist.BucketBytes
+		if bytes <= 0 {
+			bytes = DefaultBucketBytes
+		}
+		elems := max(1, bytes/int(sizeOf(z)))
+		if par.red, err = dist.NewReducer(rank.Comm, backend.Grads(), elems); err != nil {
+			return nil, err
+		}
+		par.overlap = !opts.Dist.NoOverlap && !isDev
+	}
+	if par.layerEnds, err = dist.LayerEnds(backend.Layout(), cfg.NLayer); err != nil {
+		return nil, err
+	}
+	// Checkpoints are collective: every rank must have a store, or none.
+	hasStore := []float64{0}
+	if opts.Store != nil {
+		hasStore[0] = 1
+	}
+	if err := rank.Comm.AllReduce(context.Background(), collective.Float64s(hasStore)); err != nil {
+		return nil, fmt.Errorf("train: agreeing on checkpoints: %w", err)
+	}
+	if n := int(hasStore[0]); n != 0 && n != rank.World {
+		return nil, fmt.Errorf("train: checkpoints: %d of %d ranks have a store; all or none must", n, rank.World)
+	}
+	if rank.Rank != 0 {
+		t.saver = nil // rank 0 writes; the others only read at Resume
+	}
+	t.par = par
+	t.log = t.log.With("rank", rank.Rank, "dp_rank", rank.DPRank, "sp_rank", rank.SPRank)
+	return t, nil
+}
+
+func sizeOf(v any) int {
+	if _, ok := v.(float64); ok {
+		return 8
+	}
+	return 4
+}
+
+// Rank returns the trainer's place in its grid; a single process is rank 0
+// of a 1×1 grid without a communicator.
+func (t *Trainer[T]) Rank() Rank {
+	if t.par == nil {
+		return Rank{World: 1, DP: 1, SP: 1}
+	}
+	return t.par.rank
+}
+
+// distStep is TrainStep on a rank of a grid, after reading the rank's
+// share of the step.
+func (t *Trainer[T]) distStep(ctx context.Context, start time.Time, cursor uint64, batches []data.Batch) (Progress, error) {
+	p := t.par
+	var comm time.Duration
+	mbs := make([]*model.Batch, len(batches))
+	local := 0
+	for i, b := range batches {
+		if p.rank.SP > 1 {
+			var err error
+			if b, err = b.SPSlice(p.rank.SP, p.rank.SPRank); err != nil {
+				return Progress{}, fmt.Errorf("train: step %d: %w", t.step, err)
+			}
+		}
+		mbs[i] = &model.Batch{Batch: b.Rows(), SeqLen: b.SeqLen, Inputs: b.Inputs, Targets: b.Targets}
+		local += mbs[i].Counted()
+	}
+	// The loss is the mean over the global count of counted targets.
+	cnt := []float64{float64(local)}
+	c0 := time.Now()
+	if err := p.world.AllReduce(ctx, collective.Float64s(cnt)); err != nil {
+		return Progress{}, fmt.Errorf("train: step %d: summing the target count: %w", t.step, err)
+	}
+	comm += time.Since(c0)
+	count := int(cnt[0])
+	if count == 0 {
+		return Progress{}, fmt.Errorf("%w: step %d (cursor %d) has not one target >= 0 on any of the %d ranks", ErrNoTargets, t.step, cursor, p.rank.World)
+	}
+
+	t.backend.ZeroGrads()
+	if p.red != nil {
+		p.red.Begin(ctx)
+	}
+	p.bd.ResetWait()
+	var lossSum float64
+	for i, mb := range mbs {
+		var hook func(layer int)
+		if i == len(mbs)-1 && p.overlap {
+			hook = func(layer int) { p.red.Ready(p.layerEnds[layer]) }
+		}
+		o := model.StepOptions{Count: count, KeepLogits: p.ordered}
+		if p.rank.SP > 1 || (hook != nil && mb.SeqLen >= t.backend.Config().DConv-1) {
+			p.bd.Begin(mb.Batch, hook)
+			o.Boundary = p.bd
+		}
+		r, err := t.backend.ForwardBackward(ctx, mb, o)
+		if err != nil {
+			return Progress{}, fmt.Errorf("train: step %d, micro-batch %d: %w", t.step, i, err)
+		}
+		if o.Boundary != nil {
+			if err := p.bd.Flush(ctx); err != nil {
+				return Progress{}, fmt.Errorf("train: step %d, micro-batch %d: %w", t.step, i, err)
+			}
+		}
+		if p.ordered {
+			s, err := dist.OrderedLossSum(ctx, p.spComm, mb.Batch, dist.PositionLosses(r.Logits, mb.Targets, t.backend.Config().VocabSize))
+			if err != nil {
+				return Progress{}, fmt.Errorf("train: step %d, micro-batch %d: %w", t.step, i, err)
+			}
+			lossSum += s
+		} else {
+			lossSum += r.LossSum
+		}
+	}
+	comm += p.bd.WaitTime()
+
+	c0 = time.Now()
+	if t.dev != nil {
+		if err := t.dev.SyncToHost(model.SyncGrads, nil); err != nil {
+			return Progress{}, err
+		}
+	}
+	var err error
+	if p.zero != nil {
+		err = p.zero.ReduceScatter(ctx, t.backend.Grads())
+	} else {
+		err = p.red.Finish(ctx)
+		p.lastOverlap, p.lastTotal, _ = p.red.Stats()
+	}
+	if err != nil {
+		return Progress{}, fmt.Errorf("train: step %d: %w", t.step, err)
+	}
+	// Each sp rank holds its shard's part of the loss, unless the ordered
+	// sum already combined the shards.
+	ls := []float64{lossSum}
+	lossComm := p.world
+	if p.ordered {
+		lossComm = p.dpComm
+	}
+	if err := lossComm.AllReduce(ctx, collective.Float64s(ls)); err != nil {
+		return Progress{}, fmt.Errorf("train: step %d: summing the loss: %w", t.step, err)
+	}
+	loss := ls[0] / float64(count)
+	comm += time.Since(c0)
+
+	lr := t.sched.LR(t.step)
+	var norm float64
+	switch {
+	case t.dev != nil:
+		if err := t.dev.SyncFromHost(model.SyncGrads, nil); err != nil {
+			return Progress{}, err
+		}
+		if norm, err = t.dev.GradNorm(); err != nil {
+			return Progress{}, err
+		}
+		if err := diverged(t.step, loss, norm); err != nil {
+			return Progress{}, err
+		}
+		t.hostStale = true
+		if err := t.dev.OptimizerStep(t.opt, lr, model.ClipScale(norm, t.spec.Optimizer.GradClip)); err != nil {
+			return Progress{}, err
+		}
+	case p.zero != nil:
+		c0 = time.Now()
+		if norm, err = p.zero.GradNorm(ctx, t.backend.Grads()); err != nil {
+			return Progress{}, fmt.Errorf("train: step %d: %w", t.step, err)
+		}
+		comm += time.Since(c0)
+		if err := diverged(t.step, loss, norm); err != nil {
+			return Progress{}, err
+		}
+		c0 = time.Now()
+		if err := p.zero.Update(ctx, t.backend.Params(), t.backend.Grads(), lr, model.ClipScale(norm, t.spec.Optimizer.GradClip)); err != nil {
+			return Progress{}, fmt.Errorf("train: step %d: %w", t.step, err)
+		}
+		comm += time.Since(c0) // the update itself is 1/world of the whole
+	default:
+		norm = model.ClipGrads(t.backend.Grads(), t.spec.Optimizer.GradClip)
+		if err := diverged(t.step, loss, norm); err != nil {
+			return Progress{}, err
+		}
+		t.opt.Update(t.backend.Params(), t.backend.Grads(), lr)
+	}
+	p.lastComm = comm
+	pr := t.finishStep(start, loss, lr, norm, count)
+	pr.Comm = comm
+	return pr, nil
+}
+
+// diverged returns ErrDiverged when the loss or the norm is not finite.
+func diverged(step int, loss, norm float64) error {
+	if math.IsNaN(loss) || math.IsInf(loss, 0) || math.IsNaN(norm) || math.IsInf(norm, 0) {
+		return fmt.Errorf("%w at step %d: loss %v, gradient norm %v", ErrDiverged, step, loss, norm)
+	}
+	return nil
+}
+
+// CommStats returns, for the last step of a distributed trainer, the time
+// it waited on other ranks and how many of the gradient buckets were
+// started during the backward pass (overlapped) out of all of them.
+func (t *Trainer[T]) CommStats() (comm time.Duration, overlapped, buckets int) {
+	if t.par == nil {
+		return 0, 0, 0
+	}
+	return t.par.lastComm, t.par.lastOverlap, t.par.lastTotal
+}
+
+// distCheckpoint is Checkpoint on a rank of a grid.
+func (t *Trainer[T]) distCheckpoint(ctx context.Context) error {
+	p := t.par
+	if t.opts.Store == nil {
+		return errors.New("train: checkpoint: no store configured")
+	}
+	if err := t.syncHost(); err != nil {
+		return err
+	}
+	m, v := []T(nil), []T(nil)
+	if t.opt != nil {
+		m, v = t.opt.M, t.opt.V
+	}
+	if p.zero != nil {
+		if p.rank.Rank == 0 && p.fullM == nil {
+			n := t.backend.Layout().Total
+			p.fullM, p.fullV = make([]T, n), make([]T, n)
+		}
+		if err := p.zero.GatherMoments(ctx, 0, p.fullM, p.fullV); err != nil {
+			return fmt.Errorf("train: checkpoint of step %d: %w", t.step, err)
+		}
+		m, v = p.fullM, p.fullV
+	}
+	// Rank 0 may still be uploading the previous checkpoint. The others
+	// wait with it, in rounds of a broadcast, so that no collective
+	// operation waits longer than a round (CheckpointPoll).
+	var prev error
+	for {
+		busy := []float64{0}
+		if p.rank.Rank == 0 && t.saver != nil {
+			wctx, cancel := context.WithTimeout(ctx, p.poll)
+			err := t.saver.Wait(wctx)
+			cancel()
+			_, inFlight := t.saver.InFlight()
+			switch {
+			case inFlight || (err != nil && wctx.Err() != nil):
+				busy[0] = 1
+			case err != nil:
+				prev = err // an earlier save failed; already logged and reported
+			}
+		}
+		if err := p.world.Broadcast(ctx, collective.Float64s(busy), 0); err != nil {
+			return fmt.Errorf("train: checkpoint of step %d: waiting for the previous one: %w", t.step, err)
+		}
+		if busy[0] == 0 {
+			break
+		}
+	}
+	if p.rank.Rank != 0 || t.saver == nil {
+		return nil
+	}
+	if err := t.save(ctx, m, v, t.opt.Step); err != nil {
+		return err
+	}
+	return prev
+}
+
+// distResume is Resume on a rank of a grid: rank 0 clears the leftovers of
+// an earlier run, every rank loads the newest checkpoint that verifies, and
+// the ranks check that they loaded the same one.
+func (t *Trainer[T]) distResume(ctx context.Context) (bool, error) {
+	p := t.par
+	if t.opts.Store == nil {
+		return false, nil
+	}
+	if p.rank.Rank == 0 {
+		if err := checkpoint.Cleanup(ctx, t.opts.Store, t.opts.Prefix, t.log); err != nil {
+			if ctx.Err() != nil {
+				return false, ctx.Err()
+			}
+			t.log.Warn("could not clear the leftovers of an earlier run; resuming anyway", "store", t.opts.Store.String(), "err", err)
+		}
+	}
+	if err := p.world.Barrier(ctx); err != nil {
+		return false, fmt.Errorf("train: resume: %w", err)
+	}
+	s, loadErr := checkpoint.LoadLatest[T](ctx, t.opts.Store, t.opts.Prefix, t.log)
+	// Every rank says what it found, failures included, so that none waits
+	// for a rank that gave up.
+	const found, none, failed = 0, 1, 2
+	mine := []float64{failed, 0, 0}
+	switch {
+	case loadErr == nil:
+		if s.Layout.Total != t.backend.Layout().Total || s.Config.NLayer != t.backend.Config().NLayer {
+			loadErr = fmt.Errorf("train: checkpoint at step %d has a different model (%d parameters) than the spec (%d)", s.Trainer.Step, s.Layout.Total, t.backend.Layout().Total)
+		} else {
+			mine = []float64{found, float64(s.Trainer.Step), float64(s.Trainer.Cursor)}
+		}
+	case errors.Is(loadErr, checkpoint.ErrNone):
+		mine = []float64{none, 0, 0}
+	}
+	all := make([]float64, 3*p.rank.World)
+	copy(all[3*p.rank.Rank:], mine)
+	if err := p.world.AllGather(ctx, collective.Float64s(all)); err != nil {
+		return false, fmt.Errorf("train: resume: comparing the ranks' checkpoints: %w", err)
+	}
+	if mine[0] == failed {
+		return false, loadErr
+	}
+	for r := range p.rank.World {
+		theirs := all[3*r : 3*r+3]
+		if theirs[0] == failed {
+			return false, fmt.Errorf("train: resume: rank %d could not load the checkpoint", r)
+		}
+		if theirs[0] != mine[0] || theirs[1] != mine[1] || theirs[2] != mine[2] {
+			return false, fmt.Errorf("train: resume: rank %d found a different checkpoint (step %v) than rank %d (step %v)", r, theirs[1], p.rank.Rank, mine[1])
+		}
+	}
+	if mine[0] == none {
+		return false, nil
+	}
+	copy(t.backend.Params(), s.Params)
+	if p.zero != nil {
+		if err := p.zero.SetMoments(s.M, s.V, s.Trainer.OptimizerStep); err != nil {
+			return false, err
+		}
+	} else {
+		copy(t.opt.M, s.M)
+		copy(t.opt.V, s.V)
+		t.opt.Step = s.Trainer.OptimizerStep
+	}
+	t.step = s.Trainer.Step
+	t.loss = s.Trainer.Loss
+	t.src.Seek(s.Trainer.Cursor)
+	if t.dev != nil {
+		if err := t.dev.SyncFromHost(model.SyncParams|model.SyncMoments, t.opt); err != nil {
+			return false, fmt.Errorf("train: uploading the checkpoint of step %d: %w", t.step, err)
+		}
+		t.hostStale = false
+	}
+	t.log.Info("resumed from checkpoint", "step", t.step, "cursor", s.Trainer.Cursor)
+	return true, nil
+}
