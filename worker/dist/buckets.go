@@ -75,12 +75,12 @@ func LayerEnds(l *model.Layout, layers int) ([]int, error) {
 // starts what is left and waits for all of it. A Reducer is used from one
 // goroutine.
 type Reducer[T model.Float] struct {
-	comm    *collective.Communicator
-	grads   []T
-	buckets []Range
-	ctx     context.Context
-	next    int
-	handles []*collective.Handle
+	comm     *collective.Communicator
+	grads    []T
+	buckets  []Range
+	ctx      context.Context
+	next     int
+	handles  []*collective.Handle
 	wait     time.Duration
 	overlapN int
 }
