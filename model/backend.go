@@ -64,6 +64,8 @@ type StepOptions struct {
 	KeepHidden bool
 	// Boundary passes SSM states and conv halos to and from the neighbouring
 	// sequence shards (sequence parallelism); nil means an unsplit sequence.
+	// A PrefixBoundary whose Mode is SPPrefix selects the parallel-prefix
+	// mode; any other Boundary runs the sequential pipeline.
 	Boundary Boundary
 }
 
@@ -86,7 +88,8 @@ type StepResult struct {
 // gradients of its initial state and received halo to the previous one.
 // Values travel as float64 or float32 slices of the backend's precision,
 // boxed in a []float64 for the interface; a nil slice means zeros (the
-// first shard, or the last shard's backward).
+// first shard, or the last shard's backward). This is the sequential
+// pipeline of §5.2; PrefixBoundary adds the parallel prefix of §5.3.
 type Boundary interface {
 	RecvForward(ctx context.Context, layer int) (state, halo []float64, err error)
 	SendForward(ctx context.Context, layer int, state, halo []float64) error

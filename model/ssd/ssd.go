@@ -25,6 +25,11 @@
 // (float64) are taken to be zero so that no subnormal numbers arise (see
 // flushBelow).
 //
+// AddInitialState and InitialStateBackward compute, on their own, the terms
+// that an initial state adds to a scan and their gradients: the correction
+// that a shard of the parallel prefix over sequence shards (§5.3) applies
+// after scanning from a zero state.
+//
 // The package does not gate the output (no z), does not know about
 // convolutions or projections, and performs no I/O.
 package ssd
