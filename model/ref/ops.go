@@ -178,10 +178,8 @@ func convBwd[T model.Float](s convShape, dst, dw, dbias, dhalo, dact, pre, src, 
 	for i := range dw {
 		dw[i] += grad[i]
 	}
-	if dbias != nil {
-		for c := range dbias {
-			dbias[c] += grad[width-s.cd+c]
-		}
+	for c := range dbias {
+		dbias[c] += grad[width-s.cd+c]
 	}
 }
 
