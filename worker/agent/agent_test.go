@@ -1,0 +1,319 @@
+package agent_test
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/m2train/m2train/coordinator/client"
+	"github.com/m2train/m2train/coordinator/coordtest"
+	"github.com/m2train/m2train/coordinator/etcdembed"
+	"github.com/m2train/m2train/coordinator/jobspec"
+	"github.com/m2train/m2train/model/ref"
+	pb "github.com/m2train/m2train/proto/coordinator/v1"
+	"github.com/m2train/m2train/worker/agent"
+	"github.com/m2train/m2train/worker/checkpoint"
+	"github.com/m2train/m2train/worker/data"
+	"github.com/m2train/m2train/worker/train"
+)
+
+var etcdEndpoint string
+
+// TestMain runs one embedded etcd for the package's tests; each test uses
+// its own key prefix.
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "agent-etcd-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	srv, err := etcdembed.Start(ctx, dir, "127.0.0.1")
+	cancel()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	etcdEndpoint = srv.Endpoint()
+	code := m.Run()
+	srv.Close()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// testLogger routes logs at level and above to t.Log while the test runs.
+func testLogger(t *testing.T, level slog.Level) *slog.Logger {
+	var on atomic.Bool
+	on.Store(true)
+	t.Cleanup(func() { on.Store(false) })
+	return slog.New(slog.NewTextHandler(writerFunc(func(p []byte) (int, error) {
+		if on.Load() {
+			t.Log(strings.TrimSpace(string(p)))
+		}
+		return len(p), nil
+	}), &slog.HandlerOptions{Level: level}))
+}
+
+type writerFunc func([]byte) (int, error)
+
+func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
+
+// makeDataset writes a small byte-level dataset (with end-of-document
+// tokens, vocabulary 257) in several shards.
+func makeDataset(t *testing.T) string {
+	t.Helper()
+	src := t.TempDir()
+	for i := range 6 {
+		var sb strings.Builder
+		for j := range 60 {
+			fmt.Fprintf(&sb, "func f%d_%d(x int) int { return x*%d + %d } // file %d\n", i, j, i+j, j, i)
+		}
+		if err := os.WriteFile(filepath.Join(src, fmt.Sprintf("f%d.go", i)), []byte(sb.String()), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	out := t.TempDir()
+	if _, err := data.Prepare(context.Background(), []string{src}, out, data.PrepareOptions{EOD: true, ShardTokens: 8000}); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// tinySpec is a job small enough to train in seconds on a loaded CPU.
+func tinySpec(name string, dp, sp, steps, every int, dataDir, ckptDir string) string {
+	return fmt.Sprintf(`name: %s
+model:
+  config: {d_model: 32, n_layer: 1, vocab_size: 272, d_state: 16, headdim: 16, expand: 2, chunk_size: 16}
+data: {path: %s, seq_len: 32}
+parallel: {dp: %d, sp: %d}
+batch: {micro_batch: 2, global_batch: %d}
+optimizer: {lr: 0.01, grad_clip: 1.0}
+schedule: {warmup_steps: 2, total_steps: %d}
+checkpoint: {location: %s, every_steps: %d, keep: 2}
+seed: 7
+backend: cpu
+max_restarts: 5
+`, name, dataDir, dp, sp, 2*dp, steps, ckptDir, every)
+}
+
+func startCluster(t *testing.T, replicas int) *coordtest.Cluster {
+	t.Helper()
+	c, err := coordtest.Start(coordtest.Options{Replicas: replicas, Dir: t.TempDir(), EtcdEndpoints: []string{etcdEndpoint},
+		EtcdPrefix: "/" + t.Name() + "/", LeaseTTL: 3, Node: coordtest.FastNode, Logger: testLogger(t, slog.LevelWarn)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := c.Close(); err != nil {
+			t.Errorf("close cluster: %v", err)
+		}
+	})
+	return c
+}
+
+func ctxT(t *testing.T, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// events collects the rank events of the agents of a test.
+type events struct {
+	mu  sync.Mutex
+	all []agent.RankEvent
+}
+
+func (e *events) add(ev agent.RankEvent) {
+	e.mu.Lock()
+	e.all = append(e.all, ev)
+	e.mu.Unlock()
+}
+
+func (e *events) list() []agent.RankEvent {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return append([]agent.RankEvent(nil), e.all...)
+}
+
+// runningAgent is an agent running in the test's process.
+type runningAgent struct {
+	cancel context.CancelFunc
+	done   chan error
+}
+
+// stop shuts the agent down gracefully and returns Run's result.
+func (r *runningAgent) stop() error {
+	r.cancel()
+	return <-r.done
+}
+
+func startAgent(t *testing.T, c *coordtest.Cluster, id string, runner agent.Runner, ev *events) *runningAgent {
+	t.Helper()
+	cfg := agent.DefaultConfig()
+	cfg.WorkerID = id
+	cfg.Coordinators = c.Addrs()
+	cfg.EtcdPrefix = "/" + t.Name() + "/"
+	cfg.AdvertiseHost = "127.0.0.1"
+	cfg.PollInterval = 100 * time.Millisecond
+	cfg.Collective.Timeout = 30 * time.Second
+	cfg.Runner = runner
+	cfg.Logger = testLogger(t, slog.LevelInfo).With("test_worker", id)
+	if ev != nil {
+		cfg.OnRankEvent = ev.add
+	}
+	a, err := agent.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	r := &runningAgent{cancel: cancel, done: make(chan error, 1)}
+	go func() { r.done <- a.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case <-r.done:
+		case <-time.After(2 * time.Minute):
+			t.Errorf("agent %s did not stop", id)
+		}
+	})
+	return r
+}
+
+func newClient(t *testing.T, c *coordtest.Cluster) *client.Client {
+	t.Helper()
+	cl, err := c.Client()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cl.Close() })
+	return cl
+}
+
+// waitJob watches a job until it ends and returns its last state.
+func waitJob(t *testing.T, ctx context.Context, cl *client.Client, id string) *pb.Job {
+	t.Helper()
+	j, err := cl.Watch(ctx, id, func(*pb.Job) error { return nil })
+	if err != nil {
+		t.Fatalf("watch %s: %v", id, err)
+	}
+	return j
+}
+
+// localLoss trains spec in this process with train.New, as `m2ctl train`
+// does, and returns the final loss: the reference of a single-rank job.
+func localLoss(t *testing.T, doc string) float64 {
+	t.Helper()
+	spec, err := jobspec.Parse([]byte(doc))
+	if err != nil {
+		t.Fatal(err)
+	}
+	spec.Checkpoint.Location = ""
+	spec.Checkpoint.EverySteps, spec.Checkpoint.Keep = 0, 0
+	cfg, err := train.ConfigFromSpec(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := ref.New[float32](cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := train.LoadInit(spec, cfg, m.Layout(), m.Params()); err != nil {
+		t.Fatal(err)
+	}
+	ds, err := data.Open(spec.Data.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ds.Close()
+	tr, err := train.New(spec, m, ds, train.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := tr.Run(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	return tr.Loss()
+}
+
+// TestSingleRankJob runs a one-rank job end to end through a three-replica
+// coordinator: the agent registers, takes the assignment, reports every
+// step, commits every checkpoint, and ends the job; the final loss is that
+// of the same spec trained in one process, bit for bit.
+func TestSingleRankJob(t *testing.T) {
+	c := startCluster(t, 3)
+	ctx := ctxT(t, 3*time.Minute)
+	cl := newClient(t, c)
+	ckpt := t.TempDir()
+	doc := tinySpec("single", 1, 1, 12, 4, makeDataset(t), ckpt)
+	var ev events
+	startAgent(t, c, "w0", &agent.TrainRunner{Device: agent.DeviceCPU}, &ev)
+
+	job, err := cl.Submit(ctx, []byte(doc))
+	if err != nil {
+		t.Fatal(err)
+	}
+	j := waitJob(t, ctx, cl, job.GetId())
+	if j.GetState() != pb.JobState_JOB_STATE_SUCCEEDED {
+		t.Fatalf("job ended %v: %s", j.GetState(), j.GetMessage())
+	}
+	if j.GetGeneration() != 1 || j.GetRestarts() != 0 {
+		t.Errorf("generation %d, restarts %d; want 1 and 0", j.GetGeneration(), j.GetRestarts())
+	}
+	if p := j.GetProgress(); p.GetStep() != 12 {
+		t.Errorf("final progress step %d, want 12", p.GetStep())
+	}
+	want := localLoss(t, doc)
+	if got := j.GetProgress().GetLoss(); got != want {
+		t.Errorf("final loss %v, single process %v: not bitwise equal", got, want)
+	} else {
+		t.Logf("final loss %v, bitwise equal to the single-process run", got)
+	}
+
+	// Every step was reported, in order.
+	var steps []int
+	for _, e := range ev.list() {
+		if e.Kind == agent.RankProgress {
+			steps = append(steps, e.Progress.Step)
+		}
+	}
+	if fmt.Sprint(steps) != fmt.Sprint([]int{1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}) {
+		t.Errorf("progress events for steps %v", steps)
+	}
+
+	// The checkpoints of steps 4, 8 and 12 were committed; the coordinator
+	// keeps the newest two, and they are in the store under the job's ID.
+	cks, err := cl.Checkpoints(ctx, j.GetId())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(cks) != 2 || cks[0].GetStep() != 8 || cks[1].GetStep() != 12 {
+		t.Fatalf("committed checkpoints %v, want steps 8 and 12", cks)
+	}
+	for _, ck := range cks {
+		wantLoc := filepath.Join(ckpt, j.GetId(), checkpoint.StepDir(int(ck.GetStep())))
+		if ck.GetLocation() != wantLoc {
+			t.Errorf("checkpoint location %q, want %q", ck.GetLocation(), wantLoc)
+		}
+		if _, err := os.Stat(filepath.Join(wantLoc, "manifest.json")); err != nil {
+			t.Errorf("checkpoint of step %d: %v", ck.GetStep(), err)
+		}
+	}
+	evs, err := cl.Events(ctx, j.GetId(), 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var types []string
+	for _, e := range evs {
+		types = append(types, e.GetType())
+	}
+	if want := "[submitted scheduled checkpoint checkpoint checkpoint succeeded]"; fmt.Sprint(types) != want {
+		t.Errorf("events %v, want %s", types, want)
+	}
+}
