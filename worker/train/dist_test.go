@@ -4,11 +4,14 @@ import (
 	"context"
 	"fmt"
 	"math"
+	"net"
+	"os"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/m2train/m2train/collective"
+	"github.com/m2train/m2train/collective/grpcnet"
 	"github.com/m2train/m2train/coordinator/jobspec"
 	"github.com/m2train/m2train/model"
 	"github.com/m2train/m2train/model/ref"
@@ -254,4 +257,188 @@ func testEquivalence[T model.Float](t *testing.T, dataDir string, tol float64) {
 			}
 		})
 	}
+}
+
+// TestSequentialFirstLossIsBitwise trains one step with the sequence split
+// into 2 and 4 shards on chunk boundaries, in the sequential mode with
+// OrderedLoss: the loss equals the single process's in every bit, in
+// float64 and float32.
+func TestSequentialFirstLossIsBitwise(t *testing.T) {
+	dataDir := writeDataset(t, 4000)
+	t.Run("float64", func(t *testing.T) { testFirstLossBitwise[float64](t, dataDir) })
+	t.Run("float32", func(t *testing.T) { testFirstLossBitwise[float32](t, dataDir) })
+}
+
+func testFirstLossBitwise[T model.Float](t *testing.T, dataDir string) {
+	ctx := context.Background()
+	spec := distSpec(t, dataDir, 1, 1, jobspec.SPModeSequential, false, 3)
+	single := newBackendRun[T](t, spec, refBackend[T](t, spec), openDataset(t, dataDir))
+	want, err := single.tr.TrainStep(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, sp := range []int{2, 4} {
+		t.Run(fmt.Sprint("sp", sp), func(t *testing.T) {
+			spec := distSpec(t, dataDir, 1, sp, jobspec.SPModeSequential, false, 3)
+			runs := newGrid[T](t, spec, memWorld(t, sp), nil, func(o *Options) { o.Dist.OrderedLoss = true })
+			onRanks(t, runs, func(r *gridRun[T]) error { _, err := r.tr.TrainStep(ctx); return err })
+			for k, r := range runs {
+				if got := r.tr.Loss(); math.Float64bits(got) != math.Float64bits(want.Loss) {
+					t.Errorf("sp rank %d: first loss %v, single process %v", k, got, want.Loss)
+				}
+			}
+		})
+	}
+}
+
+// grpcWorld returns n communicators over gRPC on loopback, closed when the
+// test ends.
+func grpcWorld(t *testing.T, n int) []*collective.Communicator {
+	t.Helper()
+	cfg := testCommConfig(t)
+	lis := make([]net.Listener, n)
+	addrs := make([]string, n)
+	for r := range n {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		lis[r], addrs[r] = l, l.Addr().String()
+	}
+	return startWorld(t, n, func(ctx context.Context, r int) (*collective.Communicator, error) {
+		tr, err := grpcnet.Listen(cfg, r, addrs, lis[r])
+		if err != nil {
+			return nil, err
+		}
+		return collective.New(ctx, cfg, tr)
+	})
+}
+
+// TestDistributedOverGRPC trains a few steps of dp = sp = 2 over gRPC on
+// loopback: the losses and the parameters are those of the same run over
+// the in-memory network in every bit, since every reduction sums in a fixed
+// order whatever carries the bytes.
+func TestDistributedOverGRPC(t *testing.T) {
+	const steps = 4
+	ctx := context.Background()
+	dataDir := writeDataset(t, 4000)
+	for _, mode := range []string{jobspec.SPModeSequential, jobspec.SPModePrefix} {
+		t.Run(mode, func(t *testing.T) {
+			spec := distSpec(t, dataDir, 2, 2, mode, false, steps)
+			small := func(o *Options) { o.Dist.BucketBytes = 4096 }
+			mem := newGrid[float32](t, spec, memWorld(t, 4), nil, small)
+			onRanks(t, mem, func(r *gridRun[float32]) error { return r.tr.Run(ctx) })
+			rpc := newGrid[float32](t, spec, grpcWorld(t, 4), nil, small)
+			onRanks(t, rpc, func(r *gridRun[float32]) error { return r.tr.Run(ctx) })
+			checkRanksAgree(t, rpc)
+			sameLosses(t, rpc[0].losses, mem[0].losses)
+			sameBits(t, "parameters over gRPC against in memory", rpc[0].m.Params(), mem[0].m.Params())
+		})
+	}
+}
+
+// TestDistributedResumeIsBitwise trains dp = sp = 2 for 9 steps straight,
+// and separately 6 steps, then resumes a new grid from the step-6
+// checkpoint that rank 0 wrote: the losses and the final parameters are
+// identical in every bit.
+func TestDistributedResumeIsBitwise(t *testing.T) {
+	ctx := context.Background()
+	dataDir := writeDataset(t, 4000)
+	spec := distSpec(t, dataDir, 2, 2, jobspec.SPModeSequential, false, 9)
+	spec.Checkpoint = jobspec.Checkpoint{EverySteps: 3, Keep: 2}
+
+	straight := newGrid[float64](t, spec, memWorld(t, 4), nil, nil)
+	onRanks(t, straight, func(r *gridRun[float64]) error { return r.tr.Run(ctx) })
+
+	store := checkpoint.LocalStore{Root: t.TempDir()}
+	first := newGrid[float64](t, spec, memWorld(t, 4), store, nil)
+	onRanks(t, first, func(r *gridRun[float64]) error { return r.tr.RunUntil(ctx, 6) })
+	second := newGrid[float64](t, spec, memWorld(t, 4), store, nil)
+	onRanks(t, second, func(r *gridRun[float64]) error {
+		ok, err := r.tr.Resume(ctx)
+		if err != nil || !ok {
+			return fmt.Errorf("resume: %v, %v", ok, err)
+		}
+		if r.tr.Step() != 6 {
+			return fmt.Errorf("resumed at step %d, want 6", r.tr.Step())
+		}
+		return r.tr.Run(ctx)
+	})
+	checkRanksAgree(t, second)
+	sameLosses(t, append(first[0].losses, second[0].losses...), straight[0].losses)
+	sameBits(t, "parameters after resuming", second[0].m.Params(), straight[0].m.Params())
+	steps, err := checkpoint.Steps(ctx, store, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(steps) != "[9 6]" {
+		t.Errorf("checkpoints %v, want [9 6]", steps)
+	}
+}
+
+// TestZeroResumesWithAnotherLayout trains 6 steps with ZeRO-1 over dp = 2,
+// sp = 2, whose checkpoint gathers the sharded moments into the files of a
+// single process, then resumes with dp = 4 (ZeRO-1 over other shards) and
+// with dp = 1, sp = 1 in one process: both continue the single process's
+// 9-step run to rounding, since the cursor is a global sample index.
+func TestZeroResumesWithAnotherLayout(t *testing.T) {
+	ctx := context.Background()
+	dataDir := writeDataset(t, 4000)
+	spec := distSpec(t, dataDir, 1, 1, jobspec.SPModeSequential, false, 9)
+	single := newBackendRun[float64](t, spec, refBackend[float64](t, spec), openDataset(t, dataDir))
+	if err := single.tr.Run(ctx); err != nil {
+		t.Fatal(err)
+	}
+
+	store := checkpoint.LocalStore{Root: t.TempDir()}
+	zspec := distSpec(t, dataDir, 2, 2, jobspec.SPModeSequential, true, 9)
+	zspec.Checkpoint = jobspec.Checkpoint{EverySteps: 6, Keep: 1}
+	first := newGrid[float64](t, zspec, memWorld(t, 4), store, nil)
+	onRanks(t, first, func(r *gridRun[float64]) error { return r.tr.RunUntil(ctx, 6) })
+
+	check := func(t *testing.T, losses []float64, params []float64) {
+		t.Helper()
+		got := append(append([]float64(nil), first[0].losses...), losses...)
+		for i, l := range got {
+			if e := math.Abs(l-single.losses[i]) / single.losses[i]; e > 1e-10 {
+				t.Errorf("step %d: loss %v, single process %v", i+1, l, single.losses[i])
+			}
+		}
+		if e := relDiff(params, single.b.Params()); e > 1e-10 {
+			t.Errorf("final parameters differ from the single process's by %.3g", e)
+		}
+	}
+	t.Run("dp4_zero1", func(t *testing.T) {
+		spec := distSpec(t, dataDir, 4, 1, jobspec.SPModeSequential, true, 9)
+		runs := newGrid[float64](t, spec, memWorld(t, 4), copyStore(t, store), nil)
+		onRanks(t, runs, func(r *gridRun[float64]) error {
+			if ok, err := r.tr.Resume(ctx); err != nil || !ok {
+				return fmt.Errorf("resume: %v, %v", ok, err)
+			}
+			return r.tr.RunUntil(ctx, 9)
+		})
+		checkRanksAgree(t, runs)
+		check(t, runs[0].losses, runs[0].m.Params())
+	})
+	t.Run("single", func(t *testing.T) {
+		r := newRunOn[float64](t, spec, copyStore(t, store), nil)
+		if ok, err := r.tr.Resume(ctx); err != nil || !ok {
+			t.Fatalf("resume: %v, %v", ok, err)
+		}
+		if err := r.tr.RunUntil(ctx, 9); err != nil {
+			t.Fatal(err)
+		}
+		check(t, r.losses, r.m.Params())
+	})
+}
+
+// copyStore returns a copy of a local store, so that a resumed run writes
+// its own checkpoints.
+func copyStore(t *testing.T, s checkpoint.LocalStore) checkpoint.LocalStore {
+	t.Helper()
+	dir := t.TempDir()
+	if err := os.CopyFS(dir, os.DirFS(s.Root)); err != nil {
+		t.Fatal(err)
+	}
+	return checkpoint.LocalStore{Root: dir}
 }
