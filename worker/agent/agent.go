@@ -78,11 +78,12 @@ func New(cfg Config) (*Agent, error) {
 }
 
 // Run registers the worker and runs the ranks the coordinator places on it
-// until ctx ends, then shuts down gracefully: it stops the ranks (each
-// abandons its step, finishes a checkpoint upload in flight and closes its
-// communicator), waits for them up to Config.ShutdownTimeout, and revokes
-// the lease, so that the coordinator places the jobs elsewhere at once. A
-// lost lease stops the ranks too, and the worker registers again. Run
+// until ctx ends, then shuts down gracefully: it revokes the lease, so that
+// the coordinator ends the generations of the worker's jobs at once and
+// places them elsewhere, then stops the ranks (each abandons its step and
+// closes its communicator) and waits for them up to
+// Config.ShutdownTimeout. A lost lease stops the ranks too, and the worker
+// registers again. Run
 // returns nil after a shutdown, or an error the coordinator gave that
 // retrying cannot cure (a rejected worker ID, a missing token).
 func (a *Agent) Run(ctx context.Context) error {
@@ -107,9 +108,20 @@ func (a *Agent) Run(ctx context.Context) error {
 		backoff = 200 * time.Millisecond
 		a.log.Info("registered", "lease", fmt.Sprintf("%x", int64(sess.Lease())), "slots", a.cfg.slots())
 		cause := a.serve(ctx, sess)
-		a.stopAll(cause)
-		if err := sess.Close(); err != nil && !errors.Is(cause, ErrLeaseLost) {
-			a.log.Warn("revoking the lease failed; the coordinator notices when it expires", "err", err)
+		if errors.Is(cause, ErrShutdown) {
+			// Release the lease before the ranks stop: the coordinator
+			// marks the worker lost and ends the generation at once.
+			// Stopping a rank first would abort its peers' operations,
+			// they would report the failure, and the job could be placed
+			// again on this worker, still alive, only to be requeued once
+			// more when the lease goes.
+			if err := sess.Close(); err != nil {
+				a.log.Warn("revoking the lease failed; the coordinator notices when it expires", "err", err)
+			}
+			a.stopAll(cause)
+		} else {
+			a.stopAll(cause)
+			sess.Close()
 		}
 		etcd.Close()
 		if ctx.Err() != nil {
@@ -349,8 +361,10 @@ func (a *Agent) event(e RankEvent, k RankEventKind) {
 }
 
 // execRank checks the assignment, meets the other ranks, builds the
-// communicators and runs the rank.
-func (a *Agent) execRank(ctx context.Context, sess *membership.Session, x *pb.RankAssignment, rep *reporter, log *slog.Logger, connected func()) (Result, error) {
+// communicators and runs the rank; connected is called once the
+// communicator is up.
+func (a *Agent) execRank(ctx context.Context, sess *membership.Session, x *pb.RankAssignment, rep *reporter, log *slog.Logger,
+	connected func()) (Result, error) {
 	spec, err := jobspec.Parse([]byte(x.GetSpecYaml()))
 	if err != nil {
 		return Result{}, Fatal(fmt.Errorf("agent: the assignment's spec: %w", err))

@@ -93,14 +93,14 @@ model:
   config: {d_model: 32, n_layer: 1, vocab_size: 272, d_state: 16, headdim: 16, expand: 2, chunk_size: 16}
 data: {path: %s, seq_len: 32}
 parallel: {dp: %d, sp: %d}
-batch: {micro_batch: 2, global_batch: %d}
+batch: {micro_batch: 2, global_batch: 4}
 optimizer: {lr: 0.01, grad_clip: 1.0}
 schedule: {warmup_steps: 2, total_steps: %d}
 checkpoint: {location: %s, every_steps: %d, keep: 2}
 seed: 7
 backend: cpu
 max_restarts: 5
-`, name, dataDir, dp, sp, 2*dp, steps, ckptDir, every)
+`, name, dataDir, dp, sp, steps, ckptDir, every)
 }
 
 func startCluster(t *testing.T, replicas int) *coordtest.Cluster {
@@ -124,15 +124,28 @@ func ctxT(t *testing.T, d time.Duration) context.Context {
 	return ctx
 }
 
-// events collects the rank events of the agents of a test.
+// events collects the rank events of the agents of a test. hook, when
+// set, runs on the rank's goroutine: blocking in it holds the rank at that
+// point (a progress event holds it after the step).
 type events struct {
-	mu  sync.Mutex
-	all []agent.RankEvent
+	mu   sync.Mutex
+	all  []agent.RankEvent
+	hook func(agent.RankEvent)
 }
 
 func (e *events) add(ev agent.RankEvent) {
 	e.mu.Lock()
 	e.all = append(e.all, ev)
+	hook := e.hook
+	e.mu.Unlock()
+	if hook != nil {
+		hook(ev)
+	}
+}
+
+func (e *events) setHook(h func(agent.RankEvent)) {
+	e.mu.Lock()
+	e.hook = h
 	e.mu.Unlock()
 }
 
@@ -145,13 +158,15 @@ func (e *events) list() []agent.RankEvent {
 // runningAgent is an agent running in the test's process.
 type runningAgent struct {
 	cancel context.CancelFunc
-	done   chan error
+	done   chan struct{}
+	err    error
 }
 
 // stop shuts the agent down gracefully and returns Run's result.
 func (r *runningAgent) stop() error {
 	r.cancel()
-	return <-r.done
+	<-r.done
+	return r.err
 }
 
 func startAgent(t *testing.T, c *coordtest.Cluster, id string, runner agent.Runner, ev *events) *runningAgent {
@@ -173,8 +188,11 @@ func startAgent(t *testing.T, c *coordtest.Cluster, id string, runner agent.Runn
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	r := &runningAgent{cancel: cancel, done: make(chan error, 1)}
-	go func() { r.done <- a.Run(ctx) }()
+	r := &runningAgent{cancel: cancel, done: make(chan struct{})}
+	go func() {
+		defer close(r.done)
+		r.err = a.Run(ctx)
+	}()
 	t.Cleanup(func() {
 		cancel()
 		select {
@@ -315,5 +333,126 @@ func TestSingleRankJob(t *testing.T) {
 	}
 	if want := "[submitted scheduled checkpoint checkpoint checkpoint succeeded]"; fmt.Sprint(types) != want {
 		t.Errorf("events %v, want %s", types, want)
+	}
+}
+
+// runJob submits doc, waits for the job to end and returns it.
+func runJob(t *testing.T, ctx context.Context, cl *client.Client, doc string) *pb.Job {
+	t.Helper()
+	job, err := cl.Submit(ctx, []byte(doc))
+	if err != nil {
+		t.Fatal(err)
+	}
+	j := waitJob(t, ctx, cl, job.GetId())
+	if j.GetState() != pb.JobState_JOB_STATE_SUCCEEDED {
+		t.Fatalf("job %s ended %v: %s", j.GetId(), j.GetState(), j.GetMessage())
+	}
+	return j
+}
+
+// TestGridJobSurvivesAStoppedWorker trains a dp 2 × sp 2 job on four
+// agents, then the same spec again while the worker of rank 1 stops after
+// a checkpoint was committed and a fifth worker takes its place: the job
+// resumes in a new generation from its last committed checkpoint, and its
+// final loss is bitwise that of the uninterrupted run.
+func TestGridJobSurvivesAStoppedWorker(t *testing.T) {
+	c := startCluster(t, 1)
+	ctx := ctxT(t, 4*time.Minute)
+	cl := newClient(t, c)
+	dataDir := makeDataset(t)
+	var ev events
+	workers := map[string]*runningAgent{}
+	for _, id := range []string{"w0", "w1", "w2", "w3"} {
+		workers[id] = startAgent(t, c, id, &agent.TrainRunner{Device: agent.DeviceCPU}, &ev)
+	}
+	ref := runJob(t, ctx, cl, tinySpec("grid", 2, 2, 16, 4, dataDir, t.TempDir()))
+	if ref.GetGeneration() != 1 {
+		t.Fatalf("the uninterrupted run took %d generations", ref.GetGeneration())
+	}
+	want := ref.GetProgress().GetLoss()
+	single := localLoss(t, tinySpec("grid", 1, 1, 16, 4, dataDir, t.TempDir()))
+	t.Logf("dp 2 × sp 2 final loss %v; one process %v", want, single)
+	if d := want - single; d > 1e-6 || d < -1e-6 {
+		t.Errorf("the grid's loss %v is far from one process's %v", want, single)
+	}
+
+	// Rank 0 of the second job waits after step 6 until the checkpoint of
+	// step 4 is committed and the worker of rank 1 has stopped; a spare
+	// worker joins.
+	var victim string
+	var once sync.Once
+	ev.setHook(func(e agent.RankEvent) {
+		if e.Kind != agent.RankProgress || !strings.HasPrefix(e.JobID, "gridfault-") || e.Generation != 1 || e.Rank != 0 || e.Progress.Step != 6 {
+			return
+		}
+		once.Do(func() {
+			for {
+				j, err := cl.Get(ctx, e.JobID)
+				if err != nil {
+					t.Errorf("get %s: %v", e.JobID, err)
+					return
+				}
+				if j.GetLastCheckpoint().GetStep() == 4 {
+					victim = j.GetAssignments()[1].GetWorkerId()
+					break
+				}
+				if !sleepCtx(ctx, 20*time.Millisecond) {
+					t.Error("the checkpoint of step 4 was not committed")
+					return
+				}
+			}
+			t.Logf("stopping %s (rank 1) while rank 0 holds after step 6", victim)
+			if err := workers[victim].stop(); err != nil {
+				t.Errorf("agent %s: %v", victim, err)
+			}
+			startAgent(t, c, "w4", &agent.TrainRunner{Device: agent.DeviceCPU}, &ev)
+		})
+	})
+	j := runJob(t, ctx, cl, tinySpec("gridfault", 2, 2, 16, 4, dataDir, t.TempDir()))
+	if victim == "" {
+		t.Fatal("no worker was stopped")
+	}
+	if j.GetGeneration() < 2 {
+		t.Errorf("generation %d: the job did not restart", j.GetGeneration())
+	}
+	if got := j.GetProgress().GetLoss(); got != want {
+		t.Errorf("final loss %v after the restart, %v uninterrupted: not bitwise equal", got, want)
+	} else {
+		t.Logf("final loss %v after %d generations, bitwise equal to the uninterrupted run", got, j.GetGeneration())
+	}
+	evs, err := cl.Events(ctx, j.GetId(), 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resumed := false
+	for _, e := range evs {
+		t.Logf("event %s: %s", e.GetType(), e.GetMessage())
+		if e.GetType() == "requeued" && strings.Contains(e.GetMessage(), "resume from the checkpoint of step 4") {
+			resumed = true
+		}
+	}
+	if !resumed {
+		t.Error("no requeue event that resumes from the checkpoint of step 4")
+	}
+	// The last generation's ranks resumed: rank 0's first step there is 5.
+	first := map[uint64]int{}
+	for _, e := range ev.list() {
+		if e.Kind == agent.RankProgress && e.JobID == j.GetId() && e.Rank == 0 {
+			if _, ok := first[e.Generation]; !ok {
+				first[e.Generation] = e.Progress.Step
+			}
+		}
+	}
+	if s := first[j.GetGeneration()]; s != 5 {
+		t.Errorf("the last generation's first step is %d, want 5 (resumed from step 4)", s)
+	}
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	select {
+	case <-ctx.Done():
+		return false
+	case <-time.After(d):
+		return true
 	}
 }

@@ -19,8 +19,9 @@
 // failure, which ends the generation), when the lease is lost, or when the
 // worker shuts down. The next generation starts from the checkpoint the
 // coordinator committed last. A graceful shutdown (Run's context ends)
-// abandons the step in flight, waits for a checkpoint upload in flight, and
-// revokes the lease, which the coordinator's leader sees at once.
+// revokes the lease, which the coordinator's leader sees at once (it ends
+// the generations of the worker's jobs and places them elsewhere), then
+// abandons the step in flight.
 //
 // The package knows nothing of flags or signals: worker/m2worker and
 // `m2ctl up` configure it. It never imports the coordinator's server side,

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 
+	"github.com/m2train/m2train/collective"
 	"github.com/m2train/m2train/model"
 	"github.com/m2train/m2train/worker/checkpoint"
 	"github.com/m2train/m2train/worker/data"
@@ -45,6 +46,25 @@ func SingleProcessTrainer(r *Rank, b model.Backend[float32], ds *data.Dataset, o
 	return t, nil
 }
 
+// DistributedTrainer is the NewTrainerFunc of jobs of any dp × sp layout:
+// train.NewDistributed over the rank's world communicator. Rank 0 writes
+// the checkpoints; every rank resumes from the same one.
+func DistributedTrainer(r *Rank, b model.Backend[float32], ds *data.Dataset, opts train.Options) (Trainer, error) {
+	p := r.Spec.Parallel
+	rank := train.Rank{World: r.World, Rank: r.Rank, DP: p.DP, DPRank: r.DPRank, SP: p.SP, SPRank: r.SPRank, Comm: r.Comm}
+	t, err := train.NewDistributed(r.Spec, b, ds, rank, opts)
+	if err != nil {
+		// A spec the trainer refuses is refused on every placement; a
+		// failure of the communicator is not.
+		var pe *collective.PeerError
+		if errors.As(err, &pe) || (r.Comm != nil && r.Comm.Err() != nil) {
+			return nil, err
+		}
+		return nil, Fatal(err)
+	}
+	return t, nil
+}
+
 // TrainRunner is the Runner of a training worker: for each rank it builds
 // the model on the worker's device (fresh from the spec's seed, or from
 // model.init_from, local or s3://), opens the data (local, or downloaded
@@ -62,7 +82,7 @@ type TrainRunner struct {
 	// from the environment otherwise (checkpoint.S3ConfigFromEnv).
 	S3 *checkpoint.S3Config
 	// NewTrainer builds each rank's trainer; nil means
-	// SingleProcessTrainer.
+	// DistributedTrainer.
 	NewTrainer NewTrainerFunc
 }
 
@@ -138,7 +158,7 @@ func (tr *TrainRunner) Run(ctx context.Context, r *Rank) (Result, error) {
 	}
 	newTrainer := tr.NewTrainer
 	if newTrainer == nil {
-		newTrainer = SingleProcessTrainer
+		newTrainer = DistributedTrainer
 	}
 	t, err := newTrainer(r, b, ds, opts)
 	if err != nil {
