@@ -153,7 +153,10 @@ func TestZeROMatchesAllReduce(t *testing.T) {
 		if norms[r], err = z.GradNorm(ctx, g); err != nil {
 			return err
 		}
-		if err := z.Update(ctx, params[r], g, 0.01, 1); err != nil {
+		if err := z.UpdateShard(params[r], g, 0.01, 1); err != nil {
+			return err
+		}
+		if err := z.GatherParams(ctx, params[r]); err != nil {
 			return err
 		}
 		var m, v []float32

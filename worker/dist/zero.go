@@ -102,11 +102,11 @@ func (z *ZeRO[T]) GradNorm(ctx context.Context, grads []T) (float64, error) {
 	return math.Sqrt(sum), nil
 }
 
-// Update multiplies the owned gradients by clipScale (when it is below 1,
-// as model.ClipGrads does), applies AdamW with learning rate lr to the
-// owned parameters, and all-gathers the parameters so that every rank
-// holds all of them.
-func (z *ZeRO[T]) Update(ctx context.Context, params, grads []T, lr, clipScale float64) error {
+// UpdateShard multiplies the owned gradients by clipScale (when it is
+// below 1, as model.ClipGrads does) and applies AdamW with learning rate lr
+// to the owned range of params. GatherParams then gives every rank the
+// whole updated parameters.
+func (z *ZeRO[T]) UpdateShard(params, grads []T, lr, clipScale float64) error {
 	if len(params) != z.total || len(grads) != z.total {
 		return fmt.Errorf("dist: ZeRO-1 update of %d parameters and %d gradients, want %d", len(params), len(grads), z.total)
 	}
@@ -118,6 +118,15 @@ func (z *ZeRO[T]) Update(ctx context.Context, params, grads []T, lr, clipScale f
 		}
 	}
 	z.opt.Update(params[z.own.Lo:z.own.Hi], g, lr)
+	return nil
+}
+
+// GatherParams all-gathers the parameters: every rank contributes its
+// owned range and receives the others'.
+func (z *ZeRO[T]) GatherParams(ctx context.Context, params []T) error {
+	if len(params) != z.total {
+		return fmt.Errorf("dist: ZeRO-1 all-gather of %d parameters, want %d", len(params), z.total)
+	}
 	if err := z.comm.AllGather(ctx, bufferOf(params)); err != nil {
 		return fmt.Errorf("dist: ZeRO-1 all-gather of the parameters: %w", err)
 	}

@@ -363,11 +363,14 @@ func (t *Trainer[T]) distStep(ctx context.Context, start time.Time, cursor uint6
 		if err := diverged(t.step, loss, norm); err != nil {
 			return Progress{}, err
 		}
-		c0 = time.Now()
-		if err := p.zero.Update(ctx, t.backend.Params(), t.backend.Grads(), lr, model.ClipScale(norm, t.spec.Optimizer.GradClip)); err != nil {
+		if err := p.zero.UpdateShard(t.backend.Params(), t.backend.Grads(), lr, model.ClipScale(norm, t.spec.Optimizer.GradClip)); err != nil {
 			return Progress{}, fmt.Errorf("train: step %d: %w", t.step, err)
 		}
-		comm += time.Since(c0) // the update itself is 1/world of the whole
+		c0 = time.Now()
+		if err := p.zero.GatherParams(ctx, t.backend.Params()); err != nil {
+			return Progress{}, fmt.Errorf("train: step %d: %w", t.step, err)
+		}
+		comm += time.Since(c0)
 	default:
 		norm = model.ClipGrads(t.backend.Grads(), t.spec.Optimizer.GradClip)
 		if err := diverged(t.step, loss, norm); err != nil {
