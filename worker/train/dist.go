@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"sync/atomic"
 	"time"
 
 	"github.com/m2train/m2train/collective"
@@ -101,15 +102,19 @@ type parallel[T model.Float] struct {
 	fullM, fullV           []T // rank 0 under ZeRO-1: the gathered moments of a checkpoint
 	lastComm               time.Duration
 	lastOverlap, lastTotal int
+	// waitRounds counts the rounds ranks spent waiting for rank 0's
+	// checkpoint in flight, for tests.
+	waitRounds atomic.Int64
 }
 
 // NewDistributed builds the trainer of one rank of a dp×sp job: the same
 // training loop as New, run on every rank with the same spec. spec's
 // parallel.dp and parallel.sp must match rank; its sp_mode picks the
 // sequence-parallel mode and zero1 shards the optimizer. ds (nil for a
-// data.mqar spec) is read through NewRankInput. Every rank must initialise
-// its backend's parameters identically (LoadInit with the spec's seed does)
-// and pass the same kind of Options: a Store on all ranks or on none.
+// data.mqar spec) is read through NewRankInput. The ranks start from rank
+// 0's parameters, which it broadcasts (for a model.DeviceBackend, from the
+// host mirror Params(), as New uploads it); every rank must pass the same
+// kind of Options: a Store on all ranks or on none.
 //
 // Per step, each rank reads its data-parallel share of the global batch
 // and takes its sequence-parallel slice of every sequence; the ranks agree
@@ -169,6 +174,10 @@ func NewDistributedWithInput[T model.Float](spec *jobspec.Spec, backend model.Ba
 	if p.Zero1 && isDev {
 		return nil, fmt.Errorf("train: parallel.zero1: the %s backend keeps the optimizer on the device, which has no sharded update; ZeRO-1 needs a host backend", backend.Name())
 	}
+	// Every rank starts from rank 0's parameters, whatever each loaded.
+	if err := rank.Comm.Broadcast(context.Background(), bufferOf(backend.Params()), 0); err != nil {
+		return nil, fmt.Errorf("train: broadcasting rank 0's initial parameters: %w", err)
+	}
 	t, err := newTrainer(spec, backend, in, opts, !p.Zero1)
 	if err != nil {
 		return nil, err
@@ -224,6 +233,14 @@ func NewDistributedWithInput[T model.Float](spec *jobspec.Spec, backend model.Ba
 	t.par = par
 	t.log = t.log.With("rank", rank.Rank, "dp_rank", rank.DPRank, "sp_rank", rank.SPRank)
 	return t, nil
+}
+
+// bufferOf views s as a collective buffer of its element type.
+func bufferOf[T model.Float](s []T) collective.Buffer {
+	if v, ok := any(s).([]float64); ok {
+		return collective.Float64s(v)
+	}
+	return collective.Float32s(any(s).([]float32))
 }
 
 func sizeOf(v any) int {
@@ -449,6 +466,7 @@ func (t *Trainer[T]) distCheckpoint(ctx context.Context) error {
 		if busy[0] == 0 {
 			break
 		}
+		p.waitRounds.Add(1)
 	}
 	if p.rank.Rank != 0 || t.saver == nil {
 		return nil

@@ -6,6 +6,7 @@ import (
 	"math"
 	"net"
 	"os"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -441,4 +442,107 @@ func copyStore(t *testing.T, s checkpoint.LocalStore) checkpoint.LocalStore {
 		t.Fatal(err)
 	}
 	return checkpoint.LocalStore{Root: dir}
+}
+
+// TestCheckpointInFlightDoesNotStallPeers holds rank 0's upload of the
+// step-1 checkpoint until rank 1 has gone through several rounds of
+// waiting at the step-2 checkpoint: the ranks wait together in short
+// broadcasts rather than in one collective operation as long as the
+// upload, and every checkpoint is committed once the upload goes on.
+func TestCheckpointInFlightDoesNotStallPeers(t *testing.T) {
+	ctx := context.Background()
+	dataDir := writeDataset(t, 4000)
+	spec := distSpec(t, dataDir, 2, 1, jobspec.SPModeSequential, false, 3)
+	spec.Checkpoint = jobspec.Checkpoint{EverySteps: 1}
+	local := checkpoint.LocalStore{Root: t.TempDir()}
+	gate := make(chan struct{})
+	var once sync.Once
+	store := hooked{Store: local, suffix: checkpoint.StepDir(1) + "/" + checkpoint.ModelObject, onPut: func() { once.Do(func() { <-gate }) }}
+	runs := newGrid[float32](t, spec, memWorld(t, 2), store, func(o *Options) { o.Dist.CheckpointPoll = time.Millisecond })
+	errs := make([]error, len(runs))
+	var wg sync.WaitGroup
+	for i, r := range runs {
+		wg.Go(func() { errs[i] = r.tr.Run(ctx) })
+	}
+	deadline := time.Now().Add(time.Minute)
+	for runs[1].tr.par.waitRounds.Load() < 3 && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond) // polling a condition, not ordering events
+	}
+	waited := runs[1].tr.par.waitRounds.Load()
+	close(gate)
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Fatalf("rank %d: %v", i, err)
+		}
+	}
+	if waited < 3 {
+		t.Fatalf("rank 1 waited %d rounds for rank 0's checkpoint in flight, want at least 3", waited)
+	}
+	steps, err := checkpoint.Steps(ctx, local, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(steps) != "[3 2 1]" {
+		t.Errorf("checkpoints %v, want [3 2 1]", steps)
+	}
+}
+
+// TestNewDistributedRules checks the constructor's agreements: the grid
+// must match the spec, ZeRO-1 needs a host backend, a store must be on all
+// ranks or none, and every rank starts from rank 0's parameters.
+func TestNewDistributedRules(t *testing.T) {
+	dataDir := writeDataset(t, 4000)
+	ds := openDataset(t, dataDir)
+	spec := distSpec(t, dataDir, 2, 1, jobspec.SPModeSequential, false, 3)
+
+	comms := memWorld(t, 1)
+	if _, err := NewDistributed(spec, refBackend[float32](t, spec), ds, GridRank(comms[0], 1, 1), Options{}); err == nil || !strings.Contains(err.Error(), "dp 2") {
+		t.Errorf("a 1×1 rank for a dp 2 spec: %v", err)
+	}
+	if err := (Rank{World: 2, Rank: 1, DP: 2, DPRank: 0, SP: 1, SPRank: 0}).Validate(); err == nil {
+		t.Error("a rank whose index disagrees with its dp rank was accepted")
+	}
+	zspec := distSpec(t, dataDir, 1, 1, jobspec.SPModeSequential, true, 3)
+	dev := newEmulatedDevice[float32](t, refBackend[float32](t, zspec).Config(), false)
+	if _, err := NewDistributed(zspec, model.Backend[float32](dev), ds, GridRank(comms[0], 1, 1), Options{}); err == nil || !strings.Contains(err.Error(), "zero1") {
+		t.Errorf("ZeRO-1 on a device backend: %v", err)
+	}
+
+	// A store on rank 0 only.
+	comms = memWorld(t, 2)
+	errs := make([]error, 2)
+	var wg sync.WaitGroup
+	for r := range 2 {
+		wg.Go(func() {
+			var opts Options
+			if r == 0 {
+				opts.Store = checkpoint.LocalStore{Root: t.TempDir()}
+			}
+			_, errs[r] = NewDistributed(spec, refBackend[float32](t, spec), ds, GridRank(comms[r], 2, 1), opts)
+		})
+	}
+	wg.Wait()
+	for r, err := range errs {
+		if err == nil || !strings.Contains(err.Error(), "1 of 2 ranks have a store") {
+			t.Errorf("rank %d with a store on rank 0 only: %v", r, err)
+		}
+	}
+
+	// Rank 1 loads other parameters; it trains from rank 0's.
+	comms = memWorld(t, 2)
+	models := []*ref.Model[float32]{refBackend[float32](t, spec), refBackend[float32](t, spec)}
+	for i := range models[0].Params() {
+		models[0].Params()[i] = float32(i)
+	}
+	for r := range 2 {
+		wg.Go(func() { _, errs[r] = NewDistributed(spec, models[r], ds, GridRank(comms[r], 2, 1), Options{}) })
+	}
+	wg.Wait()
+	for r, err := range errs {
+		if err != nil {
+			t.Fatalf("rank %d: %v", r, err)
+		}
+	}
+	sameBits(t, "rank 1's parameters after construction", models[1].Params(), models[0].Params())
 }
