@@ -145,18 +145,61 @@ func NewDistributed[T model.Float](spec *jobspec.Spec, backend model.Backend[T],
 
 // NewDistributedWithInput is NewDistributed reading in, which must yield
 // this rank's data-parallel share of every step (as NewRankInput's does),
-// whole sequences of the spec's seq_len. Every rank must call it at once:
-// it splits the communicator into the data- and sequence-parallel groups.
+// whole sequences of the spec's seq_len. It is collective: every rank must
+// call it at once, and when one rank fails to build its trainer, all
+// return an error.
 func NewDistributedWithInput[T model.Float](spec *jobspec.Spec, backend model.Backend[T], in Input, rank Rank, opts Options) (*Trainer[T], error) {
 	if err := rank.Validate(); err != nil {
 		return nil, err
 	}
+	if rank.Comm == nil {
+		if p := spec.Parallel; p.DP != rank.DP || p.SP != rank.SP {
+			return nil, fmt.Errorf("train: parallel: the spec asks for dp %d sp %d, the rank is in a grid of dp %d sp %d", p.DP, p.SP, rank.DP, rank.SP)
+		}
+		return NewWithInput(spec, backend, in, opts)
+	}
+	t, localErr := buildRank(spec, backend, in, rank, opts)
+
+	// The ranks agree that every one of them built its trainer, and on
+	// checkpoints, which are collective: every rank must have a store, or
+	// none.
+	ctx := context.Background()
+	agree := []float64{0, 0}
+	if localErr != nil {
+		agree[0] = 1
+	}
+	if opts.Store != nil {
+		agree[1] = 1
+	}
+	if err := rank.Comm.AllReduce(ctx, collective.Float64s(agree)); err != nil {
+		return nil, errors.Join(localErr, fmt.Errorf("train: agreeing with the other ranks: %w", err))
+	}
+	switch failed, stores := int(agree[0]), int(agree[1]); {
+	case localErr != nil:
+		return nil, localErr
+	case failed > 0:
+		return nil, fmt.Errorf("train: %d of %d ranks could not build their trainer", failed, rank.World)
+	case stores != 0 && stores != rank.World:
+		return nil, fmt.Errorf("train: checkpoints: %d of %d ranks have a store; all or none must", stores, rank.World)
+	}
+	// Every rank starts from rank 0's parameters, whatever each loaded.
+	if err := rank.Comm.Broadcast(ctx, bufferOf(backend.Params()), 0); err != nil {
+		return nil, fmt.Errorf("train: broadcasting rank 0's initial parameters: %w", err)
+	}
+	if t.dev != nil {
+		if err := t.dev.SyncFromHost(model.SyncParams, nil); err != nil {
+			return nil, fmt.Errorf("train: %s: uploading rank 0's parameters: %w", backend.Name(), err)
+		}
+	}
+	return t, nil
+}
+
+// buildRank is the part of NewDistributedWithInput that involves no other
+// rank.
+func buildRank[T model.Float](spec *jobspec.Spec, backend model.Backend[T], in Input, rank Rank, opts Options) (*Trainer[T], error) {
 	p := spec.Parallel
 	if p.DP != rank.DP || p.SP != rank.SP {
 		return nil, fmt.Errorf("train: parallel: the spec asks for dp %d sp %d, the rank is in a grid of dp %d sp %d", p.DP, p.SP, rank.DP, rank.SP)
-	}
-	if rank.Comm == nil {
-		return NewWithInput(spec, backend, in, opts)
 	}
 	cfg := backend.Config()
 	if L := spec.Data.SeqLen; L%rank.SP != 0 || L/rank.SP < cfg.DConv-1 {
@@ -174,10 +217,6 @@ func NewDistributedWithInput[T model.Float](spec *jobspec.Spec, backend model.Ba
 	if p.Zero1 && isDev {
 		return nil, fmt.Errorf("train: parallel.zero1: the %s backend keeps the optimizer on the device, which has no sharded update; ZeRO-1 needs a host backend", backend.Name())
 	}
-	// Every rank starts from rank 0's parameters, whatever each loaded.
-	if err := rank.Comm.Broadcast(context.Background(), bufferOf(backend.Params()), 0); err != nil {
-		return nil, fmt.Errorf("train: broadcasting rank 0's initial parameters: %w", err)
-	}
 	t, err := newTrainer(spec, backend, in, opts, !p.Zero1)
 	if err != nil {
 		return nil, err
@@ -186,6 +225,7 @@ func NewDistributedWithInput[T model.Float](spec *jobspec.Spec, backend model.Ba
 	if par.poll <= 0 {
 		par.poll = 5 * time.Second
 	}
+	// Grid sends nothing; every rank calls it here, in the same order.
 	if par.dpComm, par.spComm, err = rank.Comm.Grid(rank.DP, rank.SP); err != nil {
 		return nil, fmt.Errorf("train: splitting the world into dp and sp groups: %w", err)
 	}
@@ -207,7 +247,7 @@ func NewDistributedWithInput[T model.Float](spec *jobspec.Spec, backend model.Ba
 		if bytes <= 0 {
 			bytes = DefaultBucketBytes
 		}
-		elems := max(1, bytes/int(sizeOf(z)))
+		elems := max(1, bytes/sizeOf(z))
 		if par.red, err = dist.NewReducer(rank.Comm, backend.Grads(), elems); err != nil {
 			return nil, err
 		}
@@ -215,17 +255,6 @@ func NewDistributedWithInput[T model.Float](spec *jobspec.Spec, backend model.Ba
 	}
 	if par.layerEnds, err = dist.LayerEnds(backend.Layout(), cfg.NLayer); err != nil {
 		return nil, err
-	}
-	// Checkpoints are collective: every rank must have a store, or none.
-	hasStore := []float64{0}
-	if opts.Store != nil {
-		hasStore[0] = 1
-	}
-	if err := rank.Comm.AllReduce(context.Background(), collective.Float64s(hasStore)); err != nil {
-		return nil, fmt.Errorf("train: agreeing on checkpoints: %w", err)
-	}
-	if n := int(hasStore[0]); n != 0 && n != rank.World {
-		return nil, fmt.Errorf("train: checkpoints: %d of %d ranks have a store; all or none must", n, rank.World)
 	}
 	if rank.Rank != 0 {
 		t.saver = nil // rank 0 writes; the others only read at Resume
