@@ -162,6 +162,17 @@ func newLogger(c *Config, w io.Writer) (*slog.Logger, error) {
 // Main runs the command with args until SIGTERM or SIGINT and returns the
 // exit code. A second signal ends the process at once.
 func Main(args []string, stderr io.Writer) int {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	go func() {
+		<-ctx.Done()
+		stop()
+	}()
+	return MainContext(ctx, args, stderr)
+}
+
+// MainContext runs the command with args until ctx ends (a graceful
+// shutdown) and returns the exit code.
+func MainContext(ctx context.Context, args []string, stderr io.Writer) int {
 	c, err := ParseFlags(args, stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		return ExitOK
@@ -170,11 +181,6 @@ func Main(args []string, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "m2worker:", err)
 		return ExitUsage
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	go func() {
-		<-ctx.Done()
-		stop()
-	}()
 	if err := Run(ctx, c, stderr); err != nil {
 		fmt.Fprintln(stderr, "m2worker:", err)
 		var ue usageError
