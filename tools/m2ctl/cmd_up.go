@@ -812,4 +812,3 @@ func (r *upReplica) run(ctx context.Context, stderr io.Writer) error {
 	}
 	return nil
 }
-
