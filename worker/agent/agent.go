@@ -107,7 +107,23 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 		backoff = 200 * time.Millisecond
 		a.log.Info("registered", "lease", fmt.Sprintf("%x", int64(sess.Lease())), "slots", a.cfg.slots())
-		cause := a.serve(ctx, sess)
+		// The ranks' contexts end with the agent's own causes, never
+		// directly with ctx, so that a rank tells a stop from a failure and
+		// a shutdown can release the lease before the ranks stop.
+		ranks, stopRanks := context.WithCancelCause(context.WithoutCancel(ctx))
+		watch := make(chan struct{})
+		watched := make(chan struct{})
+		go func() {
+			defer close(watched)
+			select {
+			case <-sess.Done():
+				stopRanks(ErrLeaseLost)
+			case <-watch:
+			}
+		}()
+		cause := a.serve(ctx, sess, ranks)
+		close(watch)
+		<-watched
 		if errors.Is(cause, ErrShutdown) {
 			// Release the lease before the ranks stop: the coordinator
 			// marks the worker lost and ends the generation at once.
@@ -123,6 +139,7 @@ func (a *Agent) Run(ctx context.Context) error {
 			a.stopAll(cause)
 			sess.Close()
 		}
+		stopRanks(cause)
 		etcd.Close()
 		if ctx.Err() != nil {
 			a.log.Info("worker stopped; lease released")
@@ -173,33 +190,26 @@ func (a *Agent) register(ctx context.Context) (*membership.Session, *clientv3.Cl
 	return sess, etcd, nil
 }
 
-// serve polls the assignments and starts and stops ranks until ctx ends
-// (ErrShutdown) or the lease is lost (ErrLeaseLost); it returns the cause.
-// A poll that fails (an election at the coordinator) changes nothing: the
-// ranks go on.
-func (a *Agent) serve(ctx context.Context, sess *membership.Session) error {
-	// The ranks' contexts end with the agent's own causes, so that a rank
-	// tells a stop from a failure.
-	sctx, cancel := context.WithCancelCause(context.WithoutCancel(ctx))
+// serve polls the assignments and starts and stops ranks, whose contexts
+// derive from ranks, until ctx ends (ErrShutdown) or the lease is lost
+// (ErrLeaseLost); it returns the cause. A poll that fails (an election at
+// the coordinator) changes nothing: the ranks go on.
+func (a *Agent) serve(ctx context.Context, sess *membership.Session, ranks context.Context) error {
+	// Polls end with the shutdown or the lease; the ranks (whose contexts
+	// derive from ranks) are stopped by Run.
+	pctxBase, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
-	go func() {
-		select {
-		case <-sess.Done():
-			cancel(ErrLeaseLost)
-		case <-ctx.Done():
-			cancel(ErrShutdown)
-		case <-sctx.Done():
-		}
-	}()
+	stop := context.AfterFunc(ranks, func() { cancel(context.Cause(ranks)) })
+	defer stop()
 	tick := time.NewTicker(a.cfg.PollInterval)
 	defer tick.Stop()
 	failing := false
 	for {
-		pctx, pcancel := context.WithTimeout(sctx, a.cfg.ReportTimeout)
+		pctx, pcancel := context.WithTimeout(pctxBase, a.cfg.ReportTimeout)
 		as, err := a.cl.GetAssignment(pctx, a.cfg.WorkerID)
 		pcancel()
 		switch {
-		case sctx.Err() != nil:
+		case pctxBase.Err() != nil:
 		case err != nil:
 			if !failing {
 				a.log.Warn("polling the assignments failed; the ranks go on", "err", err)
@@ -210,11 +220,15 @@ func (a *Agent) serve(ctx context.Context, sess *membership.Session) error {
 				a.log.Info("the coordinator answers again")
 			}
 			failing = false
-			a.reconcile(sctx, sess, as)
+			a.reconcile(ranks, sess, as)
 		}
 		select {
-		case <-sctx.Done():
-			return context.Cause(sctx)
+		case <-ctx.Done():
+			return ErrShutdown
+		case <-sess.Done():
+			return ErrLeaseLost
+		case <-ranks.Done():
+			return context.Cause(ranks)
 		case <-tick.C:
 		case <-a.wake:
 		}
