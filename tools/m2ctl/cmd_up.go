@@ -116,7 +116,7 @@ m2worker processes can use it. Logs go to DIR/logs.`,
 	}
 	f := cmd.Flags()
 	f.StringVar(&o.dir, "dir", filepath.Join(os.TempDir(), "m2train-up"), "directory of the cluster's state, logs, data and exported models")
-	f.IntVar(&o.steps, "steps", 200, "optimizer steps of the demo job")
+	f.IntVar(&o.steps, "steps", 300, "optimizer steps of the demo job")
 	f.IntVar(&o.workers, "workers", 4, "worker processes")
 	f.IntVar(&o.dp, "dp", 2, "data-parallel degree of the demo job")
 	f.IntVar(&o.sp, "sp", 2, "sequence-parallel degree of the demo job")
@@ -645,6 +645,9 @@ func (s *supervisor) stopAll() {
 		}
 	}
 	s.state.Ready = false
+	if err := writeJSONFile(filepath.Join(s.dir, upStateFile), s.state); err != nil {
+		fmt.Fprintf(s.out, "write %s: %v\n", upStateFile, err)
+	}
 	s.mu.Unlock()
 	s.stop(workers, 90*time.Second)
 	s.stop(coords, 15*time.Second)
