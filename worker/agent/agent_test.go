@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"go.uber.org/goleak"
+
 	"github.com/m2train/m2train/coordinator/client"
 	"github.com/m2train/m2train/coordinator/coordtest"
 	"github.com/m2train/m2train/coordinator/etcdembed"
@@ -29,6 +31,7 @@ var etcdEndpoint string
 // TestMain runs one embedded etcd for the package's tests; each test uses
 // its own key prefix.
 func TestMain(m *testing.M) {
+	before := goleak.IgnoreCurrent()
 	dir, err := os.MkdirTemp("", "agent-etcd-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -45,6 +48,13 @@ func TestMain(m *testing.M) {
 	code := m.Run()
 	srv.Close()
 	os.RemoveAll(dir)
+	// Every agent, rank, communicator and report of the tests has ended.
+	if code == 0 {
+		if err := goleak.Find(before); err != nil {
+			fmt.Fprintln(os.Stderr, "goroutines left behind:", err)
+			code = 1
+		}
+	}
 	os.Exit(code)
 }
 
