@@ -63,9 +63,10 @@ type Config struct {
 	// generation at the rendezvous and while the communicator connects
 	// (10 minutes when 0); the rank then reports a failure.
 	RendezvousTimeout time.Duration
-	// ReportTimeout bounds the blocking reports (checkpoint commits, the
-	// end of the job, failures) while the coordinator is unreachable
-	// (2 minutes when 0).
+	// ReportTimeout bounds each call to the coordinator while it is
+	// unreachable (registration, a poll, a progress report, a checkpoint
+	// commit; 2 minutes when 0). The end of a job and a rank's failure
+	// are retried until the coordinator answers or the rank is stopped.
 	ReportTimeout time.Duration
 	// ShutdownTimeout bounds how long a graceful stop waits for the ranks
 	// to return, which includes a checkpoint upload in flight (1 minute

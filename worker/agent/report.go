@@ -132,13 +132,13 @@ func (r *reporter) commit(ctx context.Context, step int, location string) error 
 	return nil
 }
 
-// finish reports that rank 0 completed the job's last step.
+// finish reports that rank 0 completed the job's last step. It retries
+// until the coordinator answers or ctx ends (the assignment withdrawn, the
+// worker stopping): the job is not done until it is told.
 func (r *reporter) finish(ctx context.Context, res Result) error {
 	p := r.lastProgress()
 	p.Step, p.Loss = res.Step, res.Loss
-	fctx, cancel := context.WithTimeout(ctx, r.timeout)
-	defer cancel()
-	_, err := r.cl.ReportProgress(fctx, r.request(p, true))
+	_, err := r.cl.ReportProgress(ctx, r.request(p, true))
 	if err != nil {
 		return fmt.Errorf("agent: report the end of job %s at step %d: %w", r.job, res.Step, err)
 	}
@@ -147,14 +147,14 @@ func (r *reporter) finish(ctx context.Context, res Result) error {
 
 // failure reports that the rank failed, which ends the generation (or the
 // job, when fatal). A generation that already ended answers stale: fine.
+// It retries until the coordinator answers or ctx ends (the assignment
+// withdrawn, the worker stopping).
 func (r *reporter) failure(ctx context.Context, cause error, fatal bool) error {
 	msg := cause.Error()
 	if len(msg) > maxMessageBytes {
 		msg = msg[:maxMessageBytes-3] + "..."
 	}
-	fctx, cancel := context.WithTimeout(ctx, r.timeout)
-	defer cancel()
-	err := r.cl.ReportFailure(fctx, &pb.ReportFailureRequest{JobId: r.job, Generation: r.gen, Rank: int32(r.rank),
+	err := r.cl.ReportFailure(ctx, &pb.ReportFailureRequest{JobId: r.job, Generation: r.gen, Rank: int32(r.rank),
 		WorkerId: r.worker, Message: msg, Fatal: fatal})
 	switch status.Code(err) {
 	case codes.OK:
