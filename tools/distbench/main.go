@@ -27,9 +27,11 @@ import (
 	"os/exec"
 	"runtime"
 	"runtime/debug"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/m2train/m2train/collective"
@@ -78,6 +80,7 @@ type options struct {
 	bucketMiB int
 	budgetMiB int
 	memOnly   bool
+	profile   string
 	timeout   time.Duration
 	// child only
 	dp, sp, noOverlap int
@@ -107,6 +110,7 @@ func parseFlags() (options, error) {
 	flag.IntVar(&o.bucketMiB, "bucket-mib", 1, "gradient bucket size in MiB")
 	flag.IntVar(&o.budgetMiB, "budget-mib", 256, "memory budget per rank for the longest-sequence table")
 	flag.BoolVar(&o.memOnly, "mem-only", false, "only the memory table")
+	flag.StringVar(&o.profile, "cpuprofile", "", "write each rank's CPU profile of the timed steps to this file name plus .<layout>.<rank>")
 	flag.DurationVar(&o.timeout, "timeout", 30*time.Minute, "give up after this long")
 	flag.IntVar(&o.dp, "dp", 0, "internal: dp of the child's layout")
 	flag.IntVar(&o.sp, "sp", 0, "internal: sp of the child's layout")
@@ -223,6 +227,8 @@ type result struct {
 	Rank       int     `json:"rank"`
 	StepSec    float64 `json:"step_s"`     // mean over the timed steps
 	CommSec    float64 `json:"comm_s"`     // mean time waiting on other ranks
+	GradSec    float64 `json:"grad_s"`     // mean wait for the gradient reduction after the backward
+	CPUSec     float64 `json:"cpu_s"`      // user+system time per step, this process
 	Tokens     int64   `json:"tokens"`     // counted targets per step, all ranks
 	BytesSent  float64 `json:"bytes_sent"` // per step, this rank
 	Overlapped int     `json:"overlapped"` // buckets started during the backward
@@ -280,6 +286,18 @@ func runChild(o options, rank int) error {
 	}
 	res := result{Rank: rank}
 	sent0 := comm.Stats().BytesSent
+	if o.profile != "" {
+		f, err := os.Create(fmt.Sprintf("%s.%dx%d.%d", o.profile, l.dp, l.sp, rank))
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+		defer pprof.StopCPUProfile()
+	}
+	cpu0 := cpuTime()
 	for range o.steps {
 		p, err := t.TrainStep(ctx)
 		if err != nil {
@@ -287,10 +305,13 @@ func runChild(o options, rank int) error {
 		}
 		res.StepSec += p.StepTime.Seconds() / float64(o.steps)
 		res.CommSec += p.Comm.Seconds() / float64(o.steps)
+		res.GradSec += t.CommStats().GradWait.Seconds() / float64(o.steps)
 		res.Tokens, res.Loss = p.Tokens, p.Loss
 	}
+	res.CPUSec = (cpuTime() - cpu0) / float64(o.steps)
 	res.BytesSent = float64(comm.Stats().BytesSent-sent0) / float64(o.steps)
-	_, res.Overlapped, res.Buckets = t.CommStats()
+	cs := t.CommStats()
+	res.Overlapped, res.Buckets = cs.Overlapped, cs.Buckets
 	if err := t.Close(); err != nil {
 		return err
 	}
@@ -354,16 +375,18 @@ func runGrid(ctx context.Context, o options) error {
 		}
 	}
 	fmt.Println()
-	fmt.Printf("| layout | ranks | cores used | step (s) | tokens/s | speedup vs dp1×sp1 | comm share | MiB sent per rank·step | buckets overlapped |\n")
-	fmt.Printf("|---|---|---|---|---|---|---|---|---|\n")
+	fmt.Printf("| layout | ranks | cores used | step (s) | tokens/s | speedup vs dp1×sp1 | CPU s per step, all ranks | comm share | gradient wait (ms) | MiB sent per rank·step | buckets overlapped |\n")
+	fmt.Printf("|---|---|---|---|---|---|---|---|---|---|---|\n")
 	var base float64
 	for i, l := range runs {
 		res := best[i]
 		step := stepOf(res)
-		var comm, sent float64
+		var comm, grad, sent, cpu float64
 		for _, r := range res {
 			comm += r.CommSec / r.StepSec / float64(len(res))
+			grad += r.GradSec / float64(len(res))
 			sent += r.BytesSent / float64(len(res))
+			cpu += r.CPUSec
 		}
 		tps := float64(res[0].Tokens) / step
 		if l.dp == 1 && l.sp == 1 {
@@ -374,8 +397,8 @@ func runGrid(ctx context.Context, o options) error {
 			speed = fmt.Sprintf("%.2f", tps/base)
 		}
 		n := l.dp * l.sp
-		fmt.Printf("| %v | %d | %d | %.3f | %.0f | %s | %.1f%% | %.2f | %d/%d |\n",
-			l, n, min(n*o.procs, runtime.NumCPU()), step, tps, speed, 100*comm, sent/(1<<20), res[0].Overlapped, res[0].Buckets)
+		fmt.Printf("| %v | %d | %d | %.3f | %.0f | %s | %.2f | %.1f%% | %.1f | %.2f | %d/%d |\n",
+			l, n, min(n*o.procs, runtime.NumCPU()), step, tps, speed, cpu, 100*comm, 1000*grad, sent/(1<<20), res[0].Overlapped, res[0].Buckets)
 	}
 	return nil
 }
@@ -412,7 +435,7 @@ func runLayout(ctx context.Context, o options, l layout) ([]result, error) {
 		"-headdim", fmt.Sprint(o.headDim), "-chunk", fmt.Sprint(o.chunk), "-vocab", fmt.Sprint(o.vocab), "-seq", fmt.Sprint(o.seqLen),
 		"-micro", fmt.Sprint(o.micro), "-global", fmt.Sprint(o.global), "-sp-mode", o.mode, "-zero1=" + strconv.FormatBool(o.zero),
 		"-steps", fmt.Sprint(o.steps), "-warmup", fmt.Sprint(o.warmup), "-procs", fmt.Sprint(o.procs), "-bucket-mib", fmt.Sprint(o.bucketMiB),
-		"-timeout", o.timeout.String(), "-grid", fmt.Sprintf("%dx%d", l.dp, l.sp),
+		"-timeout", o.timeout.String(), "-grid", fmt.Sprintf("%dx%d", l.dp, l.sp), "-cpuprofile", o.profile,
 		"-dp", fmt.Sprint(l.dp), "-sp", fmt.Sprint(l.sp), "-no-overlap", fmt.Sprint(noOverlap), "-addrs", strings.Join(addrs, ",")}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -568,6 +591,15 @@ func memoryTable(o options, cfg model.Config) error {
 		fmt.Printf("| %d | %d | %d (%.1f MiB) | %d | %d (%.1f MiB) |\n", sp, sp*plain, plain, float64(plainMem)/(1<<20), sp*zlk, zlk, float64(zmem)/(1<<20))
 	}
 	return nil
+}
+
+// cpuTime returns the user and system time of this process in seconds.
+func cpuTime() float64 {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano()).Seconds()
 }
 
 func loadAvg() string {

@@ -67,8 +67,18 @@ type DistOptions struct {
 	// NoOverlap starts the gradient all-reduce only after the backward pass
 	// of the step's last micro-batch, instead of bucket by bucket while it
 	// runs. Results are identical either way; it exists for measurements.
-	// A model.DeviceBackend never overlaps (its gradients reach the host
-	// after the pass).
+	//
+	// The overlap learns the progress of the backward pass from the
+	// sequence-parallel boundary (a dist.Boundary that moves nothing when
+	// sp = 1): a host backend that runs the layers one after the other, as
+	// model/ref does, makes its first boundary call of layer ℓ's backward
+	// only after it finished the gradients of every layer above ℓ, the
+	// final norm and an untied LM head, so the buckets at or past layer
+	// ℓ+1's offset can start. The embedding (and a tied head) is final
+	// when the pass returns. Only the last micro-batch of a step overlaps,
+	// since the earlier ones do not finish any gradient. A
+	// model.DeviceBackend never overlaps: its gradients reach the host
+	// mirror after the pass.
 	NoOverlap bool
 	// OrderedLoss makes the reported loss the sum of the per-position
 	// losses in the order of a single process, so that with dp = 1 and the
@@ -91,17 +101,16 @@ const DefaultBucketBytes = 8 << 20
 
 // parallel is the state of one rank of a distributed trainer.
 type parallel[T model.Float] struct {
-	rank                   Rank
-	world, dpComm, spComm  *collective.Communicator
-	bd                     *dist.Boundary[T]
-	red                    *dist.Reducer[T] // nil under ZeRO-1
-	zero                   *dist.ZeRO[T]    // nil unless ZeRO-1
-	layerEnds              []int
-	overlap, ordered       bool
-	poll                   time.Duration
-	fullM, fullV           []T // rank 0 under ZeRO-1: the gathered moments of a checkpoint
-	lastComm               time.Duration
-	lastOverlap, lastTotal int
+	rank                  Rank
+	world, dpComm, spComm *collective.Communicator
+	bd                    *dist.Boundary[T]
+	red                   *dist.Reducer[T] // nil under ZeRO-1
+	zero                  *dist.ZeRO[T]    // nil unless ZeRO-1
+	layerEnds             []int
+	overlap, ordered      bool
+	poll                  time.Duration
+	fullM, fullV          []T // rank 0 under ZeRO-1: the gathered moments of a checkpoint
+	last                  CommStats
 	// waitRounds counts the rounds ranks spent waiting for rank 0's
 	// checkpoint in flight, for tests.
 	waitRounds atomic.Int64
@@ -361,12 +370,14 @@ func (t *Trainer[T]) distStep(ctx context.Context, start time.Time, cursor uint6
 		}
 	}
 	var err error
+	g0 := time.Now()
 	if p.zero != nil {
 		err = p.zero.ReduceScatter(ctx, t.backend.Grads())
 	} else {
 		err = p.red.Finish(ctx)
-		p.lastOverlap, p.lastTotal, _ = p.red.Stats()
+		p.last.Overlapped, p.last.Buckets, _ = p.red.Stats()
 	}
+	gradWait := time.Since(g0)
 	if err != nil {
 		return Progress{}, fmt.Errorf("train: step %d: %w", t.step, err)
 	}
@@ -424,7 +435,7 @@ func (t *Trainer[T]) distStep(ctx context.Context, start time.Time, cursor uint6
 		}
 		t.opt.Update(t.backend.Params(), t.backend.Grads(), lr)
 	}
-	p.lastComm = comm
+	p.last.Comm, p.last.GradWait = comm, gradWait
 	pr := t.finishStep(start, loss, lr, norm, count)
 	pr.Comm = comm
 	return pr, nil
@@ -438,14 +449,27 @@ func diverged(step int, loss, norm float64) error {
 	return nil
 }
 
-// CommStats returns, for the last step of a distributed trainer, the time
-// it waited on other ranks and how many of the gradient buckets were
-// started during the backward pass (overlapped) out of all of them.
-func (t *Trainer[T]) CommStats() (comm time.Duration, overlapped, buckets int) {
+// CommStats describes the communication of a distributed trainer's last
+// step.
+type CommStats struct {
+	// Comm is the time the rank waited on other ranks (Progress.Comm).
+	Comm time.Duration
+	// GradWait is the part of Comm spent after the backward pass waiting
+	// for the gradient reduction (the all-reduce the backward did not hide,
+	// or ZeRO-1's reduce-scatter).
+	GradWait time.Duration
+	// Overlapped of Buckets gradient buckets started during the backward
+	// pass; zero under ZeRO-1.
+	Overlapped, Buckets int
+}
+
+// CommStats returns the communication statistics of the last step; zero in
+// a single process.
+func (t *Trainer[T]) CommStats() CommStats {
 	if t.par == nil {
-		return 0, 0, 0
+		return CommStats{}
 	}
-	return t.par.lastComm, t.par.lastOverlap, t.par.lastTotal
+	return t.par.last
 }
 
 // distCheckpoint is Checkpoint on a rank of a grid.

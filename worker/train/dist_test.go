@@ -252,8 +252,8 @@ func testEquivalence[T model.Float](t *testing.T, dataDir string, tol float64) {
 				t.Errorf("final parameters differ from the single process's by %.3g (relative), above %g", pd, tol)
 			}
 			if c.dp*c.sp > 1 && !c.zero {
-				if _, over, total := got.tr.CommStats(); total < 2 || over == 0 {
-					t.Errorf("%d of %d gradient buckets started during the backward pass; want several buckets, some overlapped", over, total)
+				if cs := got.tr.CommStats(); cs.Buckets < 2 || cs.Overlapped == 0 {
+					t.Errorf("%d of %d gradient buckets started during the backward pass; want several buckets, some overlapped", cs.Overlapped, cs.Buckets)
 				}
 			}
 		})
