@@ -356,9 +356,17 @@ func (a *Agent) runRank(ctx context.Context, stop context.CancelCauseFunc, sess 
 		}
 	default:
 		fatal := IsFatal(err)
-		log.Error("rank failed", "step", res.Step, "fatal", fatal, "err", err)
-		if rerr := rep.failure(ctx, err, fatal); rerr != nil {
-			log.Error("the failure could not be reported; the coordinator learns of it from the other ranks or the lease", "err", rerr)
+		switch rerr := rep.failure(ctx, err, fatal); {
+		case rerr == nil:
+			log.Error("rank failed; the generation ends", "step", res.Step, "fatal", fatal, "err", err)
+		case errors.Is(rerr, ErrStale):
+			// Another rank or the coordinator ended the generation first;
+			// this rank's error is the echo of it (a peer that stopped).
+			log.Info("rank stopped: its generation had already ended", "step", res.Step, "err", err)
+			err = fmt.Errorf("%w (%v)", ErrStale, err)
+		default:
+			log.Error("rank failed, and the failure could not be reported; the coordinator learns of it from the other ranks or the lease",
+				"step", res.Step, "fatal", fatal, "err", err, "report_err", rerr)
 		}
 	}
 	ev.Progress = rep.lastProgress()

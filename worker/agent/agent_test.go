@@ -2,6 +2,7 @@ package agent_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"os"
@@ -12,12 +13,14 @@ import (
 	"testing"
 	"time"
 
+	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/goleak"
 
 	"github.com/m2train/m2train/coordinator/client"
 	"github.com/m2train/m2train/coordinator/coordtest"
 	"github.com/m2train/m2train/coordinator/etcdembed"
 	"github.com/m2train/m2train/coordinator/jobspec"
+	"github.com/m2train/m2train/coordinator/membership"
 	"github.com/m2train/m2train/model/ref"
 	pb "github.com/m2train/m2train/proto/coordinator/v1"
 	"github.com/m2train/m2train/worker/agent"
@@ -464,5 +467,146 @@ func sleepCtx(ctx context.Context, d time.Duration) bool {
 		return false
 	case <-time.After(d):
 		return true
+	}
+}
+
+// TestFatalFailureFailsTheJob runs a spec the CPU worker cannot train
+// (bf16 needs the CUDA backend): the rank reports a fatal failure and the
+// job fails at once instead of being placed again.
+func TestFatalFailureFailsTheJob(t *testing.T) {
+	c := startCluster(t, 1)
+	ctx := ctxT(t, 2*time.Minute)
+	cl := newClient(t, c)
+	startAgent(t, c, "w0", &agent.TrainRunner{Device: agent.DeviceCPU}, nil)
+	doc := strings.Replace(tinySpec("bf16", 1, 1, 8, 4, makeDataset(t), t.TempDir()), "backend: cpu", "backend: auto\nprecision: bf16", 1)
+	job, err := cl.Submit(ctx, []byte(doc))
+	if err != nil {
+		t.Fatal(err)
+	}
+	j := waitJob(t, ctx, cl, job.GetId())
+	if j.GetState() != pb.JobState_JOB_STATE_FAILED || j.GetRestarts() != 0 ||
+		!strings.Contains(j.GetMessage(), "rank 0 failed in generation 1: agent: precision bf16 needs the CUDA backend") {
+		t.Fatalf("job %v, restarts %d: %s", j.GetState(), j.GetRestarts(), j.GetMessage())
+	}
+}
+
+// holdAt returns a hook that holds rank 0 of the job named name after step
+// (generation 1) until act returned.
+func holdAt(name string, step int, act func(agent.RankEvent)) func(agent.RankEvent) {
+	var once sync.Once
+	return func(e agent.RankEvent) {
+		if e.Kind == agent.RankProgress && strings.HasPrefix(e.JobID, name+"-") && e.Generation == 1 && e.Rank == 0 && e.Progress.Step == step {
+			once.Do(func() { act(e) })
+		}
+	}
+}
+
+// TestCancelStopsTheRanks cancels a running job: every rank stops with
+// ErrWithdrawn, and the workers take the next job.
+func TestCancelStopsTheRanks(t *testing.T) {
+	c := startCluster(t, 1)
+	ctx := ctxT(t, 2*time.Minute)
+	cl := newClient(t, c)
+	var ev events
+	for _, id := range []string{"w0", "w1"} {
+		startAgent(t, c, id, &agent.TrainRunner{Device: agent.DeviceCPU}, &ev)
+	}
+	dataDir := makeDataset(t)
+	ev.setHook(holdAt("cancel", 3, func(e agent.RankEvent) {
+		if _, err := cl.Cancel(ctx, e.JobID, "test"); err != nil {
+			t.Errorf("cancel: %v", err)
+		}
+	}))
+	job, err := cl.Submit(ctx, []byte(tinySpec("cancel", 2, 1, 1000, 100, dataDir, t.TempDir())))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if j := waitJob(t, ctx, cl, job.GetId()); j.GetState() != pb.JobState_JOB_STATE_CANCELLED {
+		t.Fatalf("job %v: %s", j.GetState(), j.GetMessage())
+	}
+	runJob(t, ctx, cl, tinySpec("next", 2, 1, 4, 2, dataDir, t.TempDir()))
+	ended := 0
+	for _, e := range ev.list() {
+		if e.Kind == agent.RankEnded && e.JobID == job.GetId() {
+			ended++
+			if !errors.Is(e.Err, agent.ErrWithdrawn) && !errors.Is(e.Err, agent.ErrStale) {
+				t.Errorf("rank %d ended with %v, want a stop by the agent", e.Rank, e.Err)
+			}
+		}
+	}
+	if ended != 2 {
+		t.Errorf("%d ranks of the cancelled job ended, want 2", ended)
+	}
+}
+
+// TestLeaseLossRegistersAgain revokes a worker's lease behind its back in
+// the middle of a job: the agent stops its rank, registers again with a
+// new lease, and the job resumes from its last committed checkpoint and
+// ends with the loss of an undisturbed run.
+func TestLeaseLossRegistersAgain(t *testing.T) {
+	c := startCluster(t, 1)
+	ctx := ctxT(t, 3*time.Minute)
+	cl := newClient(t, c)
+	var ev events
+	startAgent(t, c, "w0", &agent.TrainRunner{Device: agent.DeviceCPU}, &ev)
+	dataDir := makeDataset(t)
+	want := runJob(t, ctx, cl, tinySpec("undisturbed", 1, 1, 12, 4, dataDir, t.TempDir())).GetProgress().GetLoss()
+
+	etcd, err := clientv3.New(clientv3.Config{Endpoints: []string{etcdEndpoint}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer etcd.Close()
+	ev.setHook(holdAt("lapse", 6, func(e agent.RankEvent) {
+		for {
+			j, err := cl.Get(ctx, e.JobID)
+			if err != nil {
+				t.Errorf("get: %v", err)
+				return
+			}
+			if j.GetLastCheckpoint().GetStep() == 4 {
+				break
+			}
+			if !sleepCtx(ctx, 20*time.Millisecond) {
+				t.Error("the checkpoint of step 4 was not committed")
+				return
+			}
+		}
+		members, _, err := membership.ListWorkers(ctx, etcd, "/"+t.Name()+"/")
+		if err != nil || len(members) != 1 {
+			t.Errorf("workers %v, %v", members, err)
+			return
+		}
+		if _, err := etcd.Revoke(ctx, clientv3.LeaseID(members[0].Lease)); err != nil {
+			t.Errorf("revoke: %v", err)
+		}
+	}))
+	j := runJob(t, ctx, cl, tinySpec("lapse", 1, 1, 12, 4, dataDir, t.TempDir()))
+	if j.GetGeneration() != 2 || j.GetProgress().GetLoss() != want {
+		t.Errorf("generation %d, loss %v; want 2 and the undisturbed loss %v", j.GetGeneration(), j.GetProgress().GetLoss(), want)
+	}
+	// The rank of generation 1 was stopped (by the coordinator's answer or
+	// by the lost lease, whichever came first); generation 2 resumed from
+	// the checkpoint of step 4.
+	var ends []agent.RankEvent
+	firstStep := map[uint64]int{}
+	for _, e := range ev.list() {
+		if e.JobID != j.GetId() {
+			continue
+		}
+		switch e.Kind {
+		case agent.RankEnded:
+			ends = append(ends, e)
+		case agent.RankProgress:
+			if _, ok := firstStep[e.Generation]; !ok {
+				firstStep[e.Generation] = e.Progress.Step
+			}
+		}
+	}
+	if len(ends) == 0 || ends[0].Generation != 1 || !(errors.Is(ends[0].Err, agent.ErrLeaseLost) || errors.Is(ends[0].Err, agent.ErrStale)) {
+		t.Errorf("the job's ranks ended %+v; want a stop in generation 1 first", ends)
+	}
+	if firstStep[2] != 5 {
+		t.Errorf("generation 2 started at step %d, want 5 (resumed from step 4)", firstStep[2])
 	}
 }

@@ -146,9 +146,11 @@ func (r *reporter) finish(ctx context.Context, res Result) error {
 }
 
 // failure reports that the rank failed, which ends the generation (or the
-// job, when fatal). A generation that already ended answers stale: fine.
-// It retries until the coordinator answers or ctx ends (the assignment
-// withdrawn, the worker stopping).
+// job, when fatal). A generation that already ended answers stale: the
+// error then wraps ErrStale, and the rank's end was a consequence of that
+// (a peer stopped), not a failure of its own. It retries until the
+// coordinator answers or ctx ends (the assignment withdrawn, the worker
+// stopping).
 func (r *reporter) failure(ctx context.Context, cause error, fatal bool) error {
 	msg := cause.Error()
 	if len(msg) > maxMessageBytes {
@@ -160,8 +162,7 @@ func (r *reporter) failure(ctx context.Context, cause error, fatal bool) error {
 	case codes.OK:
 		return nil
 	case codes.Aborted, codes.NotFound:
-		r.log.Info("failure not recorded: the generation had already ended", "err", status.Convert(err).Message())
-		return nil
+		return fmt.Errorf("%w: %s", ErrStale, status.Convert(err).Message())
 	}
 	return fmt.Errorf("agent: report the failure of rank %d of %s generation %d: %w", r.rank, r.job, r.gen, err)
 }
