@@ -238,6 +238,10 @@ func runUp(ctx context.Context, o upOptions, out io.Writer) error {
 
 	if !o.noDemo {
 		if err := runUpDemo(ctx, cl, o, dir, dataDir, gw.Dir, out); err != nil {
+			if ctx.Err() != nil {
+				fmt.Fprintln(out, "\nstopping the cluster; m2ctl up --dir "+dir+" continues the job")
+				return fmt.Errorf("interrupted")
+			}
 			return err
 		}
 	}
@@ -391,20 +395,31 @@ func upDemoSpec(o upOptions, dataDir string) ([]byte, error) {
 // runUpDemo submits the demo job, shows its progress and, once it
 // succeeded, its checkpoints and its exported model.
 func runUpDemo(ctx context.Context, cl *client.Client, o upOptions, dir, dataDir, gwDir string, out io.Writer) error {
-	doc, err := upDemoSpec(o, dataDir)
+	job, err := unfinishedDemo(ctx, cl)
 	if err != nil {
 		return err
 	}
-	job, err := cl.Submit(ctx, doc)
-	if err != nil {
-		return fmt.Errorf("submit the demo job: %w", err)
+	if job != nil {
+		from := "from the start"
+		if ck := job.GetLastCheckpoint(); ck != nil {
+			from = fmt.Sprintf("from its checkpoint of step %d", ck.GetStep())
+		}
+		fmt.Fprintf(out, "continuing %s, which an earlier run left unfinished: it resumes %s\n", job.GetId(), from)
+	} else {
+		doc, err := upDemoSpec(o, dataDir)
+		if err != nil {
+			return err
+		}
+		if job, err = cl.Submit(ctx, doc); err != nil {
+			return fmt.Errorf("submit the demo job: %w", err)
+		}
+		specPath := filepath.Join(dir, job.GetId()+".yaml")
+		if err := os.WriteFile(specPath, doc, 0o644); err != nil {
+			return err
+		}
+		fmt.Fprintf(out, "submitted %s (spec %s): %d steps of a %d-layer Mamba-2 on dp %d × sp %d ranks\n",
+			job.GetId(), specPath, o.steps, 2, o.dp, o.sp)
 	}
-	specPath := filepath.Join(dir, job.GetId()+".yaml")
-	if err := os.WriteFile(specPath, doc, 0o644); err != nil {
-		return err
-	}
-	fmt.Fprintf(out, "submitted %s (spec %s): %d steps of a %d-layer Mamba-2 on dp %d × sp %d ranks\n",
-		job.GetId(), specPath, o.steps, 2, o.dp, o.sp)
 	j, err := watchUpJob(ctx, cl, job.GetId(), out)
 	if err != nil {
 		return err
@@ -446,6 +461,21 @@ func runUpDemo(ctx context.Context, cl *client.Client, o upOptions, dir, dataDir
 		return fmt.Errorf("the loss did not fall below the uniform-guess loss")
 	}
 	return nil
+}
+
+// unfinishedDemo returns the oldest demo job that is queued or running
+// (left by an interrupted run), if any.
+func unfinishedDemo(ctx context.Context, cl *client.Client) (*pb.Job, error) {
+	jobs, err := cl.List(ctx, pb.JobState_JOB_STATE_QUEUED, pb.JobState_JOB_STATE_RUNNING)
+	if err != nil {
+		return nil, fmt.Errorf("list the jobs: %w", err)
+	}
+	for _, j := range jobs {
+		if j.GetName() == "demo" {
+			return j, nil
+		}
+	}
+	return nil, nil
 }
 
 // watchUpJob shows a job's progress until it ends, and its events (new

@@ -47,11 +47,16 @@ func SingleProcessTrainer(r *Rank, b model.Backend[float32], ds *data.Dataset, o
 }
 
 // DistributedTrainer is the NewTrainerFunc of jobs of any dp × sp layout:
-// train.NewDistributed over the rank's world communicator. Rank 0 writes
-// the checkpoints; every rank resumes from the same one.
+// train.NewDistributed over the rank's world communicator (for a world of
+// one, the single-process trainer). Rank 0 writes the checkpoints; every
+// rank resumes from the same one.
 func DistributedTrainer(r *Rank, b model.Backend[float32], ds *data.Dataset, opts train.Options) (Trainer, error) {
 	p := r.Spec.Parallel
 	rank := train.Rank{World: r.World, Rank: r.Rank, DP: p.DP, DPRank: r.DPRank, SP: p.SP, SPRank: r.SPRank, Comm: r.Comm}
+	if r.World == 1 {
+		// One rank is a single process: no collective operations at all.
+		rank.Comm = nil
+	}
 	t, err := train.NewDistributed(r.Spec, b, ds, rank, opts)
 	if err != nil {
 		// A spec the trainer refuses is refused on every placement; a
