@@ -2,6 +2,7 @@ package agent_test
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -21,6 +22,7 @@ import (
 	"github.com/m2train/m2train/coordinator/etcdembed"
 	"github.com/m2train/m2train/coordinator/jobspec"
 	"github.com/m2train/m2train/coordinator/membership"
+	"github.com/m2train/m2train/coordinator/security"
 	"github.com/m2train/m2train/model/ref"
 	pb "github.com/m2train/m2train/proto/coordinator/v1"
 	"github.com/m2train/m2train/worker/agent"
@@ -184,6 +186,12 @@ func (r *runningAgent) stop() error {
 
 func startAgent(t *testing.T, c *coordtest.Cluster, id string, runner agent.Runner, ev *events) *runningAgent {
 	t.Helper()
+	return startAgentWith(t, c, id, runner, ev, nil)
+}
+
+// startAgentWith is startAgent with edit applied to the configuration.
+func startAgentWith(t *testing.T, c *coordtest.Cluster, id string, runner agent.Runner, ev *events, edit func(*agent.Config)) *runningAgent {
+	t.Helper()
 	cfg := agent.DefaultConfig()
 	cfg.WorkerID = id
 	cfg.Coordinators = c.Addrs()
@@ -195,6 +203,9 @@ func startAgent(t *testing.T, c *coordtest.Cluster, id string, runner agent.Runn
 	cfg.Logger = testLogger(t, slog.LevelInfo).With("test_worker", id)
 	if ev != nil {
 		cfg.OnRankEvent = ev.add
+	}
+	if edit != nil {
+		edit(&cfg)
 	}
 	a, err := agent.New(cfg)
 	if err != nil {
@@ -609,4 +620,64 @@ func TestLeaseLossRegistersAgain(t *testing.T) {
 	if firstStep[2] != 5 {
 		t.Errorf("generation 2 started at step %d, want 5 (resumed from step 4)", firstStep[2])
 	}
+}
+
+// TestCollectiveOverMutualTLS trains a two-rank job whose ranks talk over
+// mutual TLS with certificates of one CA; with a rank whose certificate
+// another CA signed, the ranks cannot connect and the job fails.
+func TestCollectiveOverMutualTLS(t *testing.T) {
+	c := startCluster(t, 1)
+	ctx := ctxT(t, 2*time.Minute)
+	cl := newClient(t, c)
+	files, err := security.GenerateDevPKI(t.TempDir(), "127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	peer, err := files.Peer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	withTLS := func(cfg *agent.Config) { cfg.Collective.TLS = peer }
+	startAgentWith(t, c, "w0", &agent.TrainRunner{Device: agent.DeviceCPU}, nil, withTLS)
+	startAgentWith(t, c, "w1", &agent.TrainRunner{Device: agent.DeviceCPU}, nil, withTLS)
+	dataDir := makeDataset(t)
+	j := runJob(t, ctx, cl, tinySpec("tls", 2, 1, 6, 3, dataDir, t.TempDir()))
+	if j.GetGeneration() != 1 {
+		t.Errorf("generation %d, want 1", j.GetGeneration())
+	}
+
+	t.Run("foreign CA", func(t *testing.T) { foreignCA(t, ctx, peer, dataDir) })
+}
+
+// foreignCA runs a two-rank job whose second worker has a certificate of
+// another CA: the job fails as the ranks cannot connect.
+func foreignCA(t *testing.T, ctx context.Context, peer *tls.Config, dataDir string) {
+	c2 := startCluster(t, 1)
+	cl2 := newClient(t, c2)
+	other, err := security.GenerateDevPKI(t.TempDir(), "127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	foreign, err := other.Peer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	short := func(tlsCfg *tls.Config) func(*agent.Config) {
+		return func(cfg *agent.Config) {
+			cfg.Collective.TLS = tlsCfg
+			cfg.RendezvousTimeout = 3 * time.Second
+		}
+	}
+	startAgentWith(t, c2, "w0", &agent.TrainRunner{Device: agent.DeviceCPU}, nil, short(peer))
+	startAgentWith(t, c2, "w1", &agent.TrainRunner{Device: agent.DeviceCPU}, nil, short(foreign))
+	doc := strings.Replace(tinySpec("foreign", 2, 1, 6, 3, dataDir, t.TempDir()), "max_restarts: 5", "max_restarts: 0", 1)
+	job, err := cl2.Submit(ctx, []byte(doc))
+	if err != nil {
+		t.Fatal(err)
+	}
+	j := waitJob(t, ctx, cl2, job.GetId())
+	if j.GetState() != pb.JobState_JOB_STATE_FAILED || !strings.Contains(j.GetMessage(), "connecting the ranks of generation 1") {
+		t.Fatalf("job with a foreign certificate ended %v: %s", j.GetState(), j.GetMessage())
+	}
+	t.Logf("foreign certificate: %s", j.GetMessage())
 }
