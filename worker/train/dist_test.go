@@ -546,3 +546,49 @@ func TestNewDistributedRules(t *testing.T) {
 	}
 	sameBits(t, "rank 1's parameters after construction", models[1].Params(), models[0].Params())
 }
+
+// TestDistributedDevicePath trains dp = sp = 2 on emulated devices, whose
+// gradients reach the host only through SyncToHost: the all-reduce runs on
+// the host mirrors between the syncs, and the clipping and update on the
+// devices. The parameters equal those of the same grid on plain reference
+// models in every bit.
+func TestDistributedDevicePath(t *testing.T) {
+	ctx := context.Background()
+	dataDir := writeDataset(t, 4000)
+	spec := distSpec(t, dataDir, 2, 2, jobspec.SPModeSequential, false, 5)
+	small := func(o *Options) { o.Dist.BucketBytes = 1024 }
+	plain := newGrid[float64](t, spec, memWorld(t, 4), nil, small)
+	onRanks(t, plain, func(r *gridRun[float64]) error { return r.tr.Run(ctx) })
+
+	comms := memWorld(t, 4)
+	ds := openDataset(t, dataDir)
+	devs := make([]*emulatedDevice[float64], 4)
+	trs := make([]*Trainer[float64], 4)
+	errs := make([]error, 4)
+	var wg sync.WaitGroup
+	for r := range 4 {
+		devs[r] = newEmulatedDevice[float64](t, refBackend[float64](t, spec).Config(), true)
+		if r == 0 { // the others get rank 0's parameters
+			if err := LoadInit(spec, devs[r].Config(), devs[r].Layout(), devs[r].Params()); err != nil {
+				t.Fatal(err)
+			}
+		}
+		wg.Go(func() {
+			opts := Options{Log: testLogger(t)}
+			small(&opts)
+			if trs[r], errs[r] = NewDistributed(spec, model.Backend[float64](devs[r]), ds, GridRank(comms[r], 2, 2), opts); errs[r] == nil {
+				errs[r] = trs[r].Run(ctx)
+			}
+		})
+	}
+	wg.Wait()
+	for r, err := range errs {
+		if err != nil {
+			t.Fatalf("rank %d: %v", r, err)
+		}
+		if devs[r].optimizerSteps != 5 {
+			t.Errorf("rank %d: %d optimizer steps on the device, want 5", r, devs[r].optimizerSteps)
+		}
+		sameBits(t, fmt.Sprintf("rank %d's parameters on a device", r), devs[r].Params(), plain[0].m.Params())
+	}
+}
