@@ -7,6 +7,12 @@
 // model.DeviceBackend the gradient norm and the optimizer run where the
 // state lives, and the host mirrors move only around checkpoints and
 // resumption.
+//
+// The same loop runs one rank of a data- and sequence-parallel job
+// (NewDistributed, dist.go): the rank trains on its share of every step and
+// exchanges states, gradients and parameters with the other ranks through
+// worker/dist. New, the single process, does none of that and is unchanged
+// by it.
 package train
 
 import (
