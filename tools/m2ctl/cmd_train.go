@@ -2,9 +2,6 @@ package main
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -12,9 +9,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
-	"path"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -24,11 +19,11 @@ import (
 	"github.com/m2train/m2train/coordinator/jobspec"
 	"github.com/m2train/m2train/kernels/gpu"
 	"github.com/m2train/m2train/model"
-	"github.com/m2train/m2train/model/hf"
 	"github.com/m2train/m2train/model/ref"
 	"github.com/m2train/m2train/worker/checkpoint"
 	"github.com/m2train/m2train/worker/data"
 	"github.com/m2train/m2train/worker/data/mqar"
+	"github.com/m2train/m2train/worker/fetch"
 	"github.com/m2train/m2train/worker/metrics"
 	"github.com/m2train/m2train/worker/train"
 )
@@ -181,9 +176,6 @@ func defaultCacheDir() string {
 	return filepath.Join(os.TempDir(), "m2train-cache")
 }
 
-// isS3 reports whether a location is in S3.
-func isS3(loc string) bool { return strings.HasPrefix(strings.ToLower(loc), "s3://") }
-
 // openStore opens a location through checkpoint.OpenStore with the run's
 // S3 settings. Errors of the location or the credentials are usage errors;
 // network failures are not.
@@ -197,6 +189,24 @@ func openStore(ctx context.Context, field, loc string, o trainOptions, log *slog
 		return nil, "", usagef("%s: %v", field, err)
 	}
 	return s, prefix, nil
+}
+
+// fetchOptions are the settings with which a run downloads its s3://
+// dataset and init_from: the run's cache and S3 settings, summary lines
+// to out.
+func fetchOptions(o trainOptions, log *slog.Logger, out io.Writer) fetch.Options {
+	return fetch.Options{CacheDir: o.CacheDir, S3: o.S3, Log: log, Out: out}
+}
+
+// fetchError makes a failure to open an input's store a usage error, as
+// openStore does, unless the network or the context caused it.
+func fetchError(ctx context.Context, err error) error {
+	var oe *fetch.OpenError
+	var ne net.Error
+	if errors.As(err, &oe) && !errors.As(err, &ne) && ctx.Err() == nil {
+		return usageError{err}
+	}
+	return err
 }
 
 func closeStore(s checkpoint.Store) {
@@ -224,10 +234,10 @@ func runTraining(ctx context.Context, spec *jobspec.Spec, o trainOptions, out io
 	// The model is built from a local copy of an s3:// init_from; the spec
 	// that checkpoints record keeps the location as written.
 	local := *spec
-	if isS3(spec.Model.InitFrom) {
-		dir, err := fetchHFModel(ctx, spec.Model.InitFrom, o, log, out)
+	if fetch.IsRemote(spec.Model.InitFrom) {
+		dir, err := fetch.Model(ctx, spec.Model.InitFrom, fetchOptions(o, log, out))
 		if err != nil {
-			return trainResult{}, err
+			return trainResult{}, fetchError(ctx, err)
 		}
 		local.Model.InitFrom = dir
 	}
@@ -249,9 +259,9 @@ func runTraining(ctx context.Context, spec *jobspec.Spec, o trainOptions, out io
 	case spec.Data.MQAR != nil:
 		q := spec.Data.MQAR
 		dataLine = fmt.Sprintf("MQAR task (vocab %d, %d pairs, %d queries)", q.VocabSize, q.NumPairs, q.NumQueries)
-	case isS3(spec.Data.Path):
-		if ds, err = fetchDataset(ctx, spec.Data.Path, o, log, out); err != nil {
-			return trainResult{}, err
+	case fetch.IsRemote(spec.Data.Path):
+		if ds, err = fetch.Dataset(ctx, spec.Data.Path, fetchOptions(o, log, out)); err != nil {
+			return trainResult{}, fetchError(ctx, err)
 		}
 	default:
 		if ds, err = data.Open(spec.Data.Path); err != nil {
@@ -426,335 +436,8 @@ func unavailableReason(err error) string {
 // locationJoin appends path elements to a location: with slashes to an
 // s3:// URL, with the separator to a local path.
 func locationJoin(loc string, elem ...string) string {
-	if isS3(loc) {
+	if fetch.IsRemote(loc) {
 		return strings.TrimRight(loc, "/") + "/" + strings.Join(elem, "/")
 	}
 	return filepath.Join(append([]string{loc}, elem...)...)
-}
-
-// cacheDirFor returns the directory under the cache that mirrors a
-// location: its bucket and prefix made safe for a path, and a hash of the
-// store (endpoint, bucket) and prefix so that equal names on different
-// servers do not share it.
-func cacheDirFor(root, kind string, store checkpoint.Store, prefix string) string {
-	sum := sha256.Sum256([]byte(store.String() + "\x00" + prefix))
-	name := strings.Map(func(r rune) rune {
-		if r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '.' || r == '_' {
-			return r
-		}
-		return '_'
-	}, strings.TrimPrefix(store.String(), "s3://")+"_"+prefix)
-	if len(name) > 80 {
-		name = name[:80]
-	}
-	return filepath.Join(root, kind, name+"-"+hex.EncodeToString(sum[:6]))
-}
-
-// download copies the object key of store to the file dst through a
-// temporary file in its directory, and returns the number of bytes.
-// want >= 0 is the size the object must have.
-func download(ctx context.Context, store checkpoint.Store, key, dst string, want int64) (int64, error) {
-	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
-		return 0, err
-	}
-	r, err := store.Open(ctx, key)
-	if err != nil {
-		return 0, err
-	}
-	defer r.Close()
-	f, err := os.CreateTemp(filepath.Dir(dst), ".download-"+filepath.Base(dst)+"-*")
-	if err != nil {
-		return 0, err
-	}
-	tmp := f.Name()
-	n, err := io.Copy(f, r)
-	if err == nil && want >= 0 && n != want {
-		err = fmt.Errorf("%s: downloaded %d bytes, want %d", key, n, want)
-	}
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, dst)
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return 0, err
-	}
-	return n, nil
-}
-
-// safeRelPath checks that a slash-separated relative path from a manifest
-// stays below its directory.
-func safeRelPath(p string) error {
-	c := path.Clean(p)
-	if p == "" || path.IsAbs(p) || c == "." || c == ".." || strings.HasPrefix(c, "../") || strings.Contains(p, "\\") {
-		return fmt.Errorf("path %q must be relative and stay below the dataset's directory", p)
-	}
-	return nil
-}
-
-// fetchDataset downloads the token dataset at an s3:// location into the
-// cache and opens it. The location is a dataset directory (its
-// manifest.json, else every *.m2tok object directly in it, by name), a
-// manifest (*.json) or one shard (*.m2tok). Every shard's header is checked
-// (against its manifest entry when there is one) and its size and CRC-32C
-// verified before training; with a manifest, a cached shard whose size
-// matches is verified and reused instead of downloaded again, and a cached
-// shard that fails is downloaded again.
-func fetchDataset(ctx context.Context, loc string, o trainOptions, log *slog.Logger, out io.Writer) (*data.Dataset, error) {
-	store, prefix, err := openStore(ctx, "data.path", loc, o, log)
-	if err != nil {
-		return nil, err
-	}
-	defer closeStore(store)
-	cache := cacheDirFor(o.CacheDir, "data", store, prefix)
-	fail := func(err error) (*data.Dataset, error) { return nil, fmt.Errorf("data.path %s: %w", loc, err) }
-
-	manifestKey, dirKey := "", prefix
-	switch {
-	case strings.HasSuffix(prefix, ".json"):
-		manifestKey, dirKey = prefix, path.Dir(prefix)
-	case strings.HasSuffix(prefix, data.ShardExt):
-		dst := filepath.Join(cache, path.Base(prefix))
-		if _, err := download(ctx, store, prefix, dst, -1); err != nil {
-			return fail(err)
-		}
-		return openVerified(ctx, fail, dst)
-	default:
-		manifestKey = checkpoint.JoinKey(prefix, data.ManifestName)
-	}
-	if dirKey == "." {
-		dirKey = ""
-	}
-	mpath := filepath.Join(cache, data.ManifestName)
-	if _, err := download(ctx, store, manifestKey, mpath, -1); errors.Is(err, checkpoint.ErrNotFound) && !strings.HasSuffix(prefix, ".json") {
-		return fetchShardsWithoutManifest(ctx, store, dirKey, cache, fail, out)
-	} else if err != nil {
-		return fail(err)
-	}
-	man, err := data.ReadManifest(mpath)
-	if err != nil {
-		return fail(err)
-	}
-	var fetched, reused int
-	var bytes int64
-	for _, e := range man.Shards {
-		if err := safeRelPath(e.Path); err != nil {
-			return fail(fmt.Errorf("manifest: %w", err))
-		}
-		key, dst := checkpoint.JoinKey(dirKey, e.Path), filepath.Join(cache, filepath.FromSlash(e.Path))
-		want := int64(data.HeaderSize) + int64(e.Tokens)*int64(e.Width)
-		cached := false
-		if st, err := os.Stat(dst); err == nil && st.Size() == want {
-			if checkShard(ctx, dst, &e) == nil {
-				cached = true
-			}
-		}
-		if cached {
-			reused++
-			continue
-		}
-		if _, err := download(ctx, store, key, dst, want); err != nil {
-			return fail(err)
-		}
-		if err := checkShard(ctx, dst, &e); err != nil {
-			os.Remove(dst)
-			return fail(err)
-		}
-		fetched++
-		bytes += want
-	}
-	fmt.Fprintf(out, "data: %s: %d shards verified in %s (%d downloaded, %d bytes; %d reused)\n", loc, len(man.Shards), cache, fetched, bytes, reused)
-	ds, err := data.OpenManifest(mpath)
-	if err != nil {
-		return fail(err)
-	}
-	return ds, nil
-}
-
-// fetchShardsWithoutManifest downloads every *.m2tok object directly
-// under dirKey (no manifest says what to expect, so nothing is reused),
-// verifies each and opens them in name order.
-func fetchShardsWithoutManifest(ctx context.Context, store checkpoint.Store, dirKey, cache string, fail func(error) (*data.Dataset, error), out io.Writer) (*data.Dataset, error) {
-	base := checkpoint.JoinKey(dirKey, "")
-	if dirKey == "" {
-		base = ""
-	}
-	names, err := store.List(ctx, base)
-	if err != nil {
-		return fail(err)
-	}
-	var paths []string
-	var total int64
-	for _, n := range names {
-		rel := strings.TrimPrefix(n, base)
-		if strings.Contains(rel, "/") || !strings.HasSuffix(rel, data.ShardExt) || strings.HasPrefix(rel, ".") {
-			continue
-		}
-		dst := filepath.Join(cache, rel)
-		k, err := download(ctx, store, n, dst, -1)
-		if err != nil {
-			return fail(err)
-		}
-		paths = append(paths, dst)
-		total += k
-	}
-	if len(paths) == 0 {
-		return fail(fmt.Errorf("%w: no %s and no *%s objects", data.ErrNoShards, data.ManifestName, data.ShardExt))
-	}
-	slices.Sort(paths)
-	fmt.Fprintf(out, "data: %d shards without a manifest downloaded to %s (%d bytes)\n", len(paths), cache, total)
-	return openVerified(ctx, fail, paths...)
-}
-
-// openVerified opens shard files as one dataset and verifies every one.
-func openVerified(ctx context.Context, fail func(error) (*data.Dataset, error), paths ...string) (*data.Dataset, error) {
-	ds, err := data.OpenShards(paths...)
-	if err != nil {
-		return fail(err)
-	}
-	if err := ds.Verify(ctx); err != nil {
-		ds.Close()
-		return fail(err)
-	}
-	return ds, nil
-}
-
-// checkShard opens a shard file, checks its header against the manifest
-// entry and verifies its tokens (CRC-32C and vocabulary range).
-func checkShard(ctx context.Context, file string, e *data.ManifestShard) error {
-	s, err := data.OpenShard(file)
-	if err != nil {
-		return err
-	}
-	defer s.Close()
-	h := s.Header()
-	if h.Count != e.Tokens || h.Width != e.Width || fmt.Sprintf("%08x", h.Checksum) != e.CRC32C {
-		return fmt.Errorf("%s: header says %d tokens of width %d, crc32c %08x; the manifest %d, %d, %s", e.Path, h.Count, h.Width, h.Checksum, e.Tokens, e.Width, e.CRC32C)
-	}
-	return s.VerifyContext(ctx)
-}
-
-// fetchHFModel downloads the Hugging Face checkpoint directory at an s3://
-// location (config.json and model.safetensors, or a sharded index and its
-// shards) into the cache and returns the local directory. When the
-// location is a step of a training checkpoint, its manifest's sizes and
-// SHA-256 are checked.
-func fetchHFModel(ctx context.Context, loc string, o trainOptions, log *slog.Logger, out io.Writer) (string, error) {
-	store, prefix, err := openStore(ctx, "model.init_from", loc, o, log)
-	if err != nil {
-		return "", err
-	}
-	defer closeStore(store)
-	fail := func(err error) (string, error) { return "", fmt.Errorf("model.init_from %s: %w", loc, err) }
-	dir := cacheDirFor(o.CacheDir, "models", store, prefix)
-	if err := os.RemoveAll(dir); err != nil {
-		return fail(err)
-	}
-	files := []string{hf.ConfigFile, hf.WeightsFile}
-	if _, err := download(ctx, store, checkpoint.JoinKey(prefix, hf.WeightsFile), filepath.Join(dir, hf.WeightsFile), -1); errors.Is(err, checkpoint.ErrNotFound) {
-		// Sharded weights: the index names the shard files.
-		files = []string{hf.ConfigFile, hf.WeightsIndexFile}
-		if _, err := download(ctx, store, checkpoint.JoinKey(prefix, hf.WeightsIndexFile), filepath.Join(dir, hf.WeightsIndexFile), -1); err != nil {
-			return fail(fmt.Errorf("neither %s nor %s: %w", hf.WeightsFile, hf.WeightsIndexFile, err))
-		}
-		shards, err := indexShards(filepath.Join(dir, hf.WeightsIndexFile))
-		if err != nil {
-			return fail(err)
-		}
-		for _, s := range shards {
-			if err := safeRelPath(s); err != nil {
-				return fail(fmt.Errorf("%s: %w", hf.WeightsIndexFile, err))
-			}
-			if _, err := download(ctx, store, checkpoint.JoinKey(prefix, s), filepath.Join(dir, filepath.FromSlash(s)), -1); err != nil {
-				return fail(err)
-			}
-			files = append(files, s)
-		}
-	} else if err != nil {
-		return fail(err)
-	}
-	if _, err := download(ctx, store, checkpoint.JoinKey(prefix, hf.ConfigFile), filepath.Join(dir, hf.ConfigFile), -1); err != nil {
-		return fail(err)
-	}
-	verified := ""
-	if man, err := checkAgainstManifest(ctx, store, prefix, dir, files); err != nil {
-		return fail(err)
-	} else if man {
-		verified = ", sizes and SHA-256 checked against the checkpoint's manifest"
-	}
-	fmt.Fprintf(out, "model.init_from: %s downloaded to %s%s\n", loc, dir, verified)
-	return dir, nil
-}
-
-// checkAgainstManifest checks the downloaded files against the manifest of
-// the training checkpoint whose step directory prefix is, if it is one;
-// it reports whether there was a manifest.
-func checkAgainstManifest(ctx context.Context, store checkpoint.Store, prefix, dir string, files []string) (bool, error) {
-	parent, stepDir := path.Split(prefix)
-	if !stepDirName.MatchString(stepDir) {
-		return false, nil
-	}
-	step, err := strconv.Atoi(strings.TrimPrefix(stepDir, "step-"))
-	if err != nil {
-		return false, nil
-	}
-	man, err := checkpoint.ReadManifest(ctx, store, strings.TrimSuffix(parent, "/"), step)
-	if errors.Is(err, checkpoint.ErrNotFound) {
-		return false, nil
-	}
-	if err != nil {
-		return false, err
-	}
-	for _, f := range files {
-		i := slices.IndexFunc(man.Objects, func(o checkpoint.Object) bool { return o.Name == f })
-		if i < 0 {
-			continue
-		}
-		want := man.Objects[i]
-		fh, err := os.Open(filepath.Join(dir, f))
-		if err != nil {
-			return true, err
-		}
-		h := sha256.New()
-		n, err := io.Copy(h, fh)
-		fh.Close()
-		if err != nil {
-			return true, err
-		}
-		if sum := hex.EncodeToString(h.Sum(nil)); n != want.Size || sum != want.SHA256 {
-			return true, fmt.Errorf("%w: %s: %d bytes sha256 %s, the manifest says %d bytes sha256 %s", checkpoint.ErrCorrupt, f, n, sum, want.Size, want.SHA256)
-		}
-	}
-	return true, nil
-}
-
-// indexShards returns the shard files a safetensors index's weight_map
-// names, sorted, each once.
-func indexShards(file string) ([]string, error) {
-	b, err := os.ReadFile(file)
-	if err != nil {
-		return nil, err
-	}
-	var idx struct {
-		WeightMap map[string]string `json:"weight_map"`
-	}
-	if err := json.Unmarshal(b, &idx); err != nil {
-		return nil, fmt.Errorf("%s: %w", filepath.Base(file), err)
-	}
-	if len(idx.WeightMap) == 0 {
-		return nil, fmt.Errorf("%s: weight_map is missing or empty", filepath.Base(file))
-	}
-	var shards []string
-	for _, s := range idx.WeightMap {
-		if !slices.Contains(shards, s) {
-			shards = append(shards, s)
-		}
-	}
-	slices.Sort(shards)
-	return shards, nil
 }
