@@ -556,8 +556,8 @@ func (t *Trainer[T]) distResume(ctx context.Context) (bool, error) {
 	mine := []float64{failed, 0, 0}
 	switch {
 	case loadErr == nil:
-		if s.Layout.Total != t.backend.Layout().Total || s.Config.NLayer != t.backend.Config().NLayer {
-			loadErr = fmt.Errorf("train: checkpoint at step %d has a different model (%d parameters) than the spec (%d)", s.Trainer.Step, s.Layout.Total, t.backend.Layout().Total)
+		if err := t.sameModel(s); err != nil {
+			loadErr = err
 		} else {
 			mine = []float64{found, float64(s.Trainer.Step), float64(s.Trainer.Cursor)}
 		}
@@ -584,25 +584,8 @@ func (t *Trainer[T]) distResume(ctx context.Context) (bool, error) {
 	if mine[0] == none {
 		return false, nil
 	}
-	copy(t.backend.Params(), s.Params)
-	if p.zero != nil {
-		if err := p.zero.SetMoments(s.M, s.V, s.Trainer.OptimizerStep); err != nil {
-			return false, err
-		}
-	} else {
-		copy(t.opt.M, s.M)
-		copy(t.opt.V, s.V)
-		t.opt.Step = s.Trainer.OptimizerStep
+	if err := t.restore(s); err != nil {
+		return false, err
 	}
-	t.step = s.Trainer.Step
-	t.loss = s.Trainer.Loss
-	t.src.Seek(s.Trainer.Cursor)
-	if t.dev != nil {
-		if err := t.dev.SyncFromHost(model.SyncParams|model.SyncMoments, t.opt); err != nil {
-			return false, fmt.Errorf("train: uploading the checkpoint of step %d: %w", t.step, err)
-		}
-		t.hostStale = false
-	}
-	t.log.Info("resumed from checkpoint", "step", t.step, "cursor", s.Trainer.Cursor)
 	return true, nil
 }

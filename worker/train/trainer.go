@@ -325,24 +325,48 @@ func (t *Trainer[T]) Resume(ctx context.Context) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	if s.Layout.Total != t.backend.Layout().Total || s.Config.NLayer != t.backend.Config().NLayer {
-		return false, fmt.Errorf("train: checkpoint at step %d has a different model (%d parameters) than the spec (%d)", s.Trainer.Step, s.Layout.Total, t.backend.Layout().Total)
+	if err := t.sameModel(s); err != nil {
+		return false, err
 	}
+	if err := t.restore(s); err != nil {
+		return false, err
+	}
+	return true, nil
+}
+
+// sameModel checks that a loaded checkpoint holds the trainer's model.
+func (t *Trainer[T]) sameModel(s *checkpoint.State[T]) error {
+	if s.Layout.Total != t.backend.Layout().Total || s.Config.NLayer != t.backend.Config().NLayer {
+		return fmt.Errorf("train: checkpoint at step %d has a different model (%d parameters) than the spec (%d)", s.Trainer.Step, s.Layout.Total, t.backend.Layout().Total)
+	}
+	return nil
+}
+
+// restore continues from a loaded checkpoint: its parameters, optimizer
+// moments (into the rank's ZeRO-1 shard on a grid that shards them), step,
+// loss and data cursor, uploaded to the device when there is one.
+func (t *Trainer[T]) restore(s *checkpoint.State[T]) error {
 	copy(t.backend.Params(), s.Params)
-	copy(t.opt.M, s.M)
-	copy(t.opt.V, s.V)
-	t.opt.Step = s.Trainer.OptimizerStep
+	if t.par != nil && t.par.zero != nil {
+		if err := t.par.zero.SetMoments(s.M, s.V, s.Trainer.OptimizerStep); err != nil {
+			return err
+		}
+	} else {
+		copy(t.opt.M, s.M)
+		copy(t.opt.V, s.V)
+		t.opt.Step = s.Trainer.OptimizerStep
+	}
 	t.step = s.Trainer.Step
 	t.loss = s.Trainer.Loss
 	t.src.Seek(s.Trainer.Cursor)
 	if t.dev != nil {
 		if err := t.dev.SyncFromHost(model.SyncParams|model.SyncMoments, t.opt); err != nil {
-			return false, fmt.Errorf("train: uploading the checkpoint of step %d: %w", t.step, err)
+			return fmt.Errorf("train: uploading the checkpoint of step %d: %w", t.step, err)
 		}
 		t.hostStale = false
 	}
 	t.log.Info("resumed from checkpoint", "step", t.step, "cursor", s.Trainer.Cursor)
-	return true, nil
+	return nil
 }
 
 // Run trains until the schedule's total steps, checkpointing on the way.
