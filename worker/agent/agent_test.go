@@ -596,9 +596,11 @@ func TestLeaseLossRegistersAgain(t *testing.T) {
 	if j.GetGeneration() != 2 || j.GetProgress().GetLoss() != want {
 		t.Errorf("generation %d, loss %v; want 2 and the undisturbed loss %v", j.GetGeneration(), j.GetProgress().GetLoss(), want)
 	}
-	// The rank of generation 1 was stopped (by the coordinator's answer or
-	// by the lost lease, whichever came first); generation 2 resumed from
-	// the checkpoint of step 4.
+	// The rank of generation 1 was stopped (by the lost lease, by the
+	// coordinator's answer to a report or by its withdrawal of the
+	// assignment, whichever came first); generation 2 resumed from the
+	// checkpoint of step 4, the last one committed, even when a newer one
+	// was written before the stop.
 	var ends []agent.RankEvent
 	firstStep := map[uint64]int{}
 	for _, e := range ev.list() {
@@ -614,7 +616,7 @@ func TestLeaseLossRegistersAgain(t *testing.T) {
 			}
 		}
 	}
-	if len(ends) == 0 || ends[0].Generation != 1 || !(errors.Is(ends[0].Err, agent.ErrLeaseLost) || errors.Is(ends[0].Err, agent.ErrStale)) {
+	if len(ends) == 0 || ends[0].Generation != 1 || !(errors.Is(ends[0].Err, agent.ErrLeaseLost) || errors.Is(ends[0].Err, agent.ErrStale) || errors.Is(ends[0].Err, agent.ErrWithdrawn)) {
 		t.Errorf("the job's ranks ended %+v; want a stop in generation 1 first", ends)
 	}
 	if firstStep[2] != 5 {

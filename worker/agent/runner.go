@@ -16,9 +16,9 @@ import (
 // Trainer is a rank's training loop as TrainRunner drives it;
 // *train.Trainer[float32] is one.
 type Trainer interface {
-	// Resume loads the newest checkpoint that verifies and reports whether
-	// there was one.
-	Resume(ctx context.Context) (bool, error)
+	// ResumeAt loads the newest checkpoint of step maxStep or earlier that
+	// verifies and reports whether there was one.
+	ResumeAt(ctx context.Context, maxStep int) (bool, error)
 	// Run trains until the schedule's last step, checkpointing on the way.
 	Run(ctx context.Context) error
 	// Step and Loss are the optimizer steps done and the last step's loss.
@@ -170,7 +170,7 @@ func (tr *TrainRunner) Run(ctx context.Context, r *Rank) (Result, error) {
 		return Result{}, err
 	}
 	if ck := r.ResumeFrom; ck != nil {
-		ok, err := t.Resume(ctx)
+		ok, err := t.ResumeAt(ctx, int(ck.Step))
 		if err != nil {
 			return Result{}, err
 		}

@@ -32,6 +32,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -506,9 +507,20 @@ func Decode[T model.Float](objs map[string][]byte) (*State[T], error) {
 // logging every newer one it had to skip and why. It returns ErrNone when
 // no checkpoint verifies.
 func LoadLatest[T model.Float](ctx context.Context, store Store, prefix string, log *slog.Logger) (*State[T], error) {
+	return LoadLatestAtMost[T](ctx, store, prefix, -1, log)
+}
+
+// LoadLatestAtMost is LoadLatest among the checkpoints of step maxStep or
+// earlier (maxStep < 0: any step). A job restarted by its coordinator
+// resumes with it from the checkpoint the coordinator committed, even when
+// a newer one was written but its commit never happened.
+func LoadLatestAtMost[T model.Float](ctx context.Context, store Store, prefix string, maxStep int, log *slog.Logger) (*State[T], error) {
 	steps, err := Steps(ctx, store, prefix)
 	if err != nil {
 		return nil, err
+	}
+	if maxStep >= 0 {
+		steps = slices.DeleteFunc(steps, func(s int) bool { return s > maxStep })
 	}
 	for i, step := range steps {
 		s, _, err := Load[T](ctx, store, prefix, step)

@@ -199,3 +199,28 @@ func TestLoadRejectsDamage(t *testing.T) {
 		})
 	}
 }
+
+// TestLoadLatestAtMost checks the bound a restarted generation resumes
+// under: the newest checkpoint at or before the committed step, whatever
+// newer ones the store holds.
+func TestLoadLatestAtMost(t *testing.T) {
+	ctx := context.Background()
+	store := LocalStore{Root: t.TempDir()}
+	for _, step := range []int{4, 8, 12} {
+		if _, err := Save(ctx, store, "", testState(step)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, c := range []struct{ max, want int }{{-1, 12}, {12, 12}, {11, 8}, {8, 8}, {4, 4}} {
+		s, err := LoadLatestAtMost[float32](ctx, store, "", c.max, nil)
+		if err != nil {
+			t.Fatalf("at most %d: %v", c.max, err)
+		}
+		if s.Trainer.Step != c.want {
+			t.Errorf("at most %d: loaded step %d, want %d", c.max, s.Trainer.Step, c.want)
+		}
+	}
+	if _, err := LoadLatestAtMost[float32](ctx, store, "", 3, nil); !errors.Is(err, ErrNone) {
+		t.Errorf("at most 3: %v, want ErrNone", err)
+	}
+}

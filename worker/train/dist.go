@@ -533,7 +533,7 @@ func (t *Trainer[T]) distCheckpoint(ctx context.Context) error {
 // distResume is Resume on a rank of a grid: rank 0 clears the leftovers of
 // an earlier run, every rank loads the newest checkpoint that verifies, and
 // the ranks check that they loaded the same one.
-func (t *Trainer[T]) distResume(ctx context.Context) (bool, error) {
+func (t *Trainer[T]) distResume(ctx context.Context, maxStep int) (bool, error) {
 	p := t.par
 	if t.opts.Store == nil {
 		return false, nil
@@ -549,7 +549,7 @@ func (t *Trainer[T]) distResume(ctx context.Context) (bool, error) {
 	if err := p.world.Barrier(ctx); err != nil {
 		return false, fmt.Errorf("train: resume: %w", err)
 	}
-	s, loadErr := checkpoint.LoadLatest[T](ctx, t.opts.Store, t.opts.Prefix, t.log)
+	s, loadErr := checkpoint.LoadLatestAtMost[T](ctx, t.opts.Store, t.opts.Prefix, maxStep, t.log)
 	// Every rank says what it found, failures included, so that none waits
 	// for a rank that gave up.
 	const found, none, failed = 0, 1, 2

@@ -306,8 +306,16 @@ func (t *Trainer[T]) Loss() float64 { return t.loss }
 // newest committed one). A checkpoint that fails verification is logged
 // and the previous one is tried.
 func (t *Trainer[T]) Resume(ctx context.Context) (bool, error) {
+	return t.ResumeAt(ctx, -1)
+}
+
+// ResumeAt is Resume among the checkpoints of step maxStep or earlier
+// (maxStep < 0: any). A rank of a restarted job generation resumes with it
+// from the checkpoint its coordinator committed: a newer one in the store
+// was written but never committed, and other ranks must not disagree.
+func (t *Trainer[T]) ResumeAt(ctx context.Context, maxStep int) (bool, error) {
 	if t.par != nil {
-		return t.distResume(ctx)
+		return t.distResume(ctx, maxStep)
 	}
 	if t.opts.Store == nil {
 		return false, nil
@@ -318,7 +326,7 @@ func (t *Trainer[T]) Resume(ctx context.Context) (bool, error) {
 		}
 		t.log.Warn("could not clear the leftovers of an earlier run; resuming anyway", "store", t.opts.Store.String(), "err", err)
 	}
-	s, err := checkpoint.LoadLatest[T](ctx, t.opts.Store, t.opts.Prefix, t.log)
+	s, err := checkpoint.LoadLatestAtMost[T](ctx, t.opts.Store, t.opts.Prefix, maxStep, t.log)
 	if errors.Is(err, checkpoint.ErrNone) {
 		return false, nil
 	}
