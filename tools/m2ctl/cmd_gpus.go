@@ -2,7 +2,6 @@ package main
 
 import (
 	"encoding/json"
-	"errors"
 	"fmt"
 
 	"github.com/spf13/cobra"
@@ -27,9 +26,8 @@ no GPU is found or a GPU is unhealthy.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			out := cmd.OutOrStdout()
 			rep, err := gpuinfo.Discover()
-			lib, libErr := kernels.Default()
-			libState := "loads"
-			if libErr != nil {
+			var libState string
+			if lib, libErr := kernels.Default(); libErr != nil {
 				libState = libErr.Error()
 			} else {
 				libState = "loads from " + lib.Path()
@@ -48,17 +46,16 @@ no GPU is found or a GPU is unhealthy.`,
 				if e := enc.Encode(v); e != nil {
 					return e
 				}
-			} else if rep != nil {
-				fmt.Fprintf(out, "driver %s, CUDA %d.%d\n", rep.DriverVersion, rep.CUDADriverVersion/1000, rep.CUDADriverVersion%1000/10)
-				for i := range rep.Devices {
-					fmt.Fprintln(out, rep.Devices[i].String())
+			} else {
+				if rep != nil {
+					fmt.Fprintf(out, "driver %s, CUDA %d.%d\n", rep.DriverVersion, rep.CUDADriverVersion/1000, rep.CUDADriverVersion%1000/10)
+					for i := range rep.Devices {
+						fmt.Fprintln(out, rep.Devices[i].String())
+					}
 				}
 				fmt.Fprintln(out, "kernels:", libState)
 			}
 			if err != nil {
-				if errors.Is(err, gpuinfo.ErrUnavailable) && !asJSON {
-					fmt.Fprintln(out, "kernels:", libState)
-				}
 				return err
 			}
 			for i := range rep.Devices {

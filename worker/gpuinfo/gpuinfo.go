@@ -67,7 +67,7 @@ func (d *Device) Healthy() bool { return len(d.Problems) == 0 }
 
 // assess fills Problems from the measured fields.
 func (d *Device) assess() {
-	d.Problems = d.Problems[:0]
+	d.Problems = nil
 	if d.ECCUncorrected > 0 {
 		d.Problems = append(d.Problems, fmt.Sprintf("%d uncorrectable ECC errors since the driver loaded", d.ECCUncorrected))
 	}
@@ -79,12 +79,6 @@ func (d *Device) assess() {
 	}
 	if d.SlowdownC > 0 && d.TemperatureC >= d.SlowdownC {
 		d.Problems = append(d.Problems, fmt.Sprintf("temperature %d °C at or above the slowdown threshold %d °C", d.TemperatureC, d.SlowdownC))
-	}
-	if d.Problems == nil {
-		d.Problems = []string{}
-	}
-	if len(d.Problems) == 0 {
-		d.Problems = nil
 	}
 }
 
