@@ -27,15 +27,7 @@ func (o *Ops) EmbeddingForward(dt kernels.DType, out, emb, tokens *kernels.Buffe
 // EmbeddingBackwardWorkspace returns the workspace bytes EmbeddingBackward
 // needs for n tokens over vocab rows.
 func (o *Ops) EmbeddingBackwardWorkspace(n, vocab int) (int64, error) {
-	c := newChecker("EmbeddingBackwardWorkspace")
-	c.positive("n", n)
-	c.positive("vocab", vocab)
-	if c.err != nil {
-		return 0, c.err
-	}
-	return o.workspaceBytes("m2k_embedding_bwd_workspace", func(b *int64) int32 {
-		return o.f.embBwdWS(int64(n), int64(vocab), b)
-	})
+	return o.rowsWorkspace("EmbeddingBackwardWorkspace", "m2k_embedding_bwd_workspace", "n", n, "vocab", vocab, o.f.embBwdWS)
 }
 
 // EmbeddingBackward adds row t of dout (n×d, dtype dt) into row tokens[t]
@@ -115,13 +107,7 @@ func (o *Ops) AddRMSNormForward(dt kernels.DType, a *AddRMSNormArgs, s kernels.S
 
 // RMSNormBackwardWorkspace returns the workspace bytes RMSNormBackward needs.
 func (o *Ops) RMSNormBackwardWorkspace(n, d int) (int64, error) {
-	c := newChecker("RMSNormBackwardWorkspace")
-	c.positive("n", n)
-	c.positive("d", d)
-	if c.err != nil {
-		return 0, c.err
-	}
-	return o.workspaceBytes("m2k_rmsnorm_bwd_workspace", func(b *int64) int32 { return o.f.normBwdWS(int64(n), int64(d), b) })
+	return o.rowsWorkspace("RMSNormBackwardWorkspace", "m2k_rmsnorm_bwd_workspace", "n", n, "d", d, o.f.normBwdWS)
 }
 
 // RMSNormBackwardArgs are the buffers of the RMSNorm backward over N rows of
@@ -200,13 +186,7 @@ func (o *Ops) AddBias(dt kernels.DType, x, bias *kernels.Buffer, n, w, ldx int, 
 
 // ColumnSumWorkspace returns the workspace bytes ColumnSum needs.
 func (o *Ops) ColumnSumWorkspace(n, w int) (int64, error) {
-	c := newChecker("ColumnSumWorkspace")
-	c.positive("n", n)
-	c.positive("w", w)
-	if c.err != nil {
-		return 0, c.err
-	}
-	return o.workspaceBytes("m2k_column_sum_workspace", func(b *int64) int32 { return o.f.colSumWS(int64(n), int64(w), b) })
+	return o.rowsWorkspace("ColumnSumWorkspace", "m2k_column_sum_workspace", "n", n, "w", w, o.f.colSumWS)
 }
 
 // ColumnSum adds the column sums of x (n rows of w, dtype dt, row stride
@@ -413,13 +393,7 @@ func (o *Ops) GatedNormForward(dt kernels.DType, g GatedNormShape, a *GatedNormF
 // GatedNormBackwardWorkspace returns the workspace bytes GatedNormBackward
 // needs.
 func (o *Ops) GatedNormBackwardWorkspace(n, e int) (int64, error) {
-	c := newChecker("GatedNormBackwardWorkspace")
-	c.positive("n", n)
-	c.positive("e", e)
-	if c.err != nil {
-		return 0, c.err
-	}
-	return o.workspaceBytes("m2k_gated_norm_bwd_workspace", func(b *int64) int32 { return o.f.gatedBwdWS(int64(n), int64(e), b) })
+	return o.rowsWorkspace("GatedNormBackwardWorkspace", "m2k_gated_norm_bwd_workspace", "n", n, "e", e, o.f.gatedBwdWS)
 }
 
 // GatedNormBackwardArgs: DY (N×E) and DZ (strided like Z) are overwritten in

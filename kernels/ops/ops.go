@@ -259,3 +259,16 @@ func (o *Ops) workspaceBytes(op string, fn func(*int64) int32) (int64, error) {
 	err := o.call(op, func() int32 { return fn(&n) })
 	return n, err
 }
+
+// rowsWorkspace is the workspace query of an op sized by two counts, rows
+// and columns (or vocabulary): both must be positive, and method names the
+// Go method in the error.
+func (o *Ops) rowsWorkspace(method, symbol, aName string, a int, bName string, b int, query func(a, b int64, bytes *int64) int32) (int64, error) {
+	c := newChecker(method)
+	c.positive(aName, a)
+	c.positive(bName, b)
+	if c.err != nil {
+		return 0, c.err
+	}
+	return o.workspaceBytes(symbol, func(n *int64) int32 { return query(int64(a), int64(b), n) })
+}
