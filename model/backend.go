@@ -229,6 +229,19 @@ type Backend[T Float] interface {
 	Forward(ctx context.Context, b *Batch, o StepOptions) (StepResult, error)
 }
 
+// BoundaryFloat64s copies x into a new float64 slice, the element type in
+// which a Boundary passes states and halos; nil stays nil.
+func BoundaryFloat64s[T Float](x []T) []float64 {
+	if x == nil {
+		return nil
+	}
+	out := make([]float64, len(x))
+	for i, v := range x {
+		out[i] = float64(v)
+	}
+	return out
+}
+
 // PrefixState folds the pairs (states[j], logDecays[j]) of consecutive
 // shards in order, h = exp(Λ_j)·h + S_j from h = 0, and returns h: given the
 // pairs of shards 0..k−1 it is h_in[k] of PrefixBoundary's forward scan. It

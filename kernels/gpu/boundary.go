@@ -30,11 +30,7 @@ func download(b *kernels.Buffer) ([]float64, error) {
 	if err != nil {
 		return nil, err
 	}
-	out := make([]float64, len(v))
-	for i, x := range v {
-		out[i] = float64(x)
-	}
-	return out, nil
+	return model.BoundaryFloat64s(v), nil
 }
 
 // upload writes vals into the whole buffer b, rounding to its dtype.

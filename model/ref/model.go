@@ -221,9 +221,9 @@ func (m *Model[T]) run(ctx context.Context, b *model.Batch, o model.StepOptions,
 	res.Logits = logits
 	if o.KeepHidden {
 		for i := 1; i <= c.NLayer; i++ {
-			res.Hidden = append(res.Hidden, toFloat64(ws.res[i]))
+			res.Hidden = append(res.Hidden, model.BoundaryFloat64s(ws.res[i]))
 		}
-		res.Hidden = append(res.Hidden, toFloat64(ws.hf))
+		res.Hidden = append(res.Hidden, model.BoundaryFloat64s(ws.hf))
 	}
 	if !backward {
 		return res, nil
@@ -356,7 +356,7 @@ func (m *Model[T]) layerForward(ctx context.Context, i int, b *model.Batch, sp s
 		if sp.prefix != nil {
 			// Only the halo travels here, and it is ready before the scan:
 			// send it first so that every shard exchanges at once.
-			if err := bd.SendForward(ctx, i, nil, toFloat64(m.haloOut(a.zxbcdt, bt, l))); err != nil {
+			if err := bd.SendForward(ctx, i, nil, model.BoundaryFloat64s(m.haloOut(a.zxbcdt, bt, l))); err != nil {
 				return fmt.Errorf("ref: layer %d: send halo: %w", i, err)
 			}
 		}
@@ -405,7 +405,7 @@ func (m *Model[T]) layerForward(ctx context.Context, i int, b *model.Batch, sp s
 		// The scan above started from zero; the group's prefix gives the
 		// state that enters this shard, and its contribution is added.
 		a.logDecay = append(a.logDecay[:0], ws.decay...)
-		hIn, err := sp.prefix.PrefixForward(ctx, i, toFloat64(ws.final), toFloat64(ws.decay))
+		hIn, err := sp.prefix.PrefixForward(ctx, i, model.BoundaryFloat64s(ws.final), model.BoundaryFloat64s(ws.decay))
 		if err != nil {
 			return fmt.Errorf("ref: layer %d: prefix of the states: %w", i, err)
 		}
@@ -416,7 +416,7 @@ func (m *Model[T]) layerForward(ctx context.Context, i int, b *model.Batch, sp s
 			return fmt.Errorf("ref: layer %d: %w", i, err)
 		}
 	case sp.bd != nil:
-		if err := sp.bd.SendForward(ctx, i, toFloat64(ws.final), toFloat64(m.haloOut(a.zxbcdt, bt, l))); err != nil {
+		if err := sp.bd.SendForward(ctx, i, model.BoundaryFloat64s(ws.final), model.BoundaryFloat64s(m.haloOut(a.zxbcdt, bt, l))); err != nil {
 			return fmt.Errorf("ref: layer %d: send state: %w", i, err)
 		}
 	}
@@ -491,7 +491,7 @@ func (m *Model[T]) layerBackward(ctx context.Context, i int, b *model.Batch, dre
 		if err := m.scan.InitialStateBackward(dims, opts, m.ssdInputs(a, lt), nil, dy, nil, u); err != nil {
 			return fmt.Errorf("ref: layer %d: %w", i, err)
 		}
-		g, err := sp.prefix.PrefixBackward(ctx, i, toFloat64(a.logDecay), toFloat64(u.InitState))
+		g, err := sp.prefix.PrefixBackward(ctx, i, model.BoundaryFloat64s(a.logDecay), model.BoundaryFloat64s(u.InitState))
 		if err != nil {
 			return fmt.Errorf("ref: layer %d: reverse prefix of the state gradients: %w", i, err)
 		}
@@ -540,7 +540,7 @@ func (m *Model[T]) layerBackward(ctx context.Context, i int, b *model.Batch, dre
 	}
 	convBwd(m.convShape(bt, l), dz, model.View(g, lt.Conv), convGB, dhalo, dact, a.pre, a.zxbcdt, a.halo, model.View(p, lt.Conv))
 	if sp.prefix != nil {
-		if err := sp.bd.SendBackward(ctx, i, nil, toFloat64(dhalo)); err != nil {
+		if err := sp.bd.SendBackward(ctx, i, nil, model.BoundaryFloat64s(dhalo)); err != nil {
 			return fmt.Errorf("ref: layer %d: send halo gradient: %w", i, err)
 		}
 		st, halo, err := sp.bd.RecvBackward(ctx, i)
@@ -567,7 +567,7 @@ func (m *Model[T]) layerBackward(ctx context.Context, i int, b *model.Batch, dre
 		if a.state != nil {
 			dInit = sg.InitState
 		}
-		if err := sp.bd.SendBackward(ctx, i, toFloat64(dInit), toFloat64(dhalo)); err != nil {
+		if err := sp.bd.SendBackward(ctx, i, model.BoundaryFloat64s(dInit), model.BoundaryFloat64s(dhalo)); err != nil {
 			return fmt.Errorf("ref: layer %d: send state gradient: %w", i, err)
 		}
 	}
@@ -593,17 +593,6 @@ func columnSum[T model.Float](out, x []T, n, w int) {
 	columnReduce(n, w, out, func(t int, acc []T) {
 		linalg.Axpy(1, x[t*w:(t+1)*w], acc)
 	})
-}
-
-func toFloat64[T model.Float](x []T) []float64 {
-	if x == nil {
-		return nil
-	}
-	out := make([]float64, len(x))
-	for i, v := range x {
-		out[i] = float64(v)
-	}
-	return out
 }
 
 func fromFloat64[T model.Float](x []float64, want int, what string) ([]T, error) {

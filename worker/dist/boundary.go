@@ -161,13 +161,13 @@ func (b *Boundary[T]) RecvForward(ctx context.Context, layer int) (state, halo [
 		if err != nil {
 			return nil, nil, fmt.Errorf("dist: layer %d: halo from shard %d: %w", layer, b.k-1, err)
 		}
-		return nil, toFloat64(msg), nil
+		return nil, model.BoundaryFloat64s(msg), nil
 	}
 	msg, err := b.recv(ctx, b.k-1, b.stateLen+b.haloLen)
 	if err != nil {
 		return nil, nil, fmt.Errorf("dist: layer %d: state from shard %d: %w", layer, b.k-1, err)
 	}
-	return toFloat64(msg[:b.stateLen]), toFloat64(msg[b.stateLen:]), nil
+	return model.BoundaryFloat64s(msg[:b.stateLen]), model.BoundaryFloat64s(msg[b.stateLen:]), nil
 }
 
 // SendForward implements model.Boundary: the last shard sends nothing.
@@ -210,13 +210,13 @@ func (b *Boundary[T]) RecvBackward(ctx context.Context, layer int) (dState, dHal
 		if err != nil {
 			return nil, nil, fmt.Errorf("dist: layer %d: halo gradient from shard %d: %w", layer, b.k+1, err)
 		}
-		return nil, toFloat64(msg), nil
+		return nil, model.BoundaryFloat64s(msg), nil
 	}
 	msg, err := b.recv(ctx, b.k+1, b.stateLen+b.haloLen)
 	if err != nil {
 		return nil, nil, fmt.Errorf("dist: layer %d: state gradient from shard %d: %w", layer, b.k+1, err)
 	}
-	return toFloat64(msg[:b.stateLen]), toFloat64(msg[b.stateLen:]), nil
+	return model.BoundaryFloat64s(msg[:b.stateLen]), model.BoundaryFloat64s(msg[b.stateLen:]), nil
 }
 
 // SendBackward implements model.Boundary: shard 0 sends nothing.
@@ -289,7 +289,7 @@ func (b *Boundary[T]) PrefixForward(ctx context.Context, layer int, final, logDe
 	}
 	var states, logDecays [][]float64
 	for j := 0; j < b.k; j++ {
-		states, logDecays = append(states, toFloat64(ss[j])), append(logDecays, toFloat64(decays[j]))
+		states, logDecays = append(states, model.BoundaryFloat64s(ss[j])), append(logDecays, model.BoundaryFloat64s(decays[j]))
 	}
 	return model.PrefixState(states, logDecays)
 }
@@ -315,7 +315,7 @@ func (b *Boundary[T]) PrefixBackward(ctx context.Context, layer int, logDecay, d
 	}
 	var dHins, logDecays [][]float64
 	for j := b.k + 1; j < b.K; j++ {
-		dHins, logDecays = append(dHins, toFloat64(us[j])), append(logDecays, toFloat64(decays[j]))
+		dHins, logDecays = append(dHins, model.BoundaryFloat64s(us[j])), append(logDecays, model.BoundaryFloat64s(decays[j]))
 	}
 	return model.PrefixGrad(dHins, logDecays)
 }

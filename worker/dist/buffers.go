@@ -16,18 +16,6 @@ func bufferOf[T model.Float](s []T) collective.Buffer {
 	panic("dist: unsupported element type")
 }
 
-// toFloat64 copies x into a new float64 slice; nil stays nil.
-func toFloat64[T model.Float](x []T) []float64 {
-	if x == nil {
-		return nil
-	}
-	out := make([]float64, len(x))
-	for i, v := range x {
-		out[i] = float64(v)
-	}
-	return out
-}
-
 // putFloat64 rounds x into dst (len(dst) == len(x)); nil x writes zeros.
 func putFloat64[T model.Float](dst []T, x []float64) {
 	if x == nil {
