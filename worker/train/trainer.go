@@ -169,6 +169,9 @@ type Options struct {
 	// OnCheckpoint is called after a checkpoint is committed, from the
 	// goroutine that saves in the background.
 	OnCheckpoint func(step int)
+	// OnCheckpointCommit, when set, is called with the whole commit record
+	// (manifest, snapshot and upload durations) right after OnCheckpoint.
+	OnCheckpointCommit func(c checkpoint.Commit)
 	// OnCheckpointError is called when a checkpoint fails to save, from
 	// the goroutine that saves in the background. Training goes on.
 	OnCheckpointError func(step int, err error)
@@ -277,6 +280,9 @@ func newTrainer[T model.Float](spec *jobspec.Spec, backend model.Backend[T], in 
 			OnCommit: func(c checkpoint.Commit) {
 				if opts.OnCheckpoint != nil {
 					opts.OnCheckpoint(c.Step)
+				}
+				if opts.OnCheckpointCommit != nil {
+					opts.OnCheckpointCommit(c)
 				}
 			},
 			OnError: func(e *checkpoint.SaveError) {
