@@ -90,7 +90,8 @@ func newUpCmd() *cobra.Command {
 		Short: "Run the whole system on this machine and train the demo job on it",
 		Long: `Starts the distributed system locally, each part as its own process except
 the stores: an embedded etcd and an embedded S3 gateway (serving DIR/s3),
-three coordinator replicas (raft), and four workers on the CPU backend. It
+three coordinator replicas (raft), and four workers on the CPU backend
+(--backend cuda: on the GPU, sharing it when there is one). It
 then submits the demo job (the model and data of m2ctl demo) with dp 2 × sp 2,
 shows its live progress, and prints where its checkpoints are and where it
 exported the trained model (a Hugging Face directory).
@@ -123,6 +124,7 @@ m2worker processes can use it. Logs go to DIR/logs.`,
 	f.BoolVar(&o.stay, "stay", false, "keep the cluster up after the demo job, until Ctrl-C")
 	f.BoolVar(&o.noDemo, "no-demo", false, "bring the cluster up without the demo job and keep it up until Ctrl-C")
 	f.BoolVar(&o.fresh, "fresh", false, "remove the cluster state of an earlier run in --dir first (the prepared data stays)")
+	f.StringVar(&o.backend, "backend", "cpu", "the workers' training backend: cpu, cuda (every worker on the one visible GPU, each with its own CUDA context) or auto")
 	return cmd
 }
 
@@ -131,6 +133,7 @@ type upOptions struct {
 	steps, workers      int
 	dp, sp              int
 	stay, noDemo, fresh bool
+	backend             string
 }
 
 func (o *upOptions) validate() error {
@@ -141,6 +144,8 @@ func (o *upOptions) validate() error {
 		return usagef("--dp and --sp: must be at least 1, got %d and %d", o.dp, o.sp)
 	case !o.noDemo && o.dp*o.sp > o.workers:
 		return usagef("--dp × --sp = %d ranks need as many workers, --workers is %d", o.dp*o.sp, o.workers)
+	case o.backend != "cpu" && o.backend != "cuda" && o.backend != "auto":
+		return usagef("--backend: must be cpu, cuda or auto, got %q", o.backend)
 	case !o.noDemo && o.steps <= 20:
 		return usagef("--steps: must be more than the demo's 20 warmup steps, got %d", o.steps)
 	}
@@ -224,15 +229,15 @@ func runUp(ctx context.Context, o upOptions, out io.Writer) error {
 	}
 	for _, w := range st.Workers {
 		args := []string{"up-worker", "--id", w.ID, "--coordinator", strings.Join(st.coordinatorAddrs(), ","),
-			"--advertise-host", "127.0.0.1", "--backend", "cpu", "--log-format", "text"}
+			"--advertise-host", "127.0.0.1", "--backend", o.backend, "--log-format", "text"}
 		if err := sup.start(w.ID, args, wenv); err != nil {
 			return err
 		}
 	}
 	sup.setReady()
 	coord := strings.Join(st.coordinatorAddrs(), ",")
-	fmt.Fprintf(out, "cluster up in %s: %d coordinators, %d CPU workers, etcd %s, S3 gateway %s (objects in %s)\n",
-		dir, len(st.Coordinators), len(st.Workers), etcd.Endpoint(), gw.Endpoint, filepath.Join(dir, "s3"))
+	fmt.Fprintf(out, "cluster up in %s: %d coordinators, %d workers (backend %s), etcd %s, S3 gateway %s (objects in %s)\n",
+		dir, len(st.Coordinators), len(st.Workers), o.backend, etcd.Endpoint(), gw.Endpoint, filepath.Join(dir, "s3"))
 	fmt.Fprintf(out, "  processes and addresses: %s; logs: %s\n", filepath.Join(dir, upStateFile), filepath.Join(dir, "logs"))
 	fmt.Fprintf(out, "  job commands: m2ctl job ls --coordinator %s\n", coord)
 
@@ -386,6 +391,9 @@ func upDemoSpec(o upOptions, dataDir string) ([]byte, error) {
 	spec.Parallel.DP, spec.Parallel.SP = o.dp, o.sp
 	spec.Batch.MicroBatch = spec.Batch.GlobalBatch / o.dp
 	spec.MaxRestarts = &restarts
+	// The job asks for the workers' backend, so that the scheduler places
+	// it on them and nowhere else.
+	spec.Backend = o.backend
 	if err := spec.Validate(); err != nil {
 		return nil, usageError{err}
 	}

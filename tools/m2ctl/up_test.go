@@ -30,7 +30,7 @@ func TestUpDemo(t *testing.T) {
 	dir := t.TempDir()
 	msg, code := m2ctl(t, "up", "--dir", dir, "--steps", "22")
 	export := filepath.Join(dir, "export", "demo-1")
-	for _, want := range []string{"cluster up in " + dir + ": 3 coordinators, 4 CPU workers", "submitted demo-1",
+	for _, want := range []string{"cluster up in " + dir + ": 3 coordinators, 4 workers (backend cpu)", "submitted demo-1",
 		"scheduled: generation 1: 4 ranks on 4 workers", "checkpoint: step 22 at s3://demo/checkpoints/demo-1/step-00000022",
 		"demo-1 finished: loss", "s3://demo/checkpoints/demo-1/step-00000022", "exported model: " + export, "stopping the cluster"} {
 		if code != 0 || !strings.Contains(msg, want) {
