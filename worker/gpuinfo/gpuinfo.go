@@ -1,9 +1,8 @@
 // Package gpuinfo discovers the GPUs of this machine and their health
 // through NVIDIA's management library (NVML, via github.com/NVIDIA/go-nvml).
 //
-// The worker reports what Discover finds to the coordinator's scheduler and
-// to its metrics, and uses it to decide between the CUDA and the CPU
-// backend. NVML needs cgo: a build without cgo (or for another operating
+// The worker uses what Discover finds to decide between the CUDA and the
+// CPU backend, and samples its GPUs for its metrics with a Sampler. NVML needs cgo: a build without cgo (or for another operating
 // system than Linux) compiles a version whose Discover always reports
 // ErrUnavailable, so that the CPU-only build never depends on it. Without
 // the NVIDIA driver, Discover reports ErrUnavailable too, and nothing
@@ -13,12 +12,24 @@ package gpuinfo
 import (
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 )
 
 // ErrUnavailable reports that no GPU can be queried: no NVML library (no
 // NVIDIA driver), no device, or a build without cgo.
 var ErrUnavailable = errors.New("gpuinfo: no GPU information available")
+
+// ErrClosed is returned by a Sampler's Sample after Close.
+var ErrClosed = errors.New("gpuinfo: sampler closed")
+
+// Sampler queries the GPUs again and again with NVML kept initialised, for
+// metrics read at every scrape, where Discover would start and stop NVML
+// each time. Get one from Open and Close it when done; it is safe for
+// concurrent use.
+type Sampler struct {
+	closed bool // guarded by the package's NVML lock
+}
 
 // Report is what one Discover call found.
 type Report struct {
@@ -65,21 +76,109 @@ type Device struct {
 // Healthy reports whether the device may be given work.
 func (d *Device) Healthy() bool { return len(d.Problems) == 0 }
 
+// Problem kinds: stable names of the conditions that make a device
+// unhealthy, for metric labels and alerts (Problems holds the sentences).
+const (
+	ProblemECCUncorrected  = "ecc_uncorrected"
+	ProblemRemapFailed     = "remap_failed"
+	ProblemRemapPending    = "remap_pending"
+	ProblemThermalSlowdown = "thermal_slowdown"
+)
+
+// problem is one unhealthy condition: its kind and its sentence.
+type problem struct{ kind, text string }
+
+// problems derives the unhealthy conditions from the measured fields; it
+// is the one place that decides health, for Problems and ProblemKinds.
+func (d *Device) problems() []problem {
+	var ps []problem
+	if d.ECCUncorrected > 0 {
+		ps = append(ps, problem{ProblemECCUncorrected, fmt.Sprintf("%d uncorrectable ECC errors since the driver loaded", d.ECCUncorrected)})
+	}
+	if d.RemapFailed {
+		ps = append(ps, problem{ProblemRemapFailed, "HBM row remapping failed: the GPU needs replacing"})
+	}
+	if d.RemapPending {
+		ps = append(ps, problem{ProblemRemapPending, "HBM row remapping pending: the GPU needs a reset"})
+	}
+	if d.SlowdownC > 0 && d.TemperatureC >= d.SlowdownC {
+		ps = append(ps, problem{ProblemThermalSlowdown, fmt.Sprintf("temperature %d °C at or above the slowdown threshold %d °C", d.TemperatureC, d.SlowdownC)})
+	}
+	return ps
+}
+
 // assess fills Problems from the measured fields.
 func (d *Device) assess() {
 	d.Problems = nil
-	if d.ECCUncorrected > 0 {
-		d.Problems = append(d.Problems, fmt.Sprintf("%d uncorrectable ECC errors since the driver loaded", d.ECCUncorrected))
+	for _, p := range d.problems() {
+		d.Problems = append(d.Problems, p.text)
 	}
-	if d.RemapFailed {
-		d.Problems = append(d.Problems, "HBM row remapping failed: the GPU needs replacing")
+}
+
+// ProblemKinds returns the kinds (ProblemECCUncorrected, ...) of the
+// conditions the measured fields show, in the order of Problems.
+func (d *Device) ProblemKinds() []string {
+	var kinds []string
+	for _, p := range d.problems() {
+		kinds = append(kinds, p.kind)
 	}
-	if d.RemapPending {
-		d.Problems = append(d.Problems, "HBM row remapping pending: the GPU needs a reset")
+	return kinds
+}
+
+// Queries whose failure a device records in Notes, for Answered.
+const (
+	QueryMemory      = "memory"
+	QueryUtilization = "utilization"
+	QueryTemperature = "temperature"
+	QueryPower       = "power"
+)
+
+// Answered reports whether the device answered query (QueryMemory, ...):
+// a field whose query failed holds zero, which is no measurement.
+func (d *Device) Answered(query string) bool {
+	for _, n := range d.Notes {
+		if strings.HasPrefix(n, query+": ") {
+			return false
+		}
 	}
-	if d.SlowdownC > 0 && d.TemperatureC >= d.SlowdownC {
-		d.Problems = append(d.Problems, fmt.Sprintf("temperature %d °C at or above the slowdown threshold %d °C", d.TemperatureC, d.SlowdownC))
+	return true
+}
+
+// Visible returns the devices of devs that a CUDA_VISIBLE_DEVICES value of
+// list names, in the order listed: an entry is an NVML index or a device
+// UUID, whole or abbreviated, with or without its "GPU-" prefix. Entries
+// that name no device (a MIG instance, an index out of range) are
+// skipped, and an empty list names none. NVML numbers devices in PCI bus
+// order, which is CUDA's order when CUDA_DEVICE_ORDER is PCI_BUS_ID and,
+// on hosts of identical GPUs, its default order too.
+func Visible(devs []Device, list string) []Device {
+	var out []Device
+	seen := map[int]bool{}
+	for _, e := range strings.Split(list, ",") {
+		e = strings.TrimSpace(e)
+		if e == "" {
+			continue
+		}
+		for _, d := range devs {
+			if seen[d.Index] || !names(d, e) {
+				continue
+			}
+			seen[d.Index] = true
+			out = append(out, d)
+			break
+		}
 	}
+	return out
+}
+
+// names reports whether the CUDA_VISIBLE_DEVICES entry e names d.
+func names(d Device, e string) bool {
+	if i, err := strconv.Atoi(e); err == nil {
+		return i == d.Index
+	}
+	uuid := strings.TrimPrefix(d.UUID, "GPU-")
+	e = strings.TrimPrefix(e, "GPU-")
+	return uuid != "" && strings.HasPrefix(uuid, e)
 }
 
 // String is a one-line summary of the device.
