@@ -8,6 +8,7 @@ import (
 	"net"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -40,6 +41,10 @@ type Agent struct {
 	ended map[rankKey]bool
 	// wake asks the poll loop to look again at once (a rank returned).
 	wake chan struct{}
+
+	// notReady is why the worker is not registered now; nil while it is.
+	readyMu  sync.Mutex
+	notReady error
 }
 
 // rankKey identifies a rank of a generation.
@@ -74,7 +79,27 @@ func New(cfg Config) (*Agent, error) {
 		return nil, fmt.Errorf("%w: %w", ErrConfig, err)
 	}
 	return &Agent{cfg: cfg, log: log.With("worker", cfg.WorkerID), cl: cl, runs: map[int]*run{},
-		ended: map[rankKey]bool{}, wake: make(chan struct{}, 1)}, nil
+		ended: map[rankKey]bool{}, wake: make(chan struct{}, 1),
+		notReady: fmt.Errorf("%w: Run has not registered it yet", ErrNotRegistered)}, nil
+}
+
+// Ready returns nil while the worker is registered with the coordinator
+// and holds its lease, and otherwise an error that wraps ErrNotRegistered
+// and says why (not yet registered, a registration failing and retried,
+// the lease lost, the worker stopping). It is the worker's readiness.
+func (a *Agent) Ready() error {
+	a.readyMu.Lock()
+	defer a.readyMu.Unlock()
+	return a.notReady
+}
+
+func (a *Agent) setReady(why error) {
+	if why != nil {
+		why = fmt.Errorf("%w: %w", ErrNotRegistered, why)
+	}
+	a.readyMu.Lock()
+	a.notReady = why
+	a.readyMu.Unlock()
 }
 
 // Run registers the worker and runs the ranks the coordinator places on it
@@ -93,11 +118,14 @@ func (a *Agent) Run(ctx context.Context) error {
 		sess, etcd, err := a.register(ctx)
 		if err != nil {
 			if ctx.Err() != nil {
+				a.setReady(ErrShutdown)
 				return nil
 			}
 			if permanent(err) {
+				a.setReady(err)
 				return err
 			}
+			a.setReady(fmt.Errorf("%w (retrying)", err))
 			a.log.Warn("registration failed; retrying", "in", backoff, "err", err)
 			if !sleepCtx(ctx, backoff) {
 				return nil
@@ -106,6 +134,7 @@ func (a *Agent) Run(ctx context.Context) error {
 			continue
 		}
 		backoff = 200 * time.Millisecond
+		a.setReady(nil)
 		a.log.Info("registered", "lease", fmt.Sprintf("%x", int64(sess.Lease())), "slots", a.cfg.slots())
 		// The ranks' contexts end with the agent's own causes, never
 		// directly with ctx, so that a rank tells a stop from a failure and
@@ -122,6 +151,7 @@ func (a *Agent) Run(ctx context.Context) error {
 			}
 		}()
 		cause := a.serve(ctx, sess, ranks)
+		a.setReady(cause)
 		close(watch)
 		<-watched
 		if errors.Is(cause, ErrShutdown) {
@@ -333,15 +363,32 @@ func (a *Agent) runRank(ctx context.Context, stop context.CancelCauseFunc, sess 
 	log := a.log.With("job", x.GetJobId(), "generation", x.GetGeneration(), "rank", x.GetRank())
 	ev := RankEvent{JobID: x.GetJobId(), Generation: x.GetGeneration(), Rank: int(x.GetRank()), World: int(x.GetWorldSize())}
 	a.event(ev, RankStarted)
+	// comm is the rank's world communicator once connected: the events
+	// carry what it has moved.
+	var comm atomic.Pointer[collective.Communicator]
+	moved := func() collective.Stats {
+		if c := comm.Load(); c != nil {
+			return c.Stats()
+		}
+		return collective.Stats{}
+	}
 	onProgress := func(p Progress) {
 		e := ev
-		e.Progress = p
+		e.Progress, e.Collective = p, moved()
 		a.event(e, RankProgress)
+	}
+	onCheckpoint := func(k RankEventKind, c CheckpointInfo, err error) {
+		e := ev
+		e.Checkpoint, e.Err = c, err
+		a.event(e, k)
 	}
 	rep := newReporter(a.cl, x.GetJobId(), x.GetGeneration(), int(x.GetRank()), a.cfg.WorkerID, a.cfg.ReportTimeout, log, stop, onProgress)
 	log.Info("rank starting", "world", x.GetWorldSize(), "dp_rank", x.GetDpRank(), "sp_rank", x.GetSpRank(),
 		"slot", x.GetGpu(), "resume_from", x.GetResumeFrom().GetStep())
-	res, err := a.execRank(ctx, sess, x, rep, log, func() { a.event(ev, RankConnected) })
+	res, err := a.execRank(ctx, sess, x, rep, log, func(c *collective.Communicator) {
+		comm.Store(c)
+		a.event(ev, RankConnected)
+	}, onCheckpoint)
 	cause := context.Cause(ctx)
 	switch {
 	case ctx.Err() != nil:
@@ -371,6 +418,7 @@ func (a *Agent) runRank(ctx context.Context, stop context.CancelCauseFunc, sess 
 	}
 	ev.Progress = rep.lastProgress()
 	ev.Progress.Step, ev.Progress.Loss = res.Step, res.Loss
+	ev.Collective = moved()
 	ev.Err = err
 	a.event(ev, RankEnded)
 }
@@ -383,10 +431,11 @@ func (a *Agent) event(e RankEvent, k RankEventKind) {
 }
 
 // execRank checks the assignment, meets the other ranks, builds the
-// communicators and runs the rank; connected is called once the
-// communicator is up.
+// communicators and runs the rank; connected is called with the world
+// communicator once it is up, and onCheckpoint receives the rank's
+// checkpoint events.
 func (a *Agent) execRank(ctx context.Context, sess *membership.Session, x *pb.RankAssignment, rep *reporter, log *slog.Logger,
-	connected func()) (Result, error) {
+	connected func(*collective.Communicator), onCheckpoint func(RankEventKind, CheckpointInfo, error)) (Result, error) {
 	spec, err := jobspec.Parse([]byte(x.GetSpecYaml()))
 	if err != nil {
 		return Result{}, Fatal(fmt.Errorf("agent: the assignment's spec: %w", err))
@@ -435,10 +484,11 @@ func (a *Agent) execRank(ctx context.Context, sess *membership.Session, x *pb.Ra
 		return Result{}, Fatal(err)
 	}
 	cancel()
-	connected()
+	connected(comm)
 
 	r := &Rank{JobID: x.GetJobId(), Generation: x.GetGeneration(), Rank: rank, DPRank: rank / sp, SPRank: rank % sp,
-		World: world, Slot: int(x.GetGpu()), Spec: spec, Comm: comm, DP: dpc, SP: spc, Log: log, rep: rep}
+		World: world, Slot: int(x.GetGpu()), Spec: spec, Comm: comm, DP: dpc, SP: spc, Log: log, rep: rep,
+		onCheckpoint: onCheckpoint}
 	if ck := x.GetResumeFrom(); ck != nil {
 		r.ResumeFrom = &Checkpoint{Step: ck.GetStep(), Location: ck.GetLocation()}
 	}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -17,6 +18,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/goleak"
 
+	"github.com/m2train/m2train/collective"
 	"github.com/m2train/m2train/coordinator/client"
 	"github.com/m2train/m2train/coordinator/coordtest"
 	"github.com/m2train/m2train/coordinator/etcdembed"
@@ -318,15 +320,31 @@ func TestSingleRankJob(t *testing.T) {
 		t.Logf("final loss %v, bitwise equal to the single-process run", got)
 	}
 
-	// Every step was reported, in order.
-	var steps []int
+	// Every step was reported, in order, with its wall time; a world of
+	// one waits on no peer and moves nothing through its communicator.
+	// Each checkpoint was reported once, committed by the coordinator.
+	var steps, saved []int
 	for _, e := range ev.list() {
-		if e.Kind == agent.RankProgress {
+		switch e.Kind {
+		case agent.RankProgress:
 			steps = append(steps, e.Progress.Step)
+			if e.Progress.StepTime <= 0 || e.Progress.CommWait != 0 || e.Collective != (collective.Stats{}) {
+				t.Errorf("step %d: step time %v, wait %v, collective %+v", e.Progress.Step, e.Progress.StepTime, e.Progress.CommWait, e.Collective)
+			}
+		case agent.RankCheckpoint:
+			saved = append(saved, e.Checkpoint.Step)
+			if e.Err != nil || e.Checkpoint.Upload <= 0 {
+				t.Errorf("checkpoint event %+v: err %v", e.Checkpoint, e.Err)
+			}
+		case agent.RankCheckpointFailed:
+			t.Errorf("checkpoint of step %d failed: %v", e.Checkpoint.Step, e.Err)
 		}
 	}
 	if fmt.Sprint(steps) != fmt.Sprint([]int{1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}) {
 		t.Errorf("progress events for steps %v", steps)
+	}
+	if fmt.Sprint(saved) != "[4 8 12]" {
+		t.Errorf("checkpoint events for steps %v, want [4 8 12]", saved)
 	}
 
 	// The checkpoints of steps 4, 8 and 12 were committed; the coordinator
@@ -398,6 +416,32 @@ func TestGridJobSurvivesAStoppedWorker(t *testing.T) {
 	t.Logf("dp 2 × sp 2 final loss %v; one process %v", want, single)
 	if d := want - single; d > 1e-6 || d < -1e-6 {
 		t.Errorf("the grid's loss %v is far from one process's %v", want, single)
+	}
+	// Every rank of the grid moved bytes both ways and waited on its
+	// peers; the four ranks' totals balance, since every byte sent was
+	// received.
+	var sent, recv int64
+	ended := 0
+	for _, e := range ev.list() {
+		if e.JobID != ref.GetId() {
+			continue
+		}
+		switch e.Kind {
+		case agent.RankEnded:
+			ended++
+			if e.Err != nil || e.Collective.BytesSent <= 0 || e.Collective.BytesReceived <= 0 {
+				t.Errorf("rank %d ended with %v having moved %+v", e.Rank, e.Err, e.Collective)
+			}
+			sent += e.Collective.BytesSent
+			recv += e.Collective.BytesReceived
+		case agent.RankProgress:
+			if e.Progress.CommWait <= 0 || e.Progress.CommWait > e.Progress.StepTime {
+				t.Errorf("rank %d step %d waited %v of %v", e.Rank, e.Progress.Step, e.Progress.CommWait, e.Progress.StepTime)
+			}
+		}
+	}
+	if ended != 4 || sent != recv {
+		t.Errorf("%d ranks ended; they sent %d bytes and received %d", ended, sent, recv)
 	}
 
 	// Rank 0 of the second job waits after step 6 until the checkpoint of
@@ -478,6 +522,81 @@ func sleepCtx(ctx context.Context, d time.Duration) bool {
 		return false
 	case <-time.After(d):
 		return true
+	}
+}
+
+// TestReady follows a worker's readiness: not registered before Run, nor
+// while the coordinator cannot be reached (the reason names the failure);
+// registered once it is; not after the shutdown.
+func TestReady(t *testing.T) {
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead := lis.Addr().String()
+	lis.Close() // nothing listens there now
+
+	newAgent := func(coords ...string) *agent.Agent {
+		cfg := agent.DefaultConfig()
+		cfg.WorkerID = "w0"
+		cfg.Coordinators = coords
+		cfg.EtcdPrefix = "/" + t.Name() + "/"
+		cfg.AdvertiseHost = "127.0.0.1"
+		cfg.PollInterval = 100 * time.Millisecond
+		cfg.ReportTimeout = 2 * time.Second
+		cfg.Runner = agent.RunnerFunc(func(ctx context.Context, r *agent.Rank) (agent.Result, error) { return agent.Result{}, nil })
+		cfg.Logger = testLogger(t, slog.LevelWarn)
+		a, err := agent.New(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return a
+	}
+	run := func(a *agent.Agent) (stop func() error) {
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- a.Run(ctx) }()
+		return func() error {
+			cancel()
+			return <-done
+		}
+	}
+	// waitFor polls Ready until cond holds.
+	waitFor := func(a *agent.Agent, what string, cond func(error) bool) {
+		t.Helper()
+		ctx := ctxT(t, time.Minute)
+		for !cond(a.Ready()) {
+			if !sleepCtx(ctx, 20*time.Millisecond) {
+				t.Fatalf("readiness never became %s; last %v", what, a.Ready())
+			}
+		}
+	}
+
+	a := newAgent(dead)
+	if err := a.Ready(); !errors.Is(err, agent.ErrNotRegistered) || !strings.Contains(err.Error(), "Run has not registered it yet") {
+		t.Fatalf("Ready before Run = %v", err)
+	}
+	stop := run(a)
+	waitFor(a, "a registration failure", func(err error) bool {
+		return errors.Is(err, agent.ErrNotRegistered) && strings.Contains(err.Error(), "register with the coordinator") &&
+			strings.Contains(err.Error(), "(retrying)")
+	})
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Ready(); !errors.Is(err, agent.ErrNotRegistered) {
+		t.Fatalf("Ready after a shutdown before registering = %v", err)
+	}
+
+	c := startCluster(t, 1)
+	a = newAgent(c.Addrs()...)
+	stop = run(a)
+	waitFor(a, "ready", func(err error) bool { return err == nil })
+	if err := stop(); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Ready(); !errors.Is(err, agent.ErrNotRegistered) || !errors.Is(err, agent.ErrShutdown) {
+		t.Fatalf("Ready after the shutdown = %v, want ErrNotRegistered and ErrShutdown", err)
 	}
 }
 

@@ -78,7 +78,11 @@ type Config struct {
 	// Logger receives the agent's logs; nil discards them.
 	Logger *slog.Logger
 	// OnRankEvent, when set, is called for each change of a rank's life
-	// (started, rendezvous done, ended); metrics and tests watch it.
+	// (started, rendezvous done, a step, a checkpoint, ended); metrics and
+	// tests watch it. It runs on the rank's goroutines and must return
+	// promptly: checkpoint events come from the goroutine that saves in
+	// the background, concurrently with the steps, and ranks on different
+	// slots call it concurrently.
 	OnRankEvent func(RankEvent)
 }
 

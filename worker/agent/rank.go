@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"time"
 
 	"github.com/m2train/m2train/collective"
 	"github.com/m2train/m2train/coordinator/jobspec"
@@ -46,6 +47,10 @@ type Progress struct {
 	TokensPerSec float64
 	GradNorm     float64
 	LR           float64
+	// StepTime is the step's wall time, and CommWait the part of it the
+	// rank spent blocked on other ranks (zero in a world of one). They
+	// feed the worker's metrics; the coordinator is not told.
+	StepTime, CommWait time.Duration
 }
 
 // Rank is one rank of one generation of a job, as the agent hands it to a
@@ -76,6 +81,9 @@ type Rank struct {
 	Log *slog.Logger
 
 	rep *reporter
+	// onCheckpoint passes a checkpoint event to the agent's OnRankEvent;
+	// nil when the rank has no agent (tests).
+	onCheckpoint func(kind RankEventKind, c CheckpointInfo, err error)
 }
 
 // ReportProgress reports an optimizer step to the coordinator without
@@ -97,6 +105,23 @@ func (r *Rank) CommitCheckpoint(ctx context.Context, step int, location string) 
 		return errors.New("agent: the rank has no coordinator to commit to")
 	}
 	return r.rep.commit(ctx, step, location)
+}
+
+// checkpointSaved reports a checkpoint committed to the store as a
+// RankCheckpoint event; commitErr says why the coordinator did not commit
+// it, or is nil.
+func (r *Rank) checkpointSaved(c CheckpointInfo, commitErr error) {
+	if r.onCheckpoint != nil {
+		r.onCheckpoint(RankCheckpoint, c, commitErr)
+	}
+}
+
+// checkpointFailed reports a checkpoint that could not be saved as a
+// RankCheckpointFailed event.
+func (r *Rank) checkpointFailed(step int, err error) {
+	if r.onCheckpoint != nil {
+		r.onCheckpoint(RankCheckpointFailed, CheckpointInfo{Step: step}, err)
+	}
 }
 
 // FatalError marks a failure that restarting the job cannot cure (a spec
@@ -139,10 +164,16 @@ var (
 	ErrLeaseLost = errors.New("agent: worker lease lost")
 )
 
+// ErrNotRegistered is wrapped by Agent.Ready's answer while the worker is
+// not registered with the coordinator.
+var ErrNotRegistered = errors.New("agent: not registered with the coordinator")
+
 // RankEventKind is a step in a rank's life.
 type RankEventKind int
 
-// Rank events in the order they happen.
+// Rank events. A rank's life is RankStarted, RankConnected, the steps
+// (RankProgress) with its checkpoints among them, and RankEnded; the kinds
+// are numbered in the order they were added.
 const (
 	// RankStarted: the agent took the assignment.
 	RankStarted RankEventKind = iota + 1
@@ -153,6 +184,14 @@ const (
 	RankProgress
 	// RankEnded: Run returned (Err says how).
 	RankEnded
+	// RankCheckpoint: the rank wrote a checkpoint and committed it to the
+	// store (Checkpoint describes it), then asked the coordinator to
+	// commit it (Err is nil when it did, else why not). Only the rank
+	// that writes checkpoints (rank 0) has them.
+	RankCheckpoint
+	// RankCheckpointFailed: saving a checkpoint failed (Err says why);
+	// training goes on.
+	RankCheckpointFailed
 )
 
 func (k RankEventKind) String() string {
@@ -165,6 +204,10 @@ func (k RankEventKind) String() string {
 		return "progress"
 	case RankEnded:
 		return "ended"
+	case RankCheckpoint:
+		return "checkpoint"
+	case RankCheckpointFailed:
+		return "checkpoint failed"
 	}
 	return fmt.Sprintf("RankEventKind(%d)", int(k))
 }
@@ -179,8 +222,27 @@ type RankEvent struct {
 	// Progress is the step reported (RankProgress) or the last step
 	// reached (RankEnded).
 	Progress Progress
-	// Err is why the rank ended: nil when it finished the job, one of
-	// the agent's stop causes (ErrWithdrawn, ...) when the agent stopped
-	// it, else its failure.
+	// Collective is what the rank's communicator of this generation has
+	// moved so far, counted since RankConnected (RankProgress, RankEnded;
+	// zero before the communicator connected).
+	Collective collective.Stats
+	// Checkpoint describes the checkpoint of a RankCheckpoint or
+	// RankCheckpointFailed event.
+	Checkpoint CheckpointInfo
+	// Err is why the rank ended (RankEnded): nil when it finished the
+	// job, one of the agent's stop causes (ErrWithdrawn, ...) when the
+	// agent stopped it, else its failure. For RankCheckpoint it is why the
+	// coordinator did not commit the checkpoint, for RankCheckpointFailed
+	// why the save failed.
 	Err error
+}
+
+// CheckpointInfo describes a checkpoint a rank saved or failed to save.
+type CheckpointInfo struct {
+	// Step is the optimizer step the checkpoint holds.
+	Step int
+	// Snapshot is how long training paused while the state was copied;
+	// Upload how long encoding, writing and committing it to the store
+	// took in the background (RankCheckpoint only).
+	Snapshot, Upload time.Duration
 }

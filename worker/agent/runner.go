@@ -139,10 +139,12 @@ func (tr *TrainRunner) Run(ctx context.Context, r *Rank) (Result, error) {
 	opts := train.Options{
 		Log: log,
 		OnProgress: func(p train.Progress) {
-			r.ReportProgress(Progress{Step: p.Step, Loss: p.Loss, TokensPerSec: p.TokensPerSec, GradNorm: p.GradNorm, LR: p.LR})
+			r.ReportProgress(Progress{Step: p.Step, Loss: p.Loss, TokensPerSec: p.TokensPerSec, GradNorm: p.GradNorm, LR: p.LR,
+				StepTime: p.StepTime, CommWait: p.Comm})
 		},
 		OnCheckpointError: func(step int, err error) {
 			log.Warn("checkpoint failed; training goes on", "step", step, "err", err)
+			r.checkpointFailed(step, err)
 		},
 	}
 	if loc := spec.Checkpoint.Location; loc != "" {
@@ -154,11 +156,13 @@ func (tr *TrainRunner) Run(ctx context.Context, r *Rank) (Result, error) {
 		// A job's checkpoints live under its ID, so that a job never
 		// resumes from another one's.
 		opts.Store, opts.Prefix = store, checkpoint.JoinKey(prefix, r.JobID)
-		opts.OnCheckpoint = func(step int) {
-			at := locationJoin(loc, r.JobID, checkpoint.StepDir(step))
-			if err := r.CommitCheckpoint(ctx, step, at); err != nil {
-				log.Warn("checkpoint written but not committed", "step", step, "err", err)
+		opts.OnCheckpointCommit = func(c checkpoint.Commit) {
+			at := locationJoin(loc, r.JobID, checkpoint.StepDir(c.Step))
+			err := r.CommitCheckpoint(ctx, c.Step, at)
+			if err != nil {
+				log.Warn("checkpoint written but not committed", "step", c.Step, "err", err)
 			}
+			r.checkpointSaved(CheckpointInfo{Step: c.Step, Snapshot: c.Snapshot, Upload: c.Upload}, err)
 		}
 	}
 	newTrainer := tr.NewTrainer
