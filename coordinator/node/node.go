@@ -106,6 +106,13 @@ type Config struct {
 
 	// Logger receives the node's and raft's logs; nil discards them.
 	Logger *slog.Logger
+
+	// ApplyObserver, when set, is called once for every command Propose
+	// hands to raft, when raft answers: with the time from handing it over
+	// until this leader applied it to the state machine (err nil), or until
+	// it failed. A Propose whose context ends first is still observed when
+	// raft answers. It runs on its own goroutine and must not block.
+	ApplyObserver func(took time.Duration, err error)
 }
 
 // DefaultConfig returns timeouts for a LAN or one Kubernetes cluster: a
@@ -184,6 +191,8 @@ type Node struct {
 	stopLead context.CancelFunc
 	leadDone chan struct{}
 	loopDone chan struct{}
+
+	leaders *leaderWatch
 }
 
 // Start opens the stores in DataDir, starts raft and, when no state exists
@@ -257,6 +266,7 @@ func Start(cfg Config) (*Node, error) {
 		return nil, fmt.Errorf("coordinator: start raft: %w", err)
 	}
 	n := &Node{cfg: cfg, log: logger, fsm: f, raft: r, trans: trans, store: store, notify: notify, loopDone: make(chan struct{})}
+	n.leaders = watchLeaders(r)
 	if !hasState {
 		peers := cfg.Peers
 		if len(peers) == 0 {
@@ -317,9 +327,16 @@ func (n *Node) Propose(ctx context.Context, c fsm.Command) (*fsm.Result, error) 
 	if timeout <= 0 {
 		return nil, context.DeadlineExceeded
 	}
+	start := time.Now()
 	fut := n.raft.Apply(b, timeout)
 	done := make(chan error, 1)
-	go func() { done <- fut.Error() }()
+	go func() {
+		err := fut.Error()
+		if obs := n.cfg.ApplyObserver; obs != nil {
+			obs(time.Since(start), err)
+		}
+		done <- err
+	}()
 	select {
 	case <-ctx.Done():
 		return nil, fmt.Errorf("%w: %w", ErrUnknownOutcome, ctx.Err())
@@ -433,6 +450,7 @@ func (n *Node) Close() error {
 		<-done
 	}
 	err := n.raft.Shutdown().Error()
+	n.leaders.stop()
 	close(n.notify)
 	<-n.loopDone
 	if e := n.trans.Close(); err == nil {
