@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync/atomic"
 	"time"
 
@@ -59,6 +60,11 @@ type Config struct {
 	ScheduleInterval time.Duration
 	// Logger receives the server's logs; nil discards them.
 	Logger *slog.Logger
+	// UnaryInterceptors and StreamInterceptors wrap every call, the first
+	// outermost, around the token check, so that they see rejected calls
+	// too (metrics use them).
+	UnaryInterceptors  []grpc.UnaryServerInterceptor
+	StreamInterceptors []grpc.StreamServerInterceptor
 }
 
 // Server implements pb.JobServiceServer and pb.WorkerServiceServer.
@@ -102,13 +108,16 @@ func New(cfg Config) (*Server, error) {
 }
 
 // GRPCServer returns a gRPC server with both services registered, message
-// size limits, and the token check; creds may be nil for plaintext.
+// size limits, the configured interceptors and the token check; creds may
+// be nil for plaintext.
 func (s *Server) GRPCServer(creds credentials.TransportCredentials) *grpc.Server {
+	unary := append(slices.Clone(s.cfg.UnaryInterceptors), s.unaryAuth)
+	stream := append(slices.Clone(s.cfg.StreamInterceptors), s.streamAuth)
 	opts := []grpc.ServerOption{
 		grpc.MaxRecvMsgSize(MaxMessageBytes),
 		grpc.MaxSendMsgSize(MaxMessageBytes),
-		grpc.UnaryInterceptor(s.unaryAuth),
-		grpc.StreamInterceptor(s.streamAuth),
+		grpc.ChainUnaryInterceptor(unary...),
+		grpc.ChainStreamInterceptor(stream...),
 	}
 	if creds != nil {
 		opts = append(opts, grpc.Creds(creds))
