@@ -4,7 +4,10 @@
 // gives them: stable names, one flag or environment variable) form a
 // cluster that survives the loss of any one; a single replica with no peer
 // list and no etcd endpoints runs a real etcd embedded in-process, so that
-// one binary is enough on a laptop.
+// one binary is enough on a laptop. A cluster without an external etcd runs
+// one etcd member inside every replica (--etcd-client-port,
+// --etcd-peer-port). --metrics-addr serves Prometheus metrics and the
+// liveness and readiness endpoints (docs/metrics.md).
 //
 // Every flag has an environment variable (M2_ plus the flag name in upper
 // case with '-' as '_'), read when the flag is not given.
@@ -16,6 +19,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -26,9 +30,9 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 
-	"github.com/m2train/m2train/coordinator/etcdembed"
 	"github.com/m2train/m2train/coordinator/membership"
 	"github.com/m2train/m2train/coordinator/node"
 	"github.com/m2train/m2train/coordinator/security"
@@ -45,12 +49,19 @@ type config struct {
 	peers         string
 	etcdEndpoints string
 	etcdPrefix    string
-	leaseTTL      int
-	token         string
-	tokenFile     string
-	tls           security.Files
-	logFormat     string
-	logLevel      string
+	// The embedded etcd cluster's ports and bind address.
+	etcdClientPort int
+	etcdPeerPort   int
+	etcdListenHost string
+	metricsAddr    string
+	leaseTTL       int
+	token          string
+	tokenFile      string
+	tls            security.Files
+	logFormat      string
+	logLevel       string
+	// logOutput receives the logs (os.Stderr when nil; tests set it).
+	logOutput io.Writer
 }
 
 func main() {
@@ -72,13 +83,17 @@ func parseFlags(args []string) (*config, error) {
 	host, _ := os.Hostname()
 	fs := flag.NewFlagSet("m2coord", flag.ContinueOnError)
 	fs.StringVar(&c.id, "id", host, "this replica's raft ID (a StatefulSet pod name)")
-	fs.StringVar(&c.dataDir, "data-dir", "", "directory of the raft log, stable store and snapshots (default ./m2coord-data/ID)")
+	fs.StringVar(&c.dataDir, "data-dir", "", "directory of the raft log, stable store and snapshots, and of the embedded etcd's data (etcd/ on loopback, etcd-member/ in a cluster) (default ./m2coord-data/ID)")
 	fs.StringVar(&c.raftAddr, "raft-addr", "127.0.0.1:7401", "raft listen address")
 	fs.StringVar(&c.raftAdvertise, "raft-advertise", "", "raft address other replicas dial (default: this ID's entry in --peers, else --raft-addr)")
 	fs.StringVar(&c.apiAddr, "api-addr", "127.0.0.1:7400", "gRPC API listen address")
 	fs.StringVar(&c.apiAdvertise, "api-advertise", "", "API address followers name when redirecting clients (default --api-addr, with the host name when it listens on all interfaces)")
 	fs.StringVar(&c.peers, "peers", "", "static cluster: id=host:raftport,... including this replica; empty runs a single replica")
-	fs.StringVar(&c.etcdEndpoints, "etcd-endpoints", "", "external etcd endpoints (comma-separated); empty runs an embedded etcd (single replica only)")
+	fs.StringVar(&c.etcdEndpoints, "etcd-endpoints", "", "external etcd endpoints (comma-separated); empty runs an embedded etcd: one member per replica with --etcd-client-port and --etcd-peer-port, else (single replica only) one on loopback at a free port")
+	fs.IntVar(&c.etcdClientPort, "etcd-client-port", 0, "embedded etcd cluster: every replica runs one member, named by --id, serving clients on this port of --etcd-listen-host and advertised on the host of its --peers entry; "+
+		"required with --etcd-peer-port when --peers lists more than one replica and --etcd-endpoints is empty; 0: a single replica's etcd on loopback at a free port")
+	fs.IntVar(&c.etcdPeerPort, "etcd-peer-port", 0, "embedded etcd cluster: the port members dial each other on (see --etcd-client-port); with --tls-* both ports use https and require client certificates")
+	fs.StringVar(&c.etcdListenHost, "etcd-listen-host", "", "IP address the embedded etcd member binds, 0.0.0.0 for all interfaces (default: the host of --raft-addr)")
 	fs.StringVar(&c.etcdPrefix, "etcd-prefix", membership.DefaultPrefix, "etcd key prefix")
 	fs.IntVar(&c.leaseTTL, "lease-ttl", membership.DefaultTTL, "worker lease TTL in seconds, told to workers")
 	fs.StringVar(&c.token, "token", "", "bearer token required on every API call (prefer --token-file)")
@@ -86,6 +101,8 @@ func parseFlags(args []string) (*config, error) {
 	fs.StringVar(&c.tls.Cert, "tls-cert", "", "certificate (PEM) for mutual TLS on the API, raft and etcd")
 	fs.StringVar(&c.tls.Key, "tls-key", "", "key (PEM) of --tls-cert")
 	fs.StringVar(&c.tls.CA, "tls-ca", "", "CA (PEM) that signs every component's certificate")
+	fs.StringVar(&c.metricsAddr, "metrics-addr", "", "plain-HTTP listen address (e.g. 0.0.0.0:9400) of /metrics (Prometheus), /healthz (200 while the process serves) and /readyz "+
+		"(200 while the gRPC API serves and raft knows a leader, else 503 and the reason); empty: off")
 	fs.StringVar(&c.logFormat, "log-format", "text", "log format: text or json")
 	fs.StringVar(&c.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	if err := fs.Parse(args); err != nil {
@@ -126,10 +143,14 @@ func newLogger(c *config) (*slog.Logger, error) {
 		return nil, fmt.Errorf("--log-level: %w", err)
 	}
 	opts := &slog.HandlerOptions{Level: level}
-	if c.logFormat == "json" {
-		return slog.New(slog.NewJSONHandler(os.Stderr, opts)), nil
+	out := c.logOutput
+	if out == nil {
+		out = os.Stderr
 	}
-	return slog.New(slog.NewTextHandler(os.Stderr, opts)), nil
+	if c.logFormat == "json" {
+		return slog.New(slog.NewJSONHandler(out, opts)), nil
+	}
+	return slog.New(slog.NewTextHandler(out, opts)), nil
 }
 
 func run(ctx context.Context, c *config) error {
@@ -158,22 +179,35 @@ func run(ctx context.Context, c *config) error {
 		}
 	}
 
-	endpoints := splitList(c.etcdEndpoints)
-	if len(endpoints) == 0 {
-		if len(peers) > 1 {
-			return errors.New("--etcd-endpoints is required with more than one replica: an embedded etcd per replica would split worker membership")
-		}
-		dir := filepath.Join(c.dataDir, "etcd")
-		e, err := etcdembed.Start(ctx, dir, "127.0.0.1")
+	plan, err := planEtcd(c, peers)
+	if err != nil {
+		return err
+	}
+	apiAdvertise, err := advertised(c.apiAddr, c.apiAdvertise)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+
+	// Health and metrics come first: /healthz answers while the replica
+	// waits for its peers.
+	obs := newObserver()
+	if c.metricsAddr != "" {
+		stopHTTP, err := obs.serveHTTP(c.metricsAddr, log)
 		if err != nil {
 			return err
 		}
-		defer e.Close()
-		endpoints = []string{e.Endpoint()}
-		log.Info("embedded etcd", "endpoint", e.Endpoint(), "dir", dir)
+		defer stopHTTP()
 	}
+
+	endpoints, etcdFailed, stopEtcd, err := startEtcd(ctx, plan, log)
+	if err != nil {
+		return err
+	}
+	defer stopEtcd()
 	ecfg := clientv3.Config{Endpoints: endpoints, DialTimeout: 5 * time.Second}
-	if peerTLS != nil && c.etcdEndpoints != "" {
+	if peerTLS != nil && !plan.loopback {
 		ecfg.TLS = peerTLS.client
 	}
 	etcd, err := clientv3.New(ecfg)
@@ -184,6 +218,7 @@ func run(ctx context.Context, c *config) error {
 
 	ncfg := node.DefaultConfig()
 	ncfg.ID, ncfg.DataDir, ncfg.BindAddr, ncfg.AdvertiseAddr, ncfg.Peers, ncfg.Logger = c.id, c.dataDir, c.raftAddr, advertise, peers, log
+	ncfg.ApplyObserver = obs.observeApply
 	if peerTLS != nil {
 		ncfg.TLS = peerTLS.peer
 	}
@@ -192,14 +227,12 @@ func run(ctx context.Context, c *config) error {
 		return err
 	}
 	defer n.Close()
+	obs.setNode(n)
 
-	apiAdvertise, err := advertised(c.apiAddr, c.apiAdvertise)
-	if err != nil {
-		return err
-	}
 	srv, err := server.New(server.Config{
 		Node: n, APIAddr: apiAdvertise, Etcd: etcd, EtcdEndpoints: endpoints, EtcdPrefix: c.etcdPrefix,
 		LeaseTTL: c.leaseTTL, Token: token, Logger: log,
+		UnaryInterceptors: []grpc.UnaryServerInterceptor{obs.unary}, StreamInterceptors: []grpc.StreamServerInterceptor{obs.stream},
 	})
 	if err != nil {
 		return err
@@ -209,20 +242,29 @@ func run(ctx context.Context, c *config) error {
 		creds = credentials.NewTLS(peerTLS.server)
 	}
 	g := srv.GRPCServer(creds)
+	obs.initMethods(g)
 	lis, err := net.Listen("tcp", c.apiAddr)
 	if err != nil {
 		return fmt.Errorf("api listen: %w", err)
 	}
 	served := make(chan error, 1)
 	go func() { served <- g.Serve(lis) }()
+	// The listener accepts from here on; Serve takes the connections.
+	obs.serving.Store(true)
 	log.Info("m2coord started", "id", c.id, "api", apiAdvertise, "raft", n.RaftAddr(), "peers", len(peers), "etcd", endpoints)
 
 	select {
 	case <-ctx.Done():
 		log.Info("shutting down")
 	case err := <-served:
+		obs.serving.Store(false)
 		return fmt.Errorf("api server: %w", err)
+	case err := <-etcdFailed:
+		obs.serving.Store(false)
+		g.Stop()
+		return err
 	}
+	obs.serving.Store(false)
 	done := make(chan struct{})
 	go func() {
 		g.GracefulStop()
