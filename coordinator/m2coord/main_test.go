@@ -427,7 +427,7 @@ func testThreeReplicas(t *testing.T, withTLS bool) {
 		args := []string{"--id", id, "--data-dir", filepath.Join(dir, id),
 			"--raft-addr", addr(h, raftPort), "--api-addr", addr(h, apiPort), "--peers", strings.Join(peers, ","),
 			"--etcd-client-port", strconv.Itoa(clientPort), "--etcd-peer-port", strconv.Itoa(peerPort),
-			"--metrics-addr", addr(h, metricsPort), "--lease-ttl", "5", "--log-level", "warn"}
+			"--metrics-addr", addr(h, metricsPort), "--lease-ttl", "10", "--log-level", "warn"}
 		reps[i] = startReplica(t, addr(h, metricsPort), append(args, tlsArgs...)...)
 	}
 	for i, r := range reps {
