@@ -10,7 +10,7 @@
 #                    names the Helm chart's values.yaml uses
 #   --tag TAG        image tag (default: `git describe --tags --always --dirty`,
 #                    with a leading v removed)
-#   --push           push both tags after building
+#   --push           push both tags after building, and print their digests
 #   --platform P     target platform (default: the Docker daemon's, e.g. linux/amd64)
 #   --only NAME      build one image
 #   --dry-run        print the docker commands instead of running them
@@ -132,5 +132,7 @@ for image in "${images[@]}"; do
     if ((push)); then
         echo "build.sh: pushing $ref" >&2
         run "$docker" push "$ref"
+        # The registry digest, for the chart's image.<name>.digest.
+        run "$docker" image inspect --format '{{range .RepoDigests}}{{println .}}{{end}}' "$ref"
     fi
 done

@@ -62,8 +62,8 @@ func TestBuildScriptDryRun(t *testing.T) {
 		t.Fatalf("exit %d: %s", code, errOut)
 	}
 	lines := strings.Split(strings.TrimSpace(out), "\n")
-	if len(lines) != 4 {
-		t.Fatalf("want 4 commands (build and push of each image), got:\n%s", out)
+	if len(lines) != 6 {
+		t.Fatalf("want 6 commands (build, push and inspect of each image), got:\n%s", out)
 	}
 	root, err := filepath.Abs(repoRoot)
 	if err != nil {
@@ -73,21 +73,24 @@ func TestBuildScriptDryRun(t *testing.T) {
 		{"coordinator.Dockerfile", "registry.example.com/team/m2coord:1.2.3"},
 		{"worker.Dockerfile", "registry.example.com/team/m2worker:1.2.3"},
 	} {
-		build, push := strings.Fields(lines[2*i]), strings.Fields(lines[2*i+1])
+		build, push, inspect := strings.Fields(lines[3*i]), strings.Fields(lines[3*i+1]), strings.TrimSpace(lines[3*i+2])
 		dockerfile := filepath.Join(root, "tools", "images", want.file)
 		if _, err := os.Stat(dockerfile); err != nil {
 			t.Fatal(err)
 		}
 		for _, w := range []string{"build", "-f", dockerfile, "-t", want.ref, "VERSION=1.2.3"} {
 			if !slices.Contains(build, w) {
-				t.Errorf("build command lacks %q: %s", w, lines[2*i])
+				t.Errorf("build command lacks %q: %s", w, lines[3*i])
 			}
 		}
 		if build[len(build)-1] != root {
 			t.Errorf("build context %s, want the repository root %s", build[len(build)-1], root)
 		}
 		if strings.Join(push, " ") != "docker push "+want.ref {
-			t.Errorf("push command = %q", lines[2*i+1])
+			t.Errorf("push command = %q", lines[3*i+1])
+		}
+		if !strings.HasPrefix(inspect, "docker image inspect ") || !strings.HasSuffix(inspect, " "+want.ref) {
+			t.Errorf("inspect command = %q", inspect)
 		}
 	}
 }
@@ -121,11 +124,11 @@ func TestBuildScriptBuildsWithBuildKit(t *testing.T) {
 		t.Fatal(err)
 	}
 	calls := strings.Split(strings.TrimSpace(string(data)), "\n")
-	if len(calls) != 4 {
+	if len(calls) != 6 {
 		t.Fatalf("calls:\n%s", data)
 	}
 	for i, ref := range []string{"r.example/m2coord:t2", "r.example/m2worker:t2"} {
-		b, p := calls[2*i], calls[2*i+1]
+		b, p := calls[3*i], calls[3*i+1]
 		if !strings.HasPrefix(b, "BUILDKIT=1 build ") || !strings.Contains(b, "-t "+ref) || !strings.Contains(b, "--platform linux/amd64") {
 			t.Errorf("build call = %q", b)
 		}
@@ -133,8 +136,8 @@ func TestBuildScriptBuildsWithBuildKit(t *testing.T) {
 			t.Errorf("push call = %q", p)
 		}
 	}
-	if strings.Contains(calls[0], "M2K_JOBS") || !strings.Contains(calls[2], "M2K_JOBS=3") {
-		t.Errorf("M2K_JOBS should reach the worker build only: %q, %q", calls[0], calls[2])
+	if strings.Contains(calls[0], "M2K_JOBS") || !strings.Contains(calls[3], "M2K_JOBS=3") {
+		t.Errorf("M2K_JOBS should reach the worker build only: %q, %q", calls[0], calls[3])
 	}
 }
 

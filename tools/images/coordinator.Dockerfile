@@ -36,7 +36,7 @@ COPY tools/m2ctl/ tools/m2ctl/
 RUN --mount=type=cache,target=/go/pkg/mod --mount=type=cache,target=/root/.cache/go-build \
     go build -trimpath -ldflags "-s -w" -o /out/bin/m2coord ./coordinator/m2coord && \
     go build -trimpath -ldflags "-s -w" -o /out/bin/m2ctl ./tools/m2ctl && \
-    mkdir -p /out/var/lib/m2coord
+    mkdir -p /out/var/lib/m2train
 
 FROM ${RUNTIME_IMAGE} AS coordinator
 ARG VERSION=dev
@@ -50,10 +50,11 @@ LABEL org.opencontainers.image.title="m2coord" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.created="${CREATED}"
 COPY --from=build /out/bin/m2coord /out/bin/m2ctl /usr/local/bin/
-# The default working directory holds ./m2coord-data/<id> when no
-# --data-dir is given; the chart mounts a volume at --data-dir instead.
-COPY --from=build --chown=65532:65532 /out/var/lib/m2coord /var/lib/m2coord
-WORKDIR /var/lib/m2coord
+# The working directory, writable by uid 65532, holds ./m2coord-data/<id>
+# when no --data-dir is given (docker run); the Helm chart mounts the raft
+# volume here and passes --data-dir=/var/lib/m2train.
+COPY --from=build --chown=65532:65532 /out/var/lib/m2train /var/lib/m2train
+WORKDIR /var/lib/m2train
 # Logs as JSON in containers; the API on every interface so that a
 # published port reaches it (flags and M2_* variables set at run time win).
 ENV M2_LOG_FORMAT=json M2_API_ADDR=0.0.0.0:7400

@@ -8,5 +8,8 @@
 // parser of their own and hold them to the project's rules: pinned base
 // images, named stages, a numeric non-root user, exec-form entrypoints, and
 // a build context (COPY sources and .dockerignore) that holds every file
-// the Go and CUDA builds inside the images read.
+// the Go and CUDA builds inside the images read. Other tests keep
+// docs/operators-guide.md, which tells platform teams how to run the images
+// with the Helm chart, true to the code: the m2ctl commands and flags, the
+// chart values, the job spec and the links it shows must exist.
 package images
