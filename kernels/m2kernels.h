@@ -299,6 +299,20 @@ int m2k_gated_norm_bwd(int dtype, void* dy, void* dz, void* dw, const void* dout
 int m2k_cross_entropy(int dtype, void* logits, int64_t ld, const void* targets, int64_t n, int64_t vocab,
                       float grad_scale, int compute_grad, void* row_loss, void* loss_sum, void* stream);
 
+/* Row copies by index, idx int32 (n), rows of width act values with row
+ * strides ld_dst and ld_src (each ≥ width):
+ *   scatter == 0 (gather):  dst[i, :] = src[idx[i], :]    for i < n; an index
+ *                           outside [0, rows) gives a row of NaN
+ *   scatter != 0:           dst[idx[i], :] = src[i, :]    for i < n; an index
+ *                           outside [0, rows) copies nothing, other rows of dst
+ *                           keep their values; the indices must be distinct
+ * rows is the row count of the indexed matrix (src for a gather, dst for a
+ * scatter). n = 0 does nothing. The LM head of a step whose targets count only
+ * some positions gathers those rows of the final norm output, runs the head and
+ * the cross-entropy over them alone, and scatters their gradient back. */
+int m2k_copy_rows(int dtype, void* dst, int64_t ld_dst, const void* src, int64_t ld_src, const void* idx, int64_t n,
+                  int64_t width, int64_t rows, int scatter, void* stream);
+
 /* AdamW over flat f32 buffers of n elements, as model.AdamW (PyTorch):
  *   g = grads·grad_scale; m = β1·m + (1−β1)·g; v = β2·v + (1−β2)·g²
  *   params = params·(1 − lr·wd) − lr/(1−β1^step) · m / (√v/√(1−β2^step) + eps)

@@ -111,6 +111,16 @@ func (b *Buffer) Zero() error {
 	return l.Sync(0)
 }
 
+// ZeroAsync queues setting every byte to zero on stream s and returns
+// without waiting; work queued after it on s sees the zeros.
+func (b *Buffer) ZeroAsync(s Stream) error {
+	if b.Ptr == 0 && b.Len > 0 {
+		return fmt.Errorf("ZeroAsync: %w", ErrClosed)
+	}
+	l := b.lib
+	return l.Call("m2k_memset", func() int32 { return l.c.memset(b.Ptr, 0, b.Bytes(), uintptr(s)) })
+}
+
 func (b *Buffer) h2d(op string, src unsafe.Pointer) error {
 	if b.Len == 0 {
 		return nil

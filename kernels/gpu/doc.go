@@ -10,7 +10,8 @@
 // conv1d + SiLU with the halo of the previous sequence shard, the chunked SSD
 // scan with its initial and final state, the gated RMSNorm and out_proj
 // (+ bias); the final norm; and the LM head (tied or not) fused with the
-// cross-entropy per block of positions. The backward runs the same steps in
+// cross-entropy per block of positions, over the positions with a counted
+// target only when some are not (Options.DenseHead). The backward runs the same steps in
 // reverse, and a model.Boundary receives and sends the SSM states and conv
 // halos of sequence parallelism (and their gradients) per layer, as []float64
 // on the host.

@@ -51,6 +51,9 @@ type Model struct {
 
 	ws *workspace
 
+	// Host scratch of packHead, reused across passes of one shape.
+	hostRows, hostHeadTargets []int32
+
 	auto     bool  // host mirrors kept coherent at every call
 	deferred error // failure of a call without an error result (ZeroGrads), returned by the next call
 	closed   bool
@@ -279,7 +282,7 @@ func (m *Model) ZeroGrads() {
 		clear(m.hostGrads)
 		return
 	}
-	if err := m.grads.Zero(); err != nil && m.deferred == nil {
+	if err := m.grads.ZeroAsync(stream); err != nil && m.deferred == nil {
 		m.deferred = fmt.Errorf("gpu: ZeroGrads: %w", err)
 	}
 }

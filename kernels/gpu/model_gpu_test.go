@@ -139,13 +139,19 @@ func TestConfigs(t *testing.T) {
 					t.Fatal(err)
 				}
 				comparePass(t, "config-"+name, p, m.Layout(), got, want, gradsOf(t, m), wantGrads)
-				// The evaluation pass computes the same loss with the same
-				// kernels, bit for bit.
+				// The evaluation pass computes the training pass's loss
+				// with the same kernels, bit for bit (without kept
+				// logits both run the LM head over the counted
+				// positions alone).
+				tr, err := m.ForwardBackward(ctx, b, model.StepOptions{})
+				if err != nil {
+					t.Fatal(err)
+				}
 				ev, err := m.Forward(ctx, b, model.StepOptions{})
 				if err != nil {
 					t.Fatal(err)
 				}
-				report(t, "config-"+name+"/forward-only-loss", p, "abs", math.Abs(ev.LossSum-got.LossSum), 0, false)
+				report(t, "config-"+name+"/forward-only-loss", p, "abs", math.Abs(ev.LossSum-tr.LossSum), 0, false)
 			})
 		}
 	}
@@ -221,6 +227,90 @@ func TestMicroBatchesAndHeadBlocks(t *testing.T) {
 			} else {
 				report(t, "microbatches/grad.all", p, "rel_l2", e.relL2, tol.gradAll, e.nonFinite)
 			}
+		})
+	}
+}
+
+// TestPackedHead runs the LM head over the counted positions alone (the
+// default when some targets are negative and no logits are kept) and over
+// every position (Options.DenseHead), with a head block smaller than the
+// counted positions, on a micro-batch where a quarter of the positions
+// count (as in the MQAR task) and one where none does, accumulated into one
+// gradient; both are compared with the CPU reference and with each other.
+func TestPackedHead(t *testing.T) {
+	ctx := context.Background()
+	cfg := smallConfig()
+	params := noisyParams(t, cfg, 15)
+	b1, b2 := randomBatch(cfg, 3, 12, 8), randomBatch(cfg, 1, 12, 9)
+	for i := range b1.Targets {
+		if i%4 != 1 {
+			b1.Targets[i] = -1
+		}
+	}
+	for i := range b2.Targets {
+		b2.Targets[i] = -1
+	}
+	count := b1.Counted() + b2.Counted()
+	cpu, err := ref.New[float64](cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, v := range params {
+		cpu.Params()[i] = float64(v)
+	}
+	var wantSum float64
+	for _, b := range []*model.Batch{b1, b2} {
+		r, err := cpu.ForwardBackward(ctx, b, model.StepOptions{Count: count})
+		if err != nil {
+			t.Fatal(err)
+		}
+		wantSum += r.LossSum
+	}
+	for _, p := range precisions {
+		t.Run(p.String(), func(t *testing.T) {
+			run := func(dense bool) (float64, []float32) {
+				m, err := New(gpuLib, cfg, Options{Precision: p, ExplicitSync: true, HeadBlock: 5, DenseHead: dense})
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer m.Close()
+				copy(m.Params(), params)
+				if err := m.SyncFromHost(model.SyncParams, nil); err != nil {
+					t.Fatal(err)
+				}
+				m.ZeroGrads()
+				var sum float64
+				for _, b := range []*model.Batch{b1, b2} {
+					r, err := m.ForwardBackward(ctx, b, model.StepOptions{Count: count})
+					if err != nil {
+						t.Fatal(err)
+					}
+					sum += r.LossSum
+				}
+				return sum, gradsOf(t, m)
+			}
+			packedSum, packedGrads := run(false)
+			denseSum, denseGrads := run(true)
+			tol := tolFor(p)
+			compareLoss(t, "packed-head/loss", p, packedSum/float64(count), wantSum/float64(count), tol.loss)
+			g := widen(packedGrads)
+			e := measure(g, cpu.Grads())
+			if p == F32 {
+				report(t, "packed-head/grad.all", p, "max_rel", e.maxRel, tol.grad, e.nonFinite)
+			} else {
+				report(t, "packed-head/grad.all", p, "rel_l2", e.relL2, tol.gradAll, e.nonFinite)
+			}
+			// Against the dense head the same products run over fewer
+			// rows: only the summation order of the head's weight
+			// gradient and of the loss differ (and, in bf16, the rounding
+			// of the logits where another GEMM kernel is chosen).
+			vsLoss, vsGrad := 1e-6, 1e-5
+			if p == BF16 {
+				vsLoss, vsGrad = 1e-3, 1e-2
+			}
+			compareLoss(t, "packed-head/vs-dense-loss", p, packedSum, denseSum, vsLoss)
+			e = measure(g, widen(denseGrads))
+			report(t, "packed-head/vs-dense-grad.all", p, "rel_l2", e.relL2, vsGrad, e.nonFinite)
 		})
 	}
 }

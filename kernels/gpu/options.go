@@ -59,6 +59,14 @@ type Options struct {
 	// HeadBlock is the number of positions whose logits exist at a time
 	// (memory: HeadBlock × vocab activations); 0 means DefaultHeadBlock.
 	HeadBlock int
+	// DenseHead runs the LM head and the cross-entropy over every
+	// position. Without it a pass whose targets leave some positions
+	// uncounted (negative) and that keeps no logits runs them over the
+	// counted positions alone, gathered into consecutive rows: the
+	// uncounted ones have no loss and no gradient, so only the order of
+	// the sums changes. The MQAR task counts a quarter of the positions.
+	// For comparisons and tests.
+	DenseHead bool
 }
 
 // Validate names the first field that breaks a rule.

@@ -93,7 +93,7 @@ func activationFormula(c model.Config, bt, l int, o Options, boundary bool) int6
 	D, E, F, Cd := int64(c.DModel), int64(c.DInner()), int64(c.InProjDim()), int64(c.ConvDim())
 	H, V, L, W := int64(c.NHeads), int64(c.VocabSize), int64(c.NLayer), int64(c.DConv)
 	block := int64(min(o.headBlock(), bt*l))
-	b := 4*n*3 + 4*n            // tokens, targets, rowLoss; frstd
+	b := 4*n*5 + 4*n            // tokens, targets, rowLoss, headRows, headTargets; frstd
 	b += a*n*D*4 + 4*n*D        // out, hf, dhf, du; dres
 	b += a * n * (2*E + F + Cd) // do, dy, dz, dxbc
 	b += a * block * V          // logits

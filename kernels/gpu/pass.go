@@ -95,14 +95,27 @@ func (m *Model) run(ctx context.Context, b *model.Batch, o model.StepOptions, ba
 	}
 	res := model.StepResult{Count: count}
 	var logits []float64
+	packed := -1
 	if o.KeepLogits {
 		logits = make([]float64, n*c.VocabSize)
-	}
-	if res.LossSum, err = m.lmHeadLoss(n, count, backward, logits); err != nil {
+	} else if packed, err = m.packHead(targets); err != nil {
 		return model.StepResult{}, err
 	}
-	if count > 0 {
-		res.Loss = res.LossSum / float64(count)
+	if err := m.lmHeadLoss(n, count, backward, logits, packed); err != nil {
+		return model.StepResult{}, err
+	}
+	// The loss sum is read once the pass is queued: reading it here would
+	// wait for the forward pass before the backward is queued.
+	readLoss := func() error {
+		sum, err := ops.ReadFloat64(m.lossSum)
+		if err != nil {
+			return err
+		}
+		res.LossSum = sum[0]
+		if count > 0 {
+			res.Loss = res.LossSum / float64(count)
+		}
+		return nil
 	}
 	res.Logits = logits
 	if o.KeepHidden {
@@ -120,7 +133,7 @@ func (m *Model) run(ctx context.Context, b *model.Batch, o model.StepOptions, ba
 		res.Hidden = append(res.Hidden, h)
 	}
 	if !backward {
-		return res, nil
+		return res, readLoss()
 	}
 
 	// Backward. dres is the gradient of the residual stream (f32), dresAct
@@ -152,20 +165,62 @@ func (m *Model) run(ctx context.Context, b *model.Batch, o model.StepOptions, ba
 	if err := m.lib.Sync(stream); err != nil {
 		return model.StepResult{}, fmt.Errorf("gpu: backward pass: %w", err)
 	}
+	if err := readLoss(); err != nil {
+		return model.StepResult{}, err
+	}
 	return res, nil
+}
+
+// packHead decides whether the LM head of a pass with these targets runs
+// over the counted positions alone and, if so, uploads their row indices
+// and targets (ws.headRows, ws.headTargets) and returns their number. It
+// returns -1 for the head over every position: every position counted,
+// Options.DenseHead, or a library without the row copies.
+func (m *Model) packHead(targets []int32) (int, error) {
+	if m.opts.DenseHead || !m.ops.HasRowCopies() {
+		return -1, nil
+	}
+	n := len(targets)
+	if len(m.hostRows) != n {
+		m.hostRows, m.hostHeadTargets = make([]int32, n), make([]int32, n)
+	}
+	k := 0
+	for i, t := range targets {
+		if t >= 0 {
+			m.hostRows[k], m.hostHeadTargets[k] = int32(i), t
+			k++
+		}
+	}
+	if k == n {
+		return -1, nil
+	}
+	if k > 0 {
+		// Whole buffers: the entries past k are stale and never read.
+		if err := ops.CopyInt32(m.ws.headRows, m.hostRows); err != nil {
+			return 0, err
+		}
+		if err := ops.CopyInt32(m.ws.headTargets, m.hostHeadTargets); err != nil {
+			return 0, err
+		}
+	}
+	return k, nil
 }
 
 // lmHeadLoss computes, per block of positions, the logits of the final norm
 // output, their cross-entropy against the targets (the sum over counted
-// positions is returned), and with grad the gradient of the loss mean over
-// count positions with respect to the final norm output (written into dhf)
-// and to the head matrix (added into its gradient). keep, when non-nil,
-// receives the logits (n × V).
-func (m *Model) lmHeadLoss(n, count int, grad bool, keep []float64) (float64, error) {
+// positions is added into m.lossSum, zeroed first), and with grad the
+// gradient of the loss mean over count positions with respect to the final
+// norm output (written into dhf) and to the head matrix (added into its
+// gradient). keep, when non-nil, receives the logits (n × V). packed ≥ 0
+// runs it over the packed positions of packHead alone: their rows of the
+// final norm output are gathered into ws.do, their gradient computed in
+// ws.du (both backward scratch, free until the layers' backward) and
+// scattered into dhf, whose other rows are zero.
+func (m *Model) lmHeadLoss(n, count int, grad bool, keep []float64, packed int) error {
 	c, ws := m.cfg, m.ws
 	D, V := c.DModel, c.VocabSize
-	if err := ops.WriteFloat64(m.lossSum, []float64{0}); err != nil {
-		return 0, err
+	if err := m.lossSum.ZeroAsync(stream); err != nil {
+		return err
 	}
 	// Without counted targets the loss mean has no gradient (model/ref
 	// leaves dhf zero as well).
@@ -174,54 +229,69 @@ func (m *Model) lmHeadLoss(n, count int, grad bool, keep []float64) (float64, er
 	if compute {
 		scale = float32(1 / float64(count))
 	}
-	if grad && !compute {
-		if err := ws.dhf.Zero(); err != nil {
-			return 0, err
+	if grad && (packed >= 0 || !compute) {
+		if err := ws.dhf.ZeroAsync(stream); err != nil {
+			return err
 		}
 	}
-	for t0 := 0; t0 < n; t0 += m.block {
-		nb := min(m.block, n-t0)
-		hid := view(ws.hf, t0*D, nb*D)
+	hf, dhf, targets, rows := ws.hf, ws.dhf, ws.targets, n
+	if packed >= 0 {
+		if packed == 0 {
+			return nil
+		}
+		hf, dhf, targets, rows = view(ws.do, 0, packed*D), view(ws.du, 0, packed*D), ws.headTargets, packed
+		err := m.ops.GatherRows(m.act, &ops.CopyRowsArgs{Dst: hf, LDDst: D, Src: ws.hf, LDSrc: D, Idx: ws.headRows,
+			N: packed, Width: D, Rows: n}, stream)
+		if err != nil {
+			return fmt.Errorf("gpu: LM head: packing the counted positions: %w", err)
+		}
+	}
+	for t0 := 0; t0 < rows; t0 += m.block {
+		nb := min(m.block, rows-t0)
+		hid := view(hf, t0*D, nb*D)
 		lg := view(ws.logits, 0, nb*V)
 		err := m.gemm.Run(&ops.GemmArgs{In: m.act, Out: m.act, TransB: true, M: nb, N: V, K: D, Alpha: 1,
 			A: hid, LDA: D, B: m.wHead, LDB: D, C: lg, LDC: V}, stream)
 		if err != nil {
-			return 0, fmt.Errorf("gpu: LM head: %w", err)
+			return fmt.Errorf("gpu: LM head: %w", err)
 		}
 		if keep != nil {
 			v, err := ws.logits.GetF32()
 			if err != nil {
-				return 0, err
+				return err
 			}
 			for i, x := range v[:nb*V] {
 				keep[t0*V+i] = float64(x)
 			}
 		}
-		err = m.ops.CrossEntropy(m.act, &ops.CrossEntropyArgs{Logits: lg, LD: V, Targets: view(ws.targets, t0, nb),
+		err = m.ops.CrossEntropy(m.act, &ops.CrossEntropyArgs{Logits: lg, LD: V, Targets: view(targets, t0, nb),
 			N: nb, Vocab: V, GradScale: scale, ComputeGrad: compute, RowLoss: view(ws.rowLoss, t0, nb), LossSum: m.lossSum}, stream)
 		if err != nil {
-			return 0, fmt.Errorf("gpu: cross-entropy: %w", err)
+			return fmt.Errorf("gpu: cross-entropy: %w", err)
 		}
 		if !compute {
 			continue
 		}
 		// dhf = dlogits·W and dW += dlogitsᵀ·hf.
 		err = m.gemm.Run(&ops.GemmArgs{In: m.act, Out: m.act, M: nb, N: D, K: V, Alpha: 1,
-			A: lg, LDA: V, B: m.wHead, LDB: D, C: view(ws.dhf, t0*D, nb*D), LDC: D}, stream)
+			A: lg, LDA: V, B: m.wHead, LDB: D, C: view(dhf, t0*D, nb*D), LDC: D}, stream)
 		if err != nil {
-			return 0, fmt.Errorf("gpu: LM head backward: %w", err)
+			return fmt.Errorf("gpu: LM head backward: %w", err)
 		}
 		err = m.gemm.Run(&ops.GemmArgs{In: m.act, Out: kernels.F32, TransA: true, M: V, N: D, K: nb, Alpha: 1, Beta: 1,
 			A: lg, LDA: V, B: hid, LDB: D, C: m.gv(m.head), LDC: D}, stream)
 		if err != nil {
-			return 0, fmt.Errorf("gpu: LM head weight gradient: %w", err)
+			return fmt.Errorf("gpu: LM head weight gradient: %w", err)
 		}
 	}
-	sum, err := ops.ReadFloat64(m.lossSum)
-	if err != nil {
-		return 0, err
+	if packed > 0 && compute {
+		err := m.ops.ScatterRows(m.act, &ops.CopyRowsArgs{Dst: ws.dhf, LDDst: D, Src: dhf, LDSrc: D, Idx: ws.headRows,
+			N: packed, Width: D, Rows: n}, stream)
+		if err != nil {
+			return fmt.Errorf("gpu: LM head: unpacking the gradient: %w", err)
+		}
 	}
-	return sum[0], nil
+	return nil
 }
 
 func layerErr(i int, what string, err error) error {

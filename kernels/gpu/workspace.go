@@ -43,6 +43,10 @@ type workspace struct {
 	frstd           *kernels.Buffer // f32 (n)
 	logits          *kernels.Buffer // act (min(block, n), V): one block of logits (and their gradient)
 	rowLoss         *kernels.Buffer // f32 (n)
+	// The counted positions of a pass that runs the LM head over them
+	// alone: headRows (int32, the first nHead of n) their row indices,
+	// headTargets (int32) their targets.
+	headRows, headTargets *kernels.Buffer
 
 	// Backward scratch, shared by the layers (one runs at a time).
 	dhf     *kernels.Buffer // act (n, D)
@@ -100,6 +104,8 @@ func (ws *workspace) slots(cfg model.Config, act kernels.DType, block int) []slo
 		{"frstd", &ws.frstd, f32, n},
 		{"logits", &ws.logits, act, min(block, n) * cfg.VocabSize},
 		{"rowLoss", &ws.rowLoss, f32, n},
+		{"headRows", &ws.headRows, f32, n},
+		{"headTargets", &ws.headTargets, f32, n},
 		{"dhf", &ws.dhf, act, n * D},
 		{"dres", &ws.dres, f32, n * D},
 		{"do", &ws.do, act, n * E},

@@ -115,10 +115,11 @@ extern "C" int m2k_embedding_fwd(int dtype, void* out, const void* emb, const vo
   cudaStream_t s = (cudaStream_t)stream;
   const float* e = (const float*)emb;
   const int32_t* tok = (const int32_t*)tokens;
+  const unsigned threads = row_threads(d, kEmbThreads);
   if (dtype == M2K_F32) {
-    embedding_fwd_kernel<<<unsigned(n), kEmbThreads, 0, s>>>((float*)out, e, tok, d, vocab);
+    embedding_fwd_kernel<<<unsigned(n), threads, 0, s>>>((float*)out, e, tok, d, vocab);
   } else {
-    embedding_fwd_kernel<<<unsigned(n), kEmbThreads, 0, s>>>((__nv_bfloat16*)out, e, tok, d, vocab);
+    embedding_fwd_kernel<<<unsigned(n), threads, 0, s>>>((__nv_bfloat16*)out, e, tok, d, vocab);
   }
   return launch_status();
 }
@@ -159,12 +160,13 @@ extern "C" int m2k_embedding_bwd(int dtype, void* demb, const void* dout, const 
   cudaError_t e = cub::DeviceRadixSort::SortPairs(base + w.temp, temp, keys_in, keys_out, pos_in, pos_out, n, 0,
                                                   end_bit_for(vocab), s);
   if (e != cudaSuccess) return m2k::status(e);
+  const unsigned threads = row_threads(d, kEmbThreads);
   if (dtype == M2K_F32) {
-    embedding_bwd_kernel<<<unsigned(n), kEmbThreads, 0, s>>>((float*)demb, (const float*)dout, keys_out, pos_out, n,
-                                                             d, vocab);
+    embedding_bwd_kernel<<<unsigned(n), threads, 0, s>>>((float*)demb, (const float*)dout, keys_out, pos_out, n,
+                                                         d, vocab);
   } else {
-    embedding_bwd_kernel<<<unsigned(n), kEmbThreads, 0, s>>>((float*)demb, (const __nv_bfloat16*)dout, keys_out,
-                                                             pos_out, n, d, vocab);
+    embedding_bwd_kernel<<<unsigned(n), threads, 0, s>>>((float*)demb, (const __nv_bfloat16*)dout, keys_out,
+                                                         pos_out, n, d, vocab);
   }
   return launch_status();
 }

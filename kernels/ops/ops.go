@@ -58,6 +58,9 @@ type funcs struct {
 	gemmCreate   func(handle *uintptr) int32
 	gemmDestroy  func(handle uintptr) int32
 	gemm         func(handle uintptr, dtypeIn, dtypeOut, transA, transB int32, m, n, k int64, alpha float32, a uintptr, lda int64, b uintptr, ldb int64, beta float32, c uintptr, ldc int64, stream uintptr) int32
+	// copyRows is nil with a library older than m2k_copy_rows (see
+	// HasRowCopies).
+	copyRows func(dtype int32, dst uintptr, ldDst int64, src uintptr, ldSrc int64, idx uintptr, n, width, rows int64, scatter int32, stream uintptr) int32
 }
 
 var (
@@ -77,6 +80,11 @@ func init() {
 			// rest of package kernels; New reports this error.
 			bindErr = fmt.Errorf("the library was built without the ops kernels: %w", err)
 			return nil
+		}
+		// Optional symbols: a library built before them still serves
+		// everything else, and HasRowCopies says so.
+		if kernels.Bind(h, &f.copyRows, "m2k_copy_rows") != nil {
+			f.copyRows = nil
 		}
 		bound, bindErr = f, nil
 		return nil

@@ -112,14 +112,37 @@ __device__ F block_sum(F v, F* scratch) {
 
 // out[j] += Σ_p partial[p·stride + j] for j < width, the partials added in
 // index order p = 0, 1, …: the fixed-order second pass of a column
-// reduction. One thread per column.
+// reduction. One thread per column. The additions form one dependent chain
+// per column; the loads do not, so they are issued kReduceAhead at a time
+// ahead of the chain (a narrow reduction, d_model 64 say, is one block that
+// would otherwise wait on every load in turn).
+constexpr int kReduceAhead = 16;
+
 __global__ void reduce_partials_kernel(float* __restrict__ out, const float* __restrict__ partial,
                                        int64_t parts, int64_t width, int64_t stride) {
   int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (j >= width) return;
   float acc = 0.0f;
-  for (int64_t p = 0; p < parts; ++p) acc += partial[p * stride + j];
+  int64_t p = 0;
+  for (; p + kReduceAhead <= parts; p += kReduceAhead) {
+    float v[kReduceAhead];
+#pragma unroll
+    for (int u = 0; u < kReduceAhead; ++u) v[u] = partial[(p + u) * stride + j];
+#pragma unroll
+    for (int u = 0; u < kReduceAhead; ++u) acc += v[u];
+  }
+  for (; p < parts; ++p) acc += partial[p * stride + j];
   out[j] += acc;
+}
+
+// Threads of a one-block-per-row kernel over rows of d values: the 256 of a
+// full block, or for a narrower row the warps that cover it. Each thread
+// then holds the same columns as with 256, and the block sums (warp
+// butterflies, then the warp totals, the missing warps adding +0 in both
+// cases) give the same bits: only the idle warps go.
+inline unsigned row_threads(int64_t d, int full = 256) {
+  const int64_t w = ceil_div(d, 32) * 32;
+  return unsigned(w < full ? w : full);
 }
 
 inline void launch_reduce_partials(float* out, const float* partial, int64_t parts, int64_t width,

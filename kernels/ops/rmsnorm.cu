@@ -107,18 +107,20 @@ int64_t partial_blocks(int64_t n) { return ceil_div(n, kRowsPerPartial); }
 template <typename T>
 int add_rmsnorm_fwd(void* out, void* res_out, void* rstd, const void* residual, const void* x, const void* bias,
                     const void* w, int64_t n, int64_t d, float eps, cudaStream_t s) {
-  add_rmsnorm_fwd_kernel<T><<<unsigned(n), kNormThreads, 0, s>>>((T*)out, (float*)res_out, (float*)rstd,
-                                                                  (const float*)residual, (const T*)x,
-                                                                  (const float*)bias, (const float*)w, d, eps);
+  const unsigned threads = row_threads(d, kNormThreads);
+  add_rmsnorm_fwd_kernel<T><<<unsigned(n), threads, 0, s>>>((T*)out, (float*)res_out, (float*)rstd,
+                                                            (const float*)residual, (const T*)x,
+                                                            (const float*)bias, (const float*)w, d, eps);
   return launch_status();
 }
 
 template <typename T>
 int rmsnorm_bwd(void* dres, void* dx_out, void* dw, const void* dout, const void* res, const void* rstd,
                 const void* w, int64_t n, int64_t d, int accumulate, void* workspace, cudaStream_t s) {
-  rmsnorm_bwd_kernel<T><<<unsigned(n), kNormThreads, 0, s>>>((float*)dres, (T*)dx_out, (const T*)dout,
-                                                              (const float*)res, (const float*)rstd,
-                                                              (const float*)w, d, accumulate);
+  const unsigned threads = row_threads(d, kNormThreads);
+  rmsnorm_bwd_kernel<T><<<unsigned(n), threads, 0, s>>>((float*)dres, (T*)dx_out, (const T*)dout,
+                                                        (const float*)res, (const float*)rstd,
+                                                        (const float*)w, d, accumulate);
   if (dw) {
     dim3 grid(unsigned(partial_blocks(n)), unsigned(ceil_div(d, kColumnThreads)));
     rmsnorm_dw_partial_kernel<T><<<grid, kColumnThreads, 0, s>>>((float*)workspace, (const T*)dout,

@@ -696,31 +696,62 @@ __global__ void __launch_bounds__(NT) chunk_da_kernel(Geo g, const T* __restrict
     }
 }
 
+// acc + v(lane 0) + v(lane 1) + … + v(lane n−1), added in lane order, on
+// every lane of the warp (each lane runs the same chain, so all get the
+// same bits). The loads behind v are the warp's, 32 at a time; only the
+// additions are sequential.
+__device__ __forceinline__ double add_lanes_in_order(double acc, double v, int n) {
+    for (int u = 0; u < n; ++u) acc += __shfl_sync(0xffffffffu, v, u);
+    return acc;
+}
+
 // Parameter gradients: sums over the batch, in batch order, of the (b, h)
-// partials. Grid ceil(H·P / NT).
+// partials. Warp h sums head h's (the values in the order of one loop over
+// b, and for D per head over (b, p), fetched 32 at a time by the warp's
+// lanes); with D per channel, thread h·P + p sums D[h, p] over b. Grid:
+// max(32·H, H·P with D per channel) threads in blocks of NT.
 __global__ void __launch_bounds__(NT) ssd_params_kernel(Geo g, const float* __restrict__ A_log,
                                                         const double* __restrict__ bh_part,
                                                         const double* __restrict__ dD_bh,
                                                         float* __restrict__ ddt_bias, float* __restrict__ dA_log,
                                                         float* __restrict__ dD) {
     const int idx = blockIdx.x * NT + threadIdx.x;
-    if (idx < g.H) {
-        const int h = idx;
+    const int h = idx >> 5, lane = idx & 31;
+    // A warp lies in one block (NT is a multiple of 32), so a whole warp
+    // takes this branch or none of it.
+    if (h < g.H) {
         double sb = 0, sa = 0, sd = 0;
-        for (int b = 0; b < g.Bt; ++b) {
-            sb += bh_part[2 * (int64_t(b) * g.H + h)];
-            sa += bh_part[2 * (int64_t(b) * g.H + h) + 1];
-            if (!g.d_hdim)
-                for (int p = 0; p < g.P; ++p) sd += dD_bh[(int64_t(b) * g.H + h) * g.P + p];
+        for (int b0 = 0; b0 < g.Bt; b0 += 32) {
+            const int b = b0 + lane;
+            double vb = 0, va = 0;
+            if (b < g.Bt) {
+                vb = bh_part[2 * (int64_t(b) * g.H + h)];
+                va = bh_part[2 * (int64_t(b) * g.H + h) + 1];
+            }
+            const int n = g.Bt - b0 < 32 ? g.Bt - b0 : 32;
+            sb = add_lanes_in_order(sb, vb, n);
+            sa = add_lanes_in_order(sa, va, n);
         }
-        ddt_bias[h] = float(sb);
-        dA_log[h] = float(sa * -exp(double(A_log[h])));
-        if (!g.d_hdim) dD[h] = float(sd);
+        if (!g.d_hdim) {
+            const int64_t total = int64_t(g.Bt) * g.P;
+#pragma unroll 4
+            for (int64_t k0 = 0; k0 < total; k0 += 32) {
+                const int64_t k = k0 + lane;  // = b·P + p
+                double v = 0;
+                if (k < total) v = dD_bh[((k / g.P) * g.H + h) * g.P + k % g.P];
+                sd = add_lanes_in_order(sd, v, total - k0 < 32 ? int(total - k0) : 32);
+            }
+        }
+        if (lane == 0) {
+            ddt_bias[h] = float(sb);
+            dA_log[h] = float(sa * -exp(double(A_log[h])));
+            if (!g.d_hdim) dD[h] = float(sd);
+        }
     }
     if (g.d_hdim && idx < g.H * g.P) {
-        const int h = idx / g.P, p = idx % g.P;
+        const int hh = idx / g.P, p = idx % g.P;
         double sd = 0;
-        for (int b = 0; b < g.Bt; ++b) sd += dD_bh[(int64_t(b) * g.H + h) * g.P + p];
+        for (int b = 0; b < g.Bt; ++b) sd += dD_bh[(int64_t(b) * g.H + hh) * g.P + p];
         dD[idx] = float(sd);
     }
 }
