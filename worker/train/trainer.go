@@ -5,8 +5,9 @@
 // learning-rate schedule, progress reporting, checkpoints and resume. The
 // loop is the same for the CPU and the CUDA backends; with a
 // model.DeviceBackend the gradient norm and the optimizer run where the
-// state lives, and the host mirrors move only around checkpoints and
-// resumption.
+// state lives, the host mirrors move only around checkpoints and
+// resumption, and the next step's micro-batches are read while the device
+// runs the current step (Options.NoPrefetch).
 //
 // The same loop runs one rank of a data- and sequence-parallel job
 // (NewDistributed, dist.go): the rank trains on its share of every step and
@@ -178,6 +179,11 @@ type Options struct {
 	// Dist tunes a distributed trainer (NewDistributed); a single-process
 	// trainer ignores it.
 	Dist DistOptions
+	// NoPrefetch reads each step's micro-batches when the step starts. By
+	// default a trainer on a model.DeviceBackend reads the next step's in
+	// the background while the device runs the current one; the batches,
+	// their order and the checkpointed cursor are the same either way.
+	NoPrefetch bool
 }
 
 // Trainer trains one model replica on one process.
@@ -272,6 +278,9 @@ func newTrainer[T model.Float](spec *jobspec.Spec, backend model.Backend[T], in 
 			return nil, fmt.Errorf("train: %s: uploading the parameters: %w", backend.Name(), err)
 		}
 		log.Info("training on a device", "backend", backend.Name(), "device", dev.Device())
+		if !opts.NoPrefetch {
+			t.src = newPrefetcher(t.src)
+		}
 	}
 	if opts.Store != nil {
 		t.saver = checkpoint.NewSaver[T](opts.Store, opts.Prefix, checkpoint.SaverOptions{
@@ -597,8 +606,12 @@ func (t *Trainer[T]) CheckpointInFlight() (step int, ok bool) {
 }
 
 // Close waits for the checkpoint in flight, if any, and returns the
-// failure of a save not reported yet.
+// failure of a save not reported yet. A read of the next step's batches in
+// flight is waited for and dropped; a later step reads them again.
 func (t *Trainer[T]) Close() error {
+	if p, ok := t.src.(*prefetcher); ok {
+		p.wait()
+	}
 	if t.saver == nil {
 		return nil
 	}
