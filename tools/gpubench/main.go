@@ -5,23 +5,41 @@
 // tokens/s and the device memory the model used, next to the backend's own
 // arithmetic (gpu.ParameterBytes, gpu.ActivationBytes).
 //
-// The defaults are the published mamba2-130m configuration (d_model 768, 24
-// layers, vocabulary 50,288, d_state 128, head dim 64, expand 2, one group,
-// chunk 256, d_conv 4, tied embeddings) at batch 8 × 2,048 tokens:
+// The defaults (--preset 130m) are the published mamba2-130m configuration
+// (d_model 768, 24 layers, vocabulary 50,288, d_state 128, head dim 64,
+// expand 2, one group, chunk 256, d_conv 4, tied embeddings) at batch 8 ×
+// 2,048 tokens in bf16; --preset mqar-tiny is the MQAR sweep's small model
+// (d_model 64, 2 layers, vocabulary 8192, d_state 64, head dim 32, chunk
+// 64) at batch 64 × 256 in f32, where a step's fixed costs show. Flags given
+// explicitly override the preset:
 //
 //	go build -o .devbin/gpubench ./tools/gpubench          # anywhere; no cgo, no CUDA needed
 //	.devbin/gpubench --steps 10 --warmup 3 --json step.json # on the GPU machine, repository root
+//	.devbin/gpubench --preset mqar-tiny --loop trainer      # the tiny model as m2ctl train runs it
 //	go run ./tools/gpubench --dry-run                      # the plan and the memory arithmetic only
+//
+// --loop model (the default) drives the backend's calls directly on random
+// tokens, every position counted; --loop trainer runs worker/train's
+// TrainStep on the built-in MQAR task (seq-len/4 key-value pairs and as
+// many queries, so a quarter of the positions are counted), MQAR sample
+// generation and the trainer's bookkeeping included, timed as a whole.
+// --dense-head and --no-prefetch switch off the LM head over the counted
+// positions (gpu.Options.DenseHead) and the trainer's read-ahead of the next
+// step's batches (train.Options.NoPrefetch), for comparisons;
+// kernels/bench/overhead.sh runs both ways in one call.
 //
 // Timing: CUDA events on the default stream, on which the backend queues all
 // its work, at the start of the step, after the last ForwardBackward, after
-// GradNorm and after OptimizerStep; the host waits for the last one before
+// GradNorm and after OptimizerStep (with --loop trainer at the start and the
+// end of TrainStep only); the host waits for the last one before
 // the next step starts, so each step is timed from idle to idle. The wall
 // clock of the same interval is reported too. Medians over the timed steps,
-// after the warm-up steps.
+// after the warm-up steps. Then the same number of steps runs back to back,
+// with no wait for the device beyond the loop's own, and the wall clock per
+// step of that run is reported as well: what a training run sustains.
 //
 // Memory: the device's total minus free memory (kernels.Lib.MemInfo),
-// sampled after the first ForwardBackward (the activations exist from the
+// sampled after the first ForwardBackward (--loop model; the activations exist from the
 // first pass) and after every optimizer step (the moments exist from the
 // first), keeping the largest. The model's share is that peak minus what
 // was in use after the library opened (the CUDA context); the backend
@@ -43,18 +61,24 @@ import (
 	"math"
 	"math/rand/v2"
 	"os"
+	"runtime/pprof"
 	"slices"
 	"text/tabwriter"
 	"time"
 
+	"github.com/m2train/m2train/coordinator/jobspec"
 	"github.com/m2train/m2train/kernels"
 	"github.com/m2train/m2train/kernels/gpu"
 	"github.com/m2train/m2train/model"
+	"github.com/m2train/m2train/worker/train"
 )
 
 // options are the command-line settings.
 type options struct {
+	preset                string
 	dModel, nLayer, vocab int
+	dState, headDim       int
+	chunk                 int
 	batch, seqLen         int
 	microBatches          int
 	steps, warmup         int
@@ -64,6 +88,9 @@ type options struct {
 	lib                   string
 	jsonPath              string
 	dryRun                bool
+	loop                  string
+	cpuProfile            string
+	denseHead, noPrefetch bool
 }
 
 // parseFlags reads args (without the program name). A request for help
@@ -72,9 +99,13 @@ func parseFlags(args []string, out io.Writer) (options, error) {
 	var o options
 	fs := flag.NewFlagSet("gpubench", flag.ContinueOnError)
 	fs.SetOutput(out)
+	fs.StringVar(&o.preset, "preset", "130m", "configuration the other flags start from: 130m (mamba2-130m at batch 8 × 2048, bf16) or mqar-tiny (the MQAR sweep's small models: d_model 64, 2 layers, vocab 8192, d_state 64, headdim 32, chunk 64, batch 64 × 256, f32); flags given explicitly override it")
 	fs.IntVar(&o.dModel, "d-model", 768, "model width d_model")
 	fs.IntVar(&o.nLayer, "n-layer", 24, "number of layers")
 	fs.IntVar(&o.vocab, "vocab", 50288, "padded vocabulary size (a multiple of 16)")
+	fs.IntVar(&o.dState, "d-state", 128, "SSM state size d_state")
+	fs.IntVar(&o.headDim, "headdim", 64, "head dimension (d_model·expand/headdim heads)")
+	fs.IntVar(&o.chunk, "chunk", 256, "SSD chunk size")
 	fs.IntVar(&o.batch, "batch", 8, "sequences per step")
 	fs.IntVar(&o.seqLen, "seq-len", 2048, "tokens per sequence")
 	fs.IntVar(&o.microBatches, "micro-batches", 1, "micro-batches per step (must divide --batch); gradients accumulate over them")
@@ -87,6 +118,10 @@ func parseFlags(args []string, out io.Writer) (options, error) {
 	fs.StringVar(&o.lib, "lib", "", "path of libm2kernels.so (default: $M2K_LIB, next to the executable, or kernels/build/)")
 	fs.StringVar(&o.jsonPath, "json", "", "also write the results as JSON to this file")
 	fs.BoolVar(&o.dryRun, "dry-run", false, "print the configuration and the memory arithmetic without opening the library")
+	fs.StringVar(&o.loop, "loop", "model", "what drives a step: model (the backend's calls, timed per phase) or trainer (worker/train's TrainStep on the built-in MQAR task, as m2ctl train runs it)")
+	fs.StringVar(&o.cpuProfile, "cpuprofile", "", "write a Go CPU profile of the timed steps to this file")
+	fs.BoolVar(&o.denseHead, "dense-head", false, "run the LM head over every position, counted or not (gpu.Options.DenseHead); for comparison")
+	fs.BoolVar(&o.noPrefetch, "no-prefetch", false, "with --loop trainer, read each step's batches when it starts (train.Options.NoPrefetch); for comparison")
 	fs.Usage = func() {
 		fmt.Fprintf(out, "Usage: gpubench [flags]\n\nTimes full training steps (forward, backward, gradient norm, AdamW) of the Mamba-2\nmodel on the CUDA backend; the defaults are mamba2-130m at batch 8 × 2048 tokens.\n\nFlags:\n")
 		fs.PrintDefaults()
@@ -97,6 +132,9 @@ func parseFlags(args []string, out io.Writer) (options, error) {
 	if fs.NArg() > 0 {
 		return o, fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
+	if err := applyPreset(fs, o.preset); err != nil {
+		return o, err
+	}
 	switch *prec {
 	case "bf16":
 		o.precision = gpu.BF16
@@ -105,7 +143,58 @@ func parseFlags(args []string, out io.Writer) (options, error) {
 	default:
 		return o, fmt.Errorf("--precision must be bf16 or f32, got %q", *prec)
 	}
+	switch o.loop {
+	case loopModel, loopTrainer:
+	default:
+		return o, fmt.Errorf("--loop must be %s or %s, got %q", loopModel, loopTrainer, o.loop)
+	}
 	return o, o.validate()
+}
+
+// The values of --loop.
+const (
+	loopModel   = "model"
+	loopTrainer = "trainer"
+)
+
+// presets are the flag values of each --preset; 130m is the flags' own
+// defaults.
+var presets = map[string]map[string]string{
+	"130m": {},
+	"mqar-tiny": {
+		"d-model": "64", "n-layer": "2", "vocab": "8192", "d-state": "64", "headdim": "32", "chunk": "64",
+		"batch": "64", "seq-len": "256", "precision": "f32",
+	},
+}
+
+// applyPreset sets the flags of preset name that the command line left
+// unset.
+func applyPreset(fs *flag.FlagSet, name string) error {
+	p, ok := presets[name]
+	if !ok {
+		names := make([]string, 0, len(presets))
+		for n := range presets {
+			names = append(names, n)
+		}
+		slices.Sort(names)
+		return fmt.Errorf("--preset must be one of %v, got %q", names, name)
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	keys := make([]string, 0, len(p))
+	for k := range p {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	for _, k := range keys {
+		if set[k] {
+			continue
+		}
+		if err := fs.Set(k, p[k]); err != nil {
+			return fmt.Errorf("--preset %s: --%s %s: %w", name, k, p[k], err)
+		}
+	}
+	return nil
 }
 
 // validate names the first flag that breaks a rule (the model rules are
@@ -114,7 +203,8 @@ func (o options) validate() error {
 	for _, f := range []struct {
 		name string
 		v    int
-	}{{"batch", o.batch}, {"seq-len", o.seqLen}, {"micro-batches", o.microBatches}, {"steps", o.steps}} {
+	}{{"batch", o.batch}, {"seq-len", o.seqLen}, {"micro-batches", o.microBatches}, {"steps", o.steps},
+		{"d-state", o.dState}, {"headdim", o.headDim}, {"chunk", o.chunk}} {
 		if f.v < 1 {
 			return fmt.Errorf("--%s must be at least 1, got %d", f.name, f.v)
 		}
@@ -138,6 +228,10 @@ func (o options) validate() error {
 // published Mamba-2 checkpoints) at the given width, depth and vocabulary.
 func (o options) config() (model.Config, error) {
 	c := model.DefaultConfig(o.dModel, o.nLayer, o.vocab)
+	c.DState, c.HeadDim, c.ChunkSize = o.dState, o.headDim, o.chunk
+	if o.headDim > 0 {
+		c.NHeads = c.Expand * c.DModel / o.headDim
+	}
 	if err := gpu.CheckConfig(c); err != nil {
 		return c, err
 	}
@@ -145,15 +239,19 @@ func (o options) config() (model.Config, error) {
 }
 
 func (o options) gpuOptions() gpu.Options {
-	return gpu.Options{Precision: o.precision, ExplicitSync: true}
+	return gpu.Options{Precision: o.precision, ExplicitSync: true, DenseHead: o.denseHead}
 }
 
 // report is the JSON result (and the source of the printed table).
 type report struct {
-	Tool      string `json:"tool"`
-	Device    string `json:"device,omitempty"`
-	Library   string `json:"library,omitempty"`
-	Precision string `json:"precision"`
+	Tool       string `json:"tool"`
+	Preset     string `json:"preset"`
+	Loop       string `json:"loop"`
+	DenseHead  bool   `json:"dense_head"`
+	NoPrefetch bool   `json:"no_prefetch"`
+	Device     string `json:"device,omitempty"`
+	Library    string `json:"library,omitempty"`
+	Precision  string `json:"precision"`
 
 	DModel     int  `json:"d_model"`
 	NLayer     int  `json:"n_layer"`
@@ -187,6 +285,10 @@ type report struct {
 	FirstWallMs float64   `json:"first_step_wall_ms"` // the first step, with the allocation of the activations and moments
 	TokensPerS  float64   `json:"tokens_per_s"`       // TokensPerStep / StepMs
 	TokensWallS float64   `json:"tokens_per_s_wall"`  // TokensPerStep / StepWallMs
+	// BackToBackMs is the wall clock per step of --steps steps run back
+	// to back (one wait for the device at the end), after the timed ones.
+	BackToBackMs     float64 `json:"back_to_back_ms"`
+	TokensBackToBack float64 `json:"tokens_per_s_back_to_back"`
 
 	// Memory, bytes.
 	DeviceTotal     int64 `json:"device_total_bytes,omitempty"`
@@ -203,8 +305,9 @@ type report struct {
 func newReport(o options, cfg model.Config) *report {
 	gopts := o.gpuOptions()
 	return &report{
-		Tool: "gpubench", Precision: o.precision.String(),
-		DModel: cfg.DModel, NLayer: cfg.NLayer, Vocab: cfg.VocabSize, DState: cfg.DState, HeadDim: cfg.HeadDim,
+		Tool: "gpubench", Preset: o.preset, Loop: o.loop, DenseHead: o.denseHead, NoPrefetch: o.noPrefetch,
+		Precision: o.precision.String(),
+		DModel:    cfg.DModel, NLayer: cfg.NLayer, Vocab: cfg.VocabSize, DState: cfg.DState, HeadDim: cfg.HeadDim,
 		NHeads: cfg.NHeads, NGroups: cfg.NGroups, Chunk: cfg.ChunkSize, DConv: cfg.DConv, Tied: cfg.TieEmbeddings,
 		Parameters: model.NewLayout(cfg).Total,
 		Batch:      o.batch, SeqLen: o.seqLen, MicroBatches: o.microBatches, TokensPerStep: o.batch * o.seqLen,
@@ -297,6 +400,11 @@ type stepTimes struct {
 	wall                               time.Duration
 }
 
+// stepper runs one training step and returns its loss and gradient norm.
+// The model loop records the phase events ev[1] and ev[2] itself; first
+// asks it to sample the memory after the first forward and backward.
+type stepper func(ctx context.Context, first bool) (loss, norm float64, err error)
+
 func measure(ctx context.Context, lib *kernels.Lib, o options, cfg model.Config, rep *report) error {
 	usedOpen, total, err := usedBytes(lib)
 	if err != nil {
@@ -313,13 +421,6 @@ func measure(ctx context.Context, lib *kernels.Lib, o options, cfg model.Config,
 	if err := model.Init(cfg, m.Layout(), m.Params(), o.seed); err != nil {
 		return err
 	}
-	if err := m.SyncFromHost(model.SyncParams, nil); err != nil {
-		return err
-	}
-	opt, err := model.NewAdamW[float32](m.Layout(), model.DefaultAdamWConfig())
-	if err != nil {
-		return err
-	}
 
 	var ev [4]kernels.Event
 	for i := range ev {
@@ -328,48 +429,32 @@ func measure(ctx context.Context, lib *kernels.Lib, o options, cfg model.Config,
 		}
 		defer lib.DestroyEvent(ev[i])
 	}
-	mbs := batches(o, cfg.VocabSize)
-	count := o.batch * o.seqLen
 	peak := usedOpen
 	sample := func() error {
 		u, _, err := usedBytes(lib)
 		peak = max(peak, u)
 		return err
 	}
+	var run stepper
+	if o.loop == loopTrainer {
+		run, err = trainerStepper(m, o, cfg)
+	} else {
+		run, err = modelStepper(m, lib, o, cfg, &ev, sample)
+	}
+	if err != nil {
+		return err
+	}
+	phases := o.loop == loopModel
 
-	// step runs one training step and times it; first samples the memory
-	// after the forward and backward as well.
+	// step runs one training step and times it from idle to idle.
 	step := func(first bool) (stepTimes, float64, error) {
 		var st stepTimes
 		start := time.Now()
 		if err := lib.Record(ev[0], 0); err != nil {
 			return st, 0, err
 		}
-		m.ZeroGrads()
-		var lossSum float64
-		for _, b := range mbs {
-			r, err := m.ForwardBackward(ctx, b, model.StepOptions{Count: count})
-			if err != nil {
-				return st, 0, err
-			}
-			lossSum += r.LossSum
-		}
-		if err := lib.Record(ev[1], 0); err != nil {
-			return st, 0, err
-		}
-		if first {
-			if err := sample(); err != nil {
-				return st, 0, err
-			}
-		}
-		norm, err := m.GradNorm()
+		loss, norm, err := run(ctx, first)
 		if err != nil {
-			return st, 0, err
-		}
-		if err := lib.Record(ev[2], 0); err != nil {
-			return st, 0, err
-		}
-		if err := m.OptimizerStep(opt, o.lr, model.ClipScale(norm, o.maxGradNorm)); err != nil {
 			return st, 0, err
 		}
 		if err := lib.Record(ev[3], 0); err != nil {
@@ -379,16 +464,17 @@ func measure(ctx context.Context, lib *kernels.Lib, o options, cfg model.Config,
 			return st, 0, fmt.Errorf("optimizer step: %w", err)
 		}
 		st.wall = time.Since(start)
-		loss := lossSum / float64(count)
 		if math.IsNaN(loss) || math.IsInf(loss, 0) || math.IsNaN(norm) || math.IsInf(norm, 0) {
 			return st, loss, fmt.Errorf("training diverged: loss %v, gradient norm %v", loss, norm)
 		}
-		for i, dst := range []*float64{&st.fwdBwd, &st.gradNorm, &st.optimizer} {
-			ms, err := lib.ElapsedMs(ev[i], ev[i+1])
-			if err != nil {
-				return st, 0, err
+		if phases {
+			for i, dst := range []*float64{&st.fwdBwd, &st.gradNorm, &st.optimizer} {
+				ms, err := lib.ElapsedMs(ev[i], ev[i+1])
+				if err != nil {
+					return st, 0, err
+				}
+				*dst = float64(ms)
 			}
-			*dst = float64(ms)
 		}
 		ms, err := lib.ElapsedMs(ev[0], ev[3])
 		if err != nil {
@@ -400,6 +486,13 @@ func measure(ctx context.Context, lib *kernels.Lib, o options, cfg model.Config,
 
 	var timed []stepTimes
 	for i := 0; i < o.warmup+o.steps; i++ {
+		if i == o.warmup && o.cpuProfile != "" {
+			stopProfile, err := startProfile(o.cpuProfile)
+			if err != nil {
+				return err
+			}
+			defer stopProfile()
+		}
 		st, loss, err := step(i == 0)
 		if err != nil {
 			return fmt.Errorf("step %d: %w", i+1, err)
@@ -413,6 +506,22 @@ func measure(ctx context.Context, lib *kernels.Lib, o options, cfg model.Config,
 		}
 	}
 
+	// The same number of steps back to back, waiting for the device only
+	// where the loop itself does: what a training run sustains.
+	start := time.Now()
+	for i := 0; i < o.steps; i++ {
+		loss, _, err := run(ctx, false)
+		if err != nil {
+			return fmt.Errorf("back-to-back step %d: %w", i+1, err)
+		}
+		rep.LossLast = loss
+	}
+	if err := lib.Sync(0); err != nil {
+		return fmt.Errorf("back-to-back steps: %w", err)
+	}
+	rep.BackToBackMs = float64(time.Since(start)) / 1e6 / float64(o.steps)
+	rep.TokensBackToBack = float64(rep.TokensPerStep) / (rep.BackToBackMs / 1e3)
+
 	pick := func(f func(stepTimes) float64) float64 {
 		v := make([]float64, len(timed))
 		for i, st := range timed {
@@ -420,9 +529,11 @@ func measure(ctx context.Context, lib *kernels.Lib, o options, cfg model.Config,
 		}
 		return median(v)
 	}
-	rep.FwdBwdMs = pick(func(s stepTimes) float64 { return s.fwdBwd })
-	rep.GradNormMs = pick(func(s stepTimes) float64 { return s.gradNorm })
-	rep.OptimizerMs = pick(func(s stepTimes) float64 { return s.optimizer })
+	if phases {
+		rep.FwdBwdMs = pick(func(s stepTimes) float64 { return s.fwdBwd })
+		rep.GradNormMs = pick(func(s stepTimes) float64 { return s.gradNorm })
+		rep.OptimizerMs = pick(func(s stepTimes) float64 { return s.optimizer })
+	}
 	rep.StepMs = pick(func(s stepTimes) float64 { return s.total })
 	rep.StepWallMs = pick(func(s stepTimes) float64 { return float64(s.wall) / 1e6 })
 	for _, st := range timed {
@@ -433,6 +544,120 @@ func measure(ctx context.Context, lib *kernels.Lib, o options, cfg model.Config,
 	rep.UsedPeak = peak
 	rep.ModelPeak = peak - usedOpen
 	return nil
+}
+
+// modelStepper drives the backend as a training loop that keeps its state
+// on the device does: ZeroGrads, ForwardBackward of every micro-batch,
+// GradNorm and OptimizerStep, recording ev[1] after the last
+// ForwardBackward and ev[2] after GradNorm.
+func modelStepper(m *gpu.Model, lib *kernels.Lib, o options, cfg model.Config, ev *[4]kernels.Event, sample func() error) (stepper, error) {
+	if err := m.SyncFromHost(model.SyncParams, nil); err != nil {
+		return nil, err
+	}
+	opt, err := model.NewAdamW[float32](m.Layout(), model.DefaultAdamWConfig())
+	if err != nil {
+		return nil, err
+	}
+	mbs := batches(o, cfg.VocabSize)
+	count := o.batch * o.seqLen
+	return func(ctx context.Context, first bool) (float64, float64, error) {
+		m.ZeroGrads()
+		var lossSum float64
+		for _, b := range mbs {
+			r, err := m.ForwardBackward(ctx, b, model.StepOptions{Count: count})
+			if err != nil {
+				return 0, 0, err
+			}
+			lossSum += r.LossSum
+		}
+		if err := lib.Record(ev[1], 0); err != nil {
+			return 0, 0, err
+		}
+		if first {
+			if err := sample(); err != nil {
+				return 0, 0, err
+			}
+		}
+		norm, err := m.GradNorm()
+		if err != nil {
+			return 0, 0, err
+		}
+		if err := lib.Record(ev[2], 0); err != nil {
+			return 0, 0, err
+		}
+		if err := m.OptimizerStep(opt, o.lr, model.ClipScale(norm, o.maxGradNorm)); err != nil {
+			return 0, 0, err
+		}
+		return lossSum / float64(count), norm, nil
+	}, nil
+}
+
+// trainerStepper drives worker/train's Trainer on the built-in MQAR task
+// (mqarSpec), each step its TrainStep: the loop of m2ctl train and
+// m2ctl sweep mqar, MQAR sample generation included.
+func trainerStepper(m *gpu.Model, o options, cfg model.Config) (stepper, error) {
+	spec, err := mqarSpec(o, cfg)
+	if err != nil {
+		return nil, err
+	}
+	in, err := train.NewInput(spec, nil)
+	if err != nil {
+		return nil, err
+	}
+	tr, err := train.NewWithInput[float32](spec, m, in, train.Options{NoPrefetch: o.noPrefetch})
+	if err != nil {
+		return nil, err
+	}
+	return func(ctx context.Context, _ bool) (float64, float64, error) {
+		p, err := tr.TrainStep(ctx)
+		return p.Loss, p.GradNorm, err
+	}, nil
+}
+
+// mqarSpec is the job spec of the trainer loop: the model of cfg trained on
+// the MQAR task with the model's vocabulary, seq-len/4 key-value pairs and
+// as many queries (m2ctl sweep mqar's points), batch and optimizer from the
+// flags, a constant learning rate long enough for every step gpubench runs.
+func mqarSpec(o options, cfg model.Config) (*jobspec.Spec, error) {
+	prec := jobspec.PrecisionFloat32
+	if o.precision == gpu.BF16 {
+		prec = jobspec.PrecisionBF16
+	}
+	spec := &jobspec.Spec{
+		Name: "gpubench",
+		Model: jobspec.Model{Config: &jobspec.ModelConfig{
+			DModel: cfg.DModel, NLayer: cfg.NLayer, VocabSize: cfg.VocabSize, DState: cfg.DState,
+			HeadDim: cfg.HeadDim, ChunkSize: cfg.ChunkSize,
+		}},
+		Data:      jobspec.Data{MQAR: &jobspec.MQAR{VocabSize: cfg.VocabSize, NumPairs: o.seqLen / 4}, SeqLen: o.seqLen},
+		Batch:     jobspec.Batch{MicroBatch: o.batch / o.microBatches, GlobalBatch: o.batch},
+		Optimizer: jobspec.Optimizer{LR: o.lr, WeightDecay: 0.1, GradClip: o.maxGradNorm},
+		Schedule:  jobspec.Schedule{TotalSteps: o.warmup + 2*o.steps, MinLR: o.lr},
+		Seed:      o.seed,
+		Backend:   jobspec.BackendCUDA,
+		Precision: prec,
+	}
+	spec.Normalize()
+	if err := spec.Validate(); err != nil {
+		return nil, fmt.Errorf("the MQAR spec of --loop trainer: %w", err)
+	}
+	return spec, nil
+}
+
+// startProfile starts a Go CPU profile into path and returns its stop.
+func startProfile(path string) (func(), error) {
+	f, err := os.Create(path)
+	if err != nil {
+		return nil, err
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return func() {
+		pprof.StopCPUProfile()
+		f.Close()
+	}, nil
 }
 
 // median of v (v is reordered).
@@ -466,18 +691,22 @@ func printReport(out io.Writer, r *report, measured bool) {
 		r.Batch, r.SeqLen, r.TokensPerStep, r.MicroBatches, r.Precision, r.LR, r.MaxGradNorm)
 	w := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
 	if measured {
-		fmt.Fprintf(out, "timing: median of %d steps after %d warm-up, CUDA events on the default stream\n\n", r.Steps, r.Warmup)
+		fmt.Fprintf(out, "timing: %s loop, median of %d steps after %d warm-up, CUDA events on the default stream\n\n", r.Loop, r.Steps, r.Warmup)
 		fmt.Fprintln(w, "phase\tms\tshare\t")
-		for _, p := range []struct {
-			name string
-			ms   float64
-		}{{"zero grads + forward + backward", r.FwdBwdMs}, {"gradient norm", r.GradNormMs}, {"optimizer (AdamW)", r.OptimizerMs}} {
-			fmt.Fprintf(w, "%s\t%.2f\t%.1f%%\t\n", p.name, p.ms, 100*p.ms/r.StepMs)
+		if r.Loop == loopModel {
+			for _, p := range []struct {
+				name string
+				ms   float64
+			}{{"zero grads + forward + backward", r.FwdBwdMs}, {"gradient norm", r.GradNormMs}, {"optimizer (AdamW)", r.OptimizerMs}} {
+				fmt.Fprintf(w, "%s\t%.2f\t%.1f%%\t\n", p.name, p.ms, 100*p.ms/r.StepMs)
+			}
 		}
 		fmt.Fprintf(w, "step (events)\t%.2f\t\t\n", r.StepMs)
 		fmt.Fprintf(w, "step (wall clock)\t%.2f\t\t\n", r.StepWallMs)
 		fmt.Fprintf(w, "tokens/s (events)\t%.0f\t\t\n", r.TokensPerS)
 		fmt.Fprintf(w, "tokens/s (wall clock)\t%.0f\t\t\n", r.TokensWallS)
+		fmt.Fprintf(w, "step (%d back to back, wall clock)\t%.2f\t\t\n", r.Steps, r.BackToBackMs)
+		fmt.Fprintf(w, "tokens/s (back to back)\t%.0f\t\t\n", r.TokensBackToBack)
 		w.Flush()
 		fmt.Fprintf(out, "\nall timed steps (ms): %v\nfirst step (wall clock, allocations included): %.1f ms\nloss: first step %.4f, last step %.4f\n\n",
 			r.StepMsAll, r.FirstWallMs, r.LossFirst, r.LossLast)

@@ -129,3 +129,38 @@ func TestMedian(t *testing.T) {
 		}
 	}
 }
+
+func TestPresetMQARTiny(t *testing.T) {
+	o, err := parseFlags([]string{"--preset", "mqar-tiny", "--d-state", "256"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := o.config()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The preset's values, except d_state, which the command line sets.
+	if cfg.DModel != 64 || cfg.NLayer != 2 || cfg.VocabSize != 8192 || cfg.DState != 256 || cfg.HeadDim != 32 ||
+		cfg.NHeads != 4 || cfg.ChunkSize != 64 || o.batch != 64 || o.seqLen != 256 || o.precision != gpu.F32 {
+		t.Errorf("mqar-tiny with --d-state 256: %+v, batch %d × %d, %v", cfg, o.batch, o.seqLen, o.precision)
+	}
+	spec, err := mqarSpec(o, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if q := spec.Data.MQAR; q.VocabSize != 8192 || q.NumPairs != 64 || q.NumQueries != 64 || spec.Batch.GlobalBatch != 64 {
+		t.Errorf("trainer spec: MQAR %+v, batch %+v", q, spec.Batch)
+	}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--preset", "huge"}, "--preset"},
+		{[]string{"--loop", "graph"}, "--loop"},
+		{[]string{"--preset", "mqar-tiny", "--chunk", "0"}, "--chunk"},
+	} {
+		if _, err := parseFlags(tc.args, io.Discard); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("parseFlags(%q) = %v, want an error naming %s", tc.args, err, tc.want)
+		}
+	}
+}
