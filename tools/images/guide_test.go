@@ -1,6 +1,7 @@
 package images
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path"
@@ -14,6 +15,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/m2train/m2train/coordinator/jobspec"
+	"github.com/m2train/m2train/helm"
 )
 
 // The operator's guide (docs/operators-guide.md) describes how to run the
@@ -419,6 +421,127 @@ func TestGuideLinksResolve(t *testing.T) {
 		}
 		if !slices.Contains(slugs, anchor) {
 			t.Errorf("link %s: no heading %q in %s", target, anchor, path.Base(file))
+		}
+	}
+}
+
+// obj is a decoded Kubernetes object.
+type obj map[string]any
+
+// get walks keys (string keys into maps, int keys into lists).
+func (o obj) get(keys ...any) any {
+	var cur any = map[string]any(o)
+	for _, k := range keys {
+		switch k := k.(type) {
+		case string:
+			m, ok := cur.(map[string]any)
+			if !ok {
+				return nil
+			}
+			cur = m[k]
+		case int:
+			l, ok := cur.([]any)
+			if !ok || k >= len(l) {
+				return nil
+			}
+			cur = l[k]
+		}
+	}
+	return cur
+}
+
+// TestGuideMatchesTheChart renders the chart with the guide's values file
+// (through values.schema.json, as helm install does) and checks the names,
+// paths and ports the guide tells operators to use.
+func TestGuideMatchesTheChart(t *testing.T) {
+	_, fences, _ := readGuide(t)
+	var values map[string]any
+	for _, f := range fences {
+		if f.lang == "yaml" && strings.HasPrefix(f.text, "# my-values.yaml") {
+			if err := yaml.Unmarshal([]byte(f.text), &values); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if values == nil {
+		t.Fatal("no my-values.yaml block in the guide")
+	}
+	manifests, err := helm.Render(filepath.Join(repoRoot, "helm"), values, "m2train", "m2train")
+	if err != nil {
+		t.Fatalf("the guide's values do not render: %v", err)
+	}
+	objs := map[string]obj{}
+	for _, m := range manifests {
+		// A plain map: yaml.v3 would give nested maps the named type too.
+		var o map[string]any
+		if err := yaml.Unmarshal([]byte(m.YAML), &o); err != nil {
+			t.Fatalf("%s %s: %v", m.Kind, m.Name, err)
+		}
+		objs[m.Kind+"/"+m.Name] = obj(o)
+	}
+	for _, want := range []string{
+		"StatefulSet/m2train-coordinator", "StatefulSet/m2train-worker",
+		"Service/m2train-coordinator", "Service/m2train-coordinator-headless",
+		"Secret/m2train-auth", "PodDisruptionBudget/m2train-coordinator",
+	} {
+		if _, ok := objs[want]; !ok {
+			t.Errorf("the guide names %s, which the chart does not create", want)
+		}
+	}
+
+	coord, worker := objs["StatefulSet/m2train-coordinator"], objs["StatefulSet/m2train-worker"]
+	if coord == nil || worker == nil {
+		t.FailNow()
+	}
+	args := func(o obj, i int) []string {
+		var out []string
+		l, _ := o.get("spec", "template", "spec", "containers", i, "args").([]any)
+		for _, a := range l {
+			out = append(out, a.(string))
+		}
+		return out
+	}
+	cargs := args(coord, 0)
+	for _, a := range []string{"--token-file=/etc/m2train/auth/token", "--metrics-addr=0.0.0.0:9400", "--api-addr=0.0.0.0:7400", "--data-dir=/var/lib/m2train"} {
+		if !slices.Contains(cargs, a) {
+			t.Errorf("coordinator args %q lack %s, which the guide and the image rely on", cargs, a)
+		}
+	}
+	if got := coord.get("spec", "template", "spec", "containers", 0, "image"); got != "registry.example.com/ml/m2coord:0.1.0" {
+		t.Errorf("coordinator image = %v", got)
+	}
+	if got := coord.get("spec", "volumeClaimTemplates", 0, "metadata", "name"); got != "data" {
+		t.Errorf("coordinator volume claim template %v, the guide says data (PVCs data-m2train-coordinator-N)", got)
+	}
+	pvcLabels, _ := coord.get("spec", "volumeClaimTemplates", 0, "metadata", "labels").(map[string]any)
+	if pvcLabels["app.kubernetes.io/instance"] != "m2train" || pvcLabels["app.kubernetes.io/component"] != "coordinator" {
+		t.Errorf("coordinator PVC labels %v do not match the guide's kubectl delete pvc -l selector", pvcLabels)
+	}
+	for i := range 4 {
+		if got := worker.get("spec", "template", "spec", "containers", i, "name"); got != fmt.Sprintf("worker-g%d", i) {
+			t.Errorf("worker container %d is %v, the guide says worker-g%d", i, got, i)
+		}
+		wargs := args(worker, i)
+		if !slices.Contains(wargs, "--cache-dir=/var/cache/m2train") {
+			t.Errorf("worker args %q lack --cache-dir=/var/cache/m2train, where the image makes the cache directory", wargs)
+		}
+		if !slices.Contains(wargs, fmt.Sprintf("--metrics-addr=0.0.0.0:%d", 9500+i)) {
+			t.Errorf("worker %d args %q: the guide says metrics on %d", i, wargs, 9500+i)
+		}
+	}
+	if got := worker.get("spec", "template", "spec", "containers", 4); got != nil {
+		t.Error("more than gpusPerPod (4) worker containers")
+	}
+	if got := worker.get("spec", "template", "spec", "runtimeClassName"); got != "nvidia" {
+		t.Errorf("worker runtimeClassName = %v", got)
+	}
+	if got := worker.get("spec", "template", "spec", "containers", 0, "image"); got != "registry.example.com/ml/m2worker:0.1.0" {
+		t.Errorf("worker image = %v", got)
+	}
+	for _, o := range []obj{coord, worker} {
+		sc := o.get("spec", "template", "spec", "securityContext", "runAsUser")
+		if sc != 65532 {
+			t.Errorf("%v runs as %v; the images' user is 65532", o.get("metadata", "name"), sc)
 		}
 	}
 }
