@@ -699,8 +699,17 @@ __global__ void __launch_bounds__(NT) chunk_da_kernel(Geo g, const T* __restrict
 // acc + v(lane 0) + v(lane 1) + … + v(lane n−1), added in lane order, on
 // every lane of the warp (each lane runs the same chain, so all get the
 // same bits). The loads behind v are the warp's, 32 at a time; only the
-// additions are sequential.
+// additions are sequential. A full warp's 32 shuffles are issued before
+// the additions, so that the chain waits on adds alone.
 __device__ __forceinline__ double add_lanes_in_order(double acc, double v, int n) {
+    if (n == 32) {
+        double w[32];
+#pragma unroll
+        for (int u = 0; u < 32; ++u) w[u] = __shfl_sync(0xffffffffu, v, u);
+#pragma unroll
+        for (int u = 0; u < 32; ++u) acc += w[u];
+        return acc;
+    }
     for (int u = 0; u < n; ++u) acc += __shfl_sync(0xffffffffu, v, u);
     return acc;
 }
