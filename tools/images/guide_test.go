@@ -450,6 +450,17 @@ func (o obj) get(keys ...any) any {
 	return cur
 }
 
+// entrypoint is the binary the final stage of a Dockerfile starts.
+func entrypoint(t *testing.T, name string) string {
+	t.Helper()
+	_, by := finalStage(parseFile(t, name))
+	if e := by["ENTRYPOINT"]; len(e) == 1 && len(e[0].exec) > 0 {
+		return e[0].exec[0]
+	}
+	t.Fatalf("%s: no exec-form ENTRYPOINT in the final stage", name)
+	return ""
+}
+
 // TestGuideMatchesTheChart renders the chart with the guide's values file
 // (through values.schema.json, as helm install does) and checks the names,
 // paths and ports the guide tells operators to use.
@@ -537,6 +548,19 @@ func TestGuideMatchesTheChart(t *testing.T) {
 	}
 	if got := worker.get("spec", "template", "spec", "containers", 0, "image"); got != "registry.example.com/ml/m2worker:0.1.0" {
 		t.Errorf("worker image = %v", got)
+	}
+	// The chart passes arguments only: the images' entrypoints run.
+	for _, c := range []struct {
+		o     obj
+		n     int
+		entry string
+	}{{coord, 1, entrypoint(t, "coordinator.Dockerfile")}, {worker, 4, entrypoint(t, "worker.Dockerfile")}} {
+		for i := range c.n {
+			cmd, _ := c.o.get("spec", "template", "spec", "containers", i, "command").([]any)
+			if len(cmd) > 0 && cmd[0] != c.entry {
+				t.Errorf("%v container %d runs %v, not the image's entrypoint %s", c.o.get("metadata", "name"), i, cmd, c.entry)
+			}
+		}
 	}
 	for _, o := range []obj{coord, worker} {
 		sc := o.get("spec", "template", "spec", "securityContext", "runAsUser")
