@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -22,6 +23,7 @@ import (
 	"github.com/m2train/m2train/coordinator/membership"
 	"github.com/m2train/m2train/coordinator/security"
 	"github.com/m2train/m2train/worker/agent"
+	"github.com/m2train/m2train/worker/gpuinfo"
 )
 
 // Exit codes of Main.
@@ -91,7 +93,7 @@ func ParseFlags(args []string, stderr io.Writer) (*Config, error) {
 	fs.DurationVar(&c.CollectiveTimeout, "collective-timeout", collective.DefaultConfig().Timeout, "how long a collective operation waits on a silent peer; above the largest skew between ranks")
 	fs.DurationVar(&c.PollInterval, "poll-interval", agent.DefaultConfig().PollInterval, "how often the assignments are polled")
 	fs.DurationVar(&c.ShutdownTimeout, "shutdown-timeout", agent.DefaultConfig().ShutdownTimeout, "how long SIGTERM waits for the ranks (and a checkpoint upload in flight)")
-	fs.StringVar(&c.MetricsAddr, "metrics-addr", "", "serve Prometheus metrics on this address (/metrics, /healthz); empty: off")
+	fs.StringVar(&c.MetricsAddr, "metrics-addr", "", "serve Prometheus metrics on this address (/metrics; /healthz liveness; /readyz, 200 once registered with the coordinator); empty: off")
 	fs.StringVar(&c.LogFormat, "log-format", "text", "log format: text or json")
 	fs.StringVar(&c.LogLevel, "log-level", "info", "log level: debug, info, warn or error")
 	fs.Usage = func() {
@@ -199,6 +201,19 @@ func (e usageError) Unwrap() error { return e.error }
 
 // Run runs the worker until ctx ends.
 func Run(ctx context.Context, c *Config, stderr io.Writer) error {
+	return run(ctx, c, stderr, runHooks{})
+}
+
+// runHooks let tests watch a worker that run starts in their process.
+type runHooks struct {
+	// metricsAddr, when set, receives the address the metrics endpoint
+	// listens on.
+	metricsAddr func(net.Addr)
+	// agentConfig, when set, edits the agent's configuration last.
+	agentConfig func(*agent.Config)
+}
+
+func run(ctx context.Context, c *Config, stderr io.Writer, hooks runHooks) error {
 	log, err := newLogger(c, stderr)
 	if err != nil {
 		return usageError{err}
@@ -241,18 +256,33 @@ func Run(ctx context.Context, c *Config, stderr io.Writer) error {
 	cfg.Runner = &agent.TrainRunner{Device: dev, CacheDir: c.CacheDir}
 	met := newMetrics(c.ID, string(dev))
 	cfg.OnRankEvent = met.observe
+	if hooks.agentConfig != nil {
+		hooks.agentConfig(&cfg)
+	}
 
 	a, err := agent.New(cfg)
 	if err != nil {
 		return usageError{err}
 	}
+	met.watchReadiness(a.Ready)
 	if c.MetricsAddr != "" {
-		srv, err := met.serve(c.MetricsAddr)
+		if s, err := gpuinfo.Open(); err != nil {
+			log.Info("no GPU metrics", "reason", err)
+		} else {
+			defer s.Close()
+			if err := met.addGPUs(newGPUCollector(s.Sample, cudaVisible, log)); err != nil {
+				return err
+			}
+		}
+		srv, addr, err := met.serve(c.MetricsAddr, log)
 		if err != nil {
 			return usageError{fmt.Errorf("--metrics-addr: %w", err)}
 		}
 		defer srv.Close()
-		log.Info("metrics", "addr", c.MetricsAddr)
+		log.Info("metrics", "addr", addr.String())
+		if hooks.metricsAddr != nil {
+			hooks.metricsAddr(addr)
+		}
 	}
 	log.Info("m2worker started", "id", c.ID, "coordinators", cfg.Coordinators, "advertise", c.AdvertiseHost, "slots", max(cfg.GPUs, 1))
 	return a.Run(ctx)

@@ -19,7 +19,6 @@ import (
 	"github.com/m2train/m2train/coordinator/etcdembed"
 	"github.com/m2train/m2train/coordinator/membership"
 	pb "github.com/m2train/m2train/proto/coordinator/v1"
-	"github.com/m2train/m2train/worker/agent"
 	"github.com/m2train/m2train/worker/data"
 )
 
@@ -67,44 +66,6 @@ func TestParseFlags(t *testing.T) {
 		if tc.env[0] != "" {
 			os.Unsetenv(tc.env[0])
 		}
-	}
-}
-
-func TestMetrics(t *testing.T) {
-	m := newMetrics("w0", "cpu")
-	ev := agent.RankEvent{JobID: "j-1", Generation: 2, Rank: 1, World: 4}
-	for _, k := range []agent.RankEventKind{agent.RankStarted, agent.RankConnected} {
-		ev.Kind = k
-		m.observe(ev)
-	}
-	ev.Kind, ev.Progress = agent.RankProgress, agent.Progress{Step: 12, Loss: 2.5, TokensPerSec: 1000, GradNorm: 0.5, LR: 0.001}
-	m.observe(ev)
-	var b bytes.Buffer
-	m.write(&b)
-	for _, want := range []string{
-		`m2worker_ranks{worker="w0",device="cpu"} 1`,
-		`m2worker_rank_starts_total{worker="w0",device="cpu"} 1`,
-		`m2worker_rank_generation{worker="w0",device="cpu",job="j-1",rank="1"} 2`,
-		`m2worker_rank_connected{worker="w0",device="cpu",job="j-1",rank="1"} 1`,
-		`m2worker_rank_step{worker="w0",device="cpu",job="j-1",rank="1"} 12`,
-		`m2worker_rank_loss{worker="w0",device="cpu",job="j-1",rank="1"} 2.5`,
-		`m2worker_rank_learning_rate{worker="w0",device="cpu",job="j-1",rank="1"} 0.001`,
-	} {
-		if !strings.Contains(b.String(), want) {
-			t.Errorf("metrics lack %q:\n%s", want, b.String())
-		}
-	}
-	ev.Kind, ev.Err = agent.RankEnded, agent.ErrWithdrawn
-	m.observe(ev)
-	b.Reset()
-	m.write(&b)
-	for _, want := range []string{`m2worker_ranks{worker="w0",device="cpu"} 0`, `m2worker_rank_ends_total{worker="w0",device="cpu",outcome="stopped"} 1`} {
-		if !strings.Contains(b.String(), want) {
-			t.Errorf("metrics lack %q:\n%s", want, b.String())
-		}
-	}
-	if strings.Contains(b.String(), `job="j-1"`) {
-		t.Errorf("an ended rank is still listed:\n%s", b.String())
 	}
 }
 
