@@ -583,8 +583,10 @@ func chartMountOf(t *testing.T, who string, spec *corev1.PodSpec, c *corev1.Cont
 				t.Errorf("%s: volume of Secret %s lacks key %s (has %v)", who, secret, k, have)
 			}
 		}
-		if v.Secret.DefaultMode == nil || *v.Secret.DefaultMode&0o007 != 0 {
-			t.Errorf("%s: Secret %s is readable by others (mode %v)", who, secret, v.Secret.DefaultMode)
+		if v.Secret.DefaultMode == nil {
+			t.Errorf("%s: Secret %s has no defaultMode (0644: readable by others)", who, secret)
+		} else if mode := *v.Secret.DefaultMode; mode&0o007 != 0 {
+			t.Errorf("%s: Secret %s is readable by others (mode %#o)", who, secret, mode)
 		}
 		for _, m := range c.VolumeMounts {
 			if m.Name == v.Name {

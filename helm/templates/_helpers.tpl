@@ -188,12 +188,20 @@ express. Rendered (to nothing) by every template that depends on them.
 */}}
 {{- define "m2train.validate" -}}
 {{- $c := .Values.coordinator.ports -}}
+{{- $e := .Values.etcd.embedded -}}
 {{- $ports := list (int $c.api) (int $c.raft) (int $c.metrics) -}}
+{{- $what := printf "coordinator.ports (api %d, raft %d, metrics %d)" (int $c.api) (int $c.raft) (int $c.metrics) -}}
 {{- if eq .Values.etcd.mode "embedded" -}}
-{{- $ports = concat $ports (list (int .Values.etcd.embedded.clientPort) (int .Values.etcd.embedded.peerPort)) -}}
+{{- $ports = concat $ports (list (int $e.clientPort) (int $e.peerPort)) -}}
+{{- $what = printf "%s and etcd.embedded (clientPort %d, peerPort %d)" $what (int $e.clientPort) (int $e.peerPort) -}}
 {{- end -}}
 {{- if ne (len $ports) (len (uniq $ports)) -}}
-{{- fail (printf "coordinator.ports and etcd.embedded ports must differ from each other, got %v" $ports) -}}
+{{- fail (printf "%s must all differ" $what) -}}
+{{- end -}}
+{{- $r := int .Values.coordinator.replicas -}}
+{{- $pdb := .Values.coordinator.podDisruptionBudget -}}
+{{- if and $pdb.enabled (gt (int $pdb.maxUnavailable) (max 1 (div (sub $r 1) 2))) -}}
+{{- fail (printf "coordinator.podDisruptionBudget.maxUnavailable: %d of %d replicas would let a drain take the raft quorum; at most %d" (int $pdb.maxUnavailable) $r (max 1 (div (sub $r 1) 2))) -}}
 {{- end -}}
 {{- $n := int .Values.workers.gpusPerPod -}}
 {{- $cp := int .Values.workers.collectivePort -}}
