@@ -1,8 +1,9 @@
 // Package ops binds the ops and gemm sections of m2kernels.h: the
 // per-position operations of the Mamba-2 model on the GPU (embedding,
 // fused residual add + RMSNorm, causal conv1d + SiLU, gated RMSNorm,
-// cross-entropy over the vocabulary, AdamW and the global gradient norm) and
-// the cuBLASLt matrix products. Each operation is the twin of a CPU
+// cross-entropy over the vocabulary, AdamW and the global gradient norm),
+// row copies by index (the LM head over the counted positions) and the
+// cuBLASLt matrix products. Each operation is the twin of a CPU
 // reference in model/ref (or model for the optimizer), against which the GPU
 // tests (build tag gpu) compare it.
 //
