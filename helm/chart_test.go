@@ -930,10 +930,12 @@ func chartCheckWorkers(t *testing.T, objs []chartObject, want chartExpect, known
 			t.Errorf("%s: --gpu given; the device plugin picks the GPU", cwho)
 		}
 		chartCheckSecurityArgs(t, cwho, spec, c, args, want)
-		if pr := c.LivenessProbe; pr == nil || pr.HTTPGet == nil || pr.HTTPGet.Path != "/healthz" {
-			t.Errorf("%s: liveness probe %v, want HTTP /healthz", cwho, pr)
-		} else if p := chartContainerPort(t, cwho, c, pr.HTTPGet.Port); p != met {
-			t.Errorf("%s: liveness probe on port %d, metrics on %d", cwho, p, met)
+		for what, pr := range map[string]*corev1.Probe{"/healthz": c.LivenessProbe, "/readyz": c.ReadinessProbe} {
+			if pr == nil || pr.HTTPGet == nil || pr.HTTPGet.Path != what {
+				t.Errorf("%s: probe %v, want HTTP %s", cwho, pr, what)
+			} else if p := chartContainerPort(t, cwho, c, pr.HTTPGet.Port); p != met {
+				t.Errorf("%s: %s probe on port %d, metrics on %d", cwho, what, p, met)
+			}
 		}
 		chartCheckS3Env(t, cwho, c, want)
 
