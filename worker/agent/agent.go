@@ -411,6 +411,12 @@ func (a *Agent) runRank(ctx context.Context, stop context.CancelCauseFunc, sess 
 			// this rank's error is the echo of it (a peer that stopped).
 			log.Info("rank stopped: its generation had already ended", "step", res.Step, "err", err)
 			err = fmt.Errorf("%w (%v)", ErrStale, err)
+		case ctx.Err() != nil:
+			// The agent stopped the rank while the report was under way
+			// (the job was cancelled, and a peer withdrawn first aborted
+			// the step): the stop is why the rank ended.
+			log.Info("rank stopped while reporting its failure", "step", res.Step, "cause", context.Cause(ctx), "err", err)
+			err = fmt.Errorf("%w (%v)", context.Cause(ctx), err)
 		default:
 			log.Error("rank failed, and the failure could not be reported; the coordinator learns of it from the other ranks or the lease",
 				"step", res.Step, "fatal", fatal, "err", err, "report_err", rerr)
