@@ -12,6 +12,7 @@ package helm_test
 // set, where they fail instead.
 
 import (
+	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -21,6 +22,7 @@ import (
 	"encoding/hex"
 	"encoding/pem"
 	"fmt"
+	"maps"
 	"math/big"
 	"net"
 	"os"
@@ -75,7 +77,7 @@ const (
 )
 
 // kubeChartDir is the chart under test: this directory.
-var kubeChartDir = "."
+const kubeChartDir = "."
 
 // The upgrade step lays these values over a CI values file, as an
 // operator's upgrade would: more worker pods and a new image tag for both
@@ -604,6 +606,9 @@ func kubeLifecycle(t *testing.T, c *kubeCluster, ch *chart.Chart, valuesFile, ns
 		t.Fatalf("install: release status %s, want %s", installed.Info.Status, release.StatusDeployed)
 	}
 	before := kubeCheckStored(t, ctx, c, ns, installed)
+	if n := len(before.secrets); n > 0 {
+		t.Logf("the release creates %d Secret(s)", n)
+	}
 
 	upVals := kubeReadValues(t, valuesFile)
 	upVals = chartutil.CoalesceTables(kubeUpgradeValues(), upVals)
@@ -945,11 +950,19 @@ func kubeCreateExternalSecrets(t *testing.T, ctx context.Context, c *kubeCluster
 	}
 }
 
+// kubeStored is what kubeCheckStored read back from the server.
+type kubeStored struct {
+	// workloads by "Kind name".
+	workloads map[string]kubeWorkload
+	// secrets holds the data of the Secrets the release creates, by name.
+	secrets map[string]map[string][]byte
+}
+
 // kubeCheckStored checks the objects of rel as the server stored them and
-// returns the stored workloads by "Kind name".
-func kubeCheckStored(t *testing.T, ctx context.Context, c *kubeCluster, ns string, rel *release.Release) map[string]kubeWorkload {
+// returns the workloads and Secrets among them.
+func kubeCheckStored(t *testing.T, ctx context.Context, c *kubeCluster, ns string, rel *release.Release) kubeStored {
 	t.Helper()
-	stored := map[string]kubeWorkload{}
+	stored := kubeStored{workloads: map[string]kubeWorkload{}, secrets: map[string]map[string][]byte{}}
 	var workloads []kubeWorkload
 	type selecting struct {
 		what     string
@@ -989,12 +1002,14 @@ func kubeCheckStored(t *testing.T, ctx context.Context, c *kubeCluster, ns strin
 			if !slices.Equal(sw.images(), ww.images()) {
 				t.Errorf("%s: stored images %v, rendered %v", o, sw.images(), ww.images())
 			}
-			stored[sw.String()] = sw
+			stored.workloads[sw.String()] = sw
 			workloads = append(workloads, sw)
 		}
 		switch s := storedObj.(type) {
 		case *appsv1.StatefulSet:
 			kubeCheckGoverningService(t, ctx, c, ns, s)
+		case *corev1.Secret:
+			stored.secrets[s.Name] = s.Data
 		case *policyv1.PodDisruptionBudget:
 			selectors = append(selectors, selecting{"PodDisruptionBudget " + s.Name, s.Spec.Selector})
 		case *corev1.Service:
@@ -1115,9 +1130,21 @@ func kubeKeys[V any](m map[string]V) func(func(string) bool) {
 // kubeCheckUpgrade checks that the upgrade values reached the stored
 // StatefulSets: the worker count changed, the coordinator's did not, and
 // every container of both runs the new tag (a digest, if the values pin
-// one, stays).
-func kubeCheckUpgrade(t *testing.T, before, after map[string]kubeWorkload) {
+// one, stays). The release's Secrets must keep their data: the upgrade
+// changes nothing they hold, and a generated token that changed would lock
+// out every client.
+func kubeCheckUpgrade(t *testing.T, beforeState, afterState kubeStored) {
 	t.Helper()
+	for name, data := range beforeState.secrets {
+		now, ok := afterState.secrets[name]
+		switch {
+		case !ok:
+			t.Errorf("Secret %s: gone after the upgrade", name)
+		case !maps.EqualFunc(data, now, bytes.Equal):
+			t.Errorf("Secret %s: data changed in an upgrade that changed only replicas and image tags", name)
+		}
+	}
+	before, after := beforeState.workloads, afterState.workloads
 	get := func(m map[string]kubeWorkload, name string) kubeWorkload {
 		w, ok := m["StatefulSet "+name]
 		if !ok {
