@@ -18,6 +18,10 @@ import (
 // and having applied the previous terms' entries.
 var errLeaderNotReady = errors.New("coordinator: leader is not ready yet")
 
+// errNoLeader is returned by a follower that should relay a call while no
+// leader is known or the leader's API address is not yet recorded.
+var errNoLeader = errors.New("coordinator: no leader to forward to")
+
 // toStatus is the one place where coordinator errors become gRPC status
 // codes. A not-leader status carries a NotLeader detail naming leaderAddr.
 func toStatus(err error, leaderAddr string) error {
@@ -35,7 +39,7 @@ func toStatus(err error, leaderAddr string) error {
 			return d.Err()
 		}
 		return st.Err()
-	case errors.Is(err, errLeaderNotReady), errors.Is(err, node.ErrUnknownOutcome), errors.Is(err, node.ErrClosed):
+	case errors.Is(err, errLeaderNotReady), errors.Is(err, errNoLeader), errors.Is(err, node.ErrUnknownOutcome), errors.Is(err, node.ErrClosed):
 		code = codes.Unavailable
 	case errors.Is(err, security.ErrUnauthenticated):
 		code = codes.Unauthenticated

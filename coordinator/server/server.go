@@ -1,14 +1,16 @@
 // Package server owns the coordinator's gRPC services and the work its raft
 // leader does: it serves the job API (JobService) and the worker API
-// (WorkerService) on the leader, answers on followers with the leader's
-// address, watches worker leases in etcd and turns their expiry into
-// WorkerLost commands, and runs the scheduler and commits its placements.
+// (WorkerService) on the leader, relays calls that reach a follower to the
+// leader (or, when asked, answers them with the leader's address), watches
+// worker leases in etcd and turns their expiry into WorkerLost commands, and
+// runs the scheduler and commits its placements.
 // All state changes go through node.Propose; the package holds no state of
 // its own beyond the current term's bookkeeping.
 package server
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -41,8 +43,21 @@ type Config struct {
 	// Node is the replica's raft node (required).
 	Node *node.Node
 	// APIAddr is the address clients dial for this replica's gRPC API; the
-	// leader records it so that followers can redirect to it (required).
+	// leader records it so that followers can forward or redirect to it
+	// (required).
 	APIAddr string
+	// NoForward makes followers answer every call with a NotLeader status
+	// naming the leader's APIAddr, for the client to follow. By default
+	// (false) a follower relays the call to the leader and returns its
+	// answer, so that a client that reaches only one replica (through a
+	// port-forward, say) needs no route to the leader; a call can still ask
+	// for the redirect with the NoForwardHeader.
+	NoForward bool
+	// ForwardTLS is the client TLS configuration a follower dials the
+	// leader's API with when relaying calls: it must trust the certificate
+	// the API serves and present one the API accepts. Nil dials in plain
+	// text, which suits only an API served without TLS.
+	ForwardTLS *tls.Config
 	// Etcd is the client for worker liveness; nil disables lease watching
 	// (workers are then never marked lost).
 	Etcd *clientv3.Client
@@ -75,6 +90,7 @@ type Server struct {
 	cfg  Config
 	node *node.Node
 	log  *slog.Logger
+	fwd  *forwarder
 	// ready is true while this replica leads and has applied every entry of
 	// earlier terms (so its reads are current).
 	ready atomic.Bool
@@ -103,16 +119,30 @@ func New(cfg Config) (*Server, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	s := &Server{cfg: cfg, node: cfg.Node, log: log.With("node", cfg.Node.ID())}
+	s.fwd = newForwarder(cfg.ForwardTLS, s.log)
 	cfg.Node.WhileLeader(s.lead)
 	return s, nil
 }
 
+// Close ends forwarding: later calls that a follower would relay fail with
+// Unavailable, and the connection to the leader closes when the relayed
+// calls in flight end. Stop the gRPC server first, so that none is left.
+func (s *Server) Close() error {
+	s.fwd.close()
+	return nil
+}
+
 // GRPCServer returns a gRPC server with both services registered, message
-// size limits, the configured interceptors and the token check; creds may
-// be nil for plaintext.
+// size limits, the configured interceptors, the token check and, inside it,
+// the forwarding to the leader; creds may be nil for plaintext.
 func (s *Server) GRPCServer(creds credentials.TransportCredentials) *grpc.Server {
-	unary := append(slices.Clone(s.cfg.UnaryInterceptors), s.unaryAuth)
-	stream := append(slices.Clone(s.cfg.StreamInterceptors), s.streamAuth)
+	// The token is checked before a call is relayed, so that a follower
+	// never relays a call it would refuse; the leader checks it again.
+	unary := append(slices.Clone(s.cfg.UnaryInterceptors), s.unaryAuth, s.unaryForward)
+	stream := append(slices.Clone(s.cfg.StreamInterceptors), s.streamAuth, s.streamForward)
+	if creds != nil && !s.cfg.NoForward && s.cfg.ForwardTLS == nil {
+		s.log.Warn("the API serves TLS but ForwardTLS is not set: followers relay calls to the leader in plain text, which a leader serving TLS refuses")
+	}
 	opts := []grpc.ServerOption{
 		grpc.MaxRecvMsgSize(MaxMessageBytes),
 		grpc.MaxSendMsgSize(MaxMessageBytes),
