@@ -46,6 +46,8 @@ type config struct {
 	raftAdvertise string
 	apiAddr       string
 	apiAdvertise  string
+	// forward makes followers relay leader-only calls to the leader.
+	forward       bool
 	peers         string
 	etcdEndpoints string
 	etcdPrefix    string
@@ -87,7 +89,9 @@ func parseFlags(args []string) (*config, error) {
 	fs.StringVar(&c.raftAddr, "raft-addr", "127.0.0.1:7401", "raft listen address")
 	fs.StringVar(&c.raftAdvertise, "raft-advertise", "", "raft address other replicas dial (default: this ID's entry in --peers, else --raft-addr)")
 	fs.StringVar(&c.apiAddr, "api-addr", "127.0.0.1:7400", "gRPC API listen address")
-	fs.StringVar(&c.apiAdvertise, "api-advertise", "", "API address followers name when redirecting clients (default --api-addr, with the host name when it listens on all interfaces)")
+	fs.StringVar(&c.apiAdvertise, "api-advertise", "", "API address other replicas forward calls to and followers name when redirecting clients (default --api-addr, with the host name when it listens on all interfaces)")
+	fs.BoolVar(&c.forward, "forward", true, "followers relay calls that need the leader to it over the API (with --tls-* as client certificate), so that a client reaching any one replica works; "+
+		"false: followers answer with the leader's --api-advertise address for the client to dial")
 	fs.StringVar(&c.peers, "peers", "", "static cluster: id=host:raftport,... including this replica; empty runs a single replica")
 	fs.StringVar(&c.etcdEndpoints, "etcd-endpoints", "", "external etcd endpoints (comma-separated); empty runs an embedded etcd: one member per replica with --etcd-client-port and --etcd-peer-port, else (single replica only) one on loopback at a free port")
 	fs.IntVar(&c.etcdClientPort, "etcd-client-port", 0, "embedded etcd cluster: every replica runs one member, named by --id, serving clients on this port of --etcd-listen-host and advertised on the host of its --peers entry; "+
@@ -229,18 +233,23 @@ func run(ctx context.Context, c *config) error {
 	defer n.Close()
 	obs.setNode(n)
 
-	srv, err := server.New(server.Config{
-		Node: n, APIAddr: apiAdvertise, Etcd: etcd, EtcdEndpoints: endpoints, EtcdPrefix: c.etcdPrefix,
+	scfg := server.Config{
+		Node: n, APIAddr: apiAdvertise, NoForward: !c.forward, Etcd: etcd, EtcdEndpoints: endpoints, EtcdPrefix: c.etcdPrefix,
 		LeaseTTL: c.leaseTTL, Token: token, Logger: log,
 		UnaryInterceptors: []grpc.UnaryServerInterceptor{obs.unary}, StreamInterceptors: []grpc.StreamServerInterceptor{obs.stream},
-	})
-	if err != nil {
-		return err
 	}
 	var creds credentials.TransportCredentials
 	if peerTLS != nil {
 		creds = credentials.NewTLS(peerTLS.server)
+		scfg.ForwardTLS = peerTLS.client
 	}
+	srv, err := server.New(scfg)
+	if err != nil {
+		return err
+	}
+	// Deferred after the node's Close, so it runs before it, and after the
+	// API has stopped.
+	defer srv.Close()
 	g := srv.GRPCServer(creds)
 	obs.initMethods(g)
 	lis, err := net.Listen("tcp", c.apiAddr)
