@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/stats"
 	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/reflect/protoregistry"
 
@@ -69,14 +70,19 @@ var leaderMethods = func() map[string]rpcTypes {
 
 // forwarder holds the connection to the leader that a follower relays calls
 // over. The connection is replaced when the leader's address changes; the
-// previous one closes once the calls still using it end.
+// previous one closes once the calls still using it end. It lives while the
+// API has clients connected: as the gRPC server's stats handler the
+// forwarder counts their connections and closes its own after the last one
+// ends, so that a stopped server leaves no connection behind, and dials
+// again for the next relayed call.
 type forwarder struct {
 	creds credentials.TransportCredentials
 	log   *slog.Logger
 
-	mu     sync.Mutex
-	cur    *leaderConn
-	closed bool
+	mu      sync.Mutex
+	cur     *leaderConn
+	clients int // open client connections of the API
+	closed  bool
 }
 
 // leaderConn is one connection to a leader's API, counted by the calls
@@ -162,6 +168,32 @@ func (f *forwarder) close() {
 		f.cur = nil
 	}
 }
+
+// TagConn implements stats.Handler.
+func (f *forwarder) TagConn(ctx context.Context, _ *stats.ConnTagInfo) context.Context { return ctx }
+
+// HandleConn implements stats.Handler: it counts the API's client
+// connections and retires the connection to the leader when none is left.
+func (f *forwarder) HandleConn(_ context.Context, cs stats.ConnStats) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	switch cs.(type) {
+	case *stats.ConnBegin:
+		f.clients++
+	case *stats.ConnEnd:
+		f.clients--
+		if f.clients == 0 && f.cur != nil {
+			f.retireLocked(f.cur)
+			f.cur = nil
+		}
+	}
+}
+
+// TagRPC implements stats.Handler.
+func (f *forwarder) TagRPC(ctx context.Context, _ *stats.RPCTagInfo) context.Context { return ctx }
+
+// HandleRPC implements stats.Handler.
+func (f *forwarder) HandleRPC(context.Context, stats.RPCStats) {}
 
 // route decides how this replica serves a call: locally (nil, nil), relayed
 // over the returned connection to the leader, or not at all (an error

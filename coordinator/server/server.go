@@ -126,7 +126,8 @@ func New(cfg Config) (*Server, error) {
 
 // Close ends forwarding: later calls that a follower would relay fail with
 // Unavailable, and the connection to the leader closes when the relayed
-// calls in flight end. Stop the gRPC server first, so that none is left.
+// calls in flight end. Stopping the gRPC server alone also closes that
+// connection, once its last client connection has ended.
 func (s *Server) Close() error {
 	s.fwd.close()
 	return nil
@@ -140,14 +141,17 @@ func (s *Server) GRPCServer(creds credentials.TransportCredentials) *grpc.Server
 	// never relays a call it would refuse; the leader checks it again.
 	unary := append(slices.Clone(s.cfg.UnaryInterceptors), s.unaryAuth, s.unaryForward)
 	stream := append(slices.Clone(s.cfg.StreamInterceptors), s.streamAuth, s.streamForward)
-	if creds != nil && !s.cfg.NoForward && s.cfg.ForwardTLS == nil {
-		s.log.Warn("the API serves TLS but ForwardTLS is not set: followers relay calls to the leader in plain text, which a leader serving TLS refuses")
-	}
 	opts := []grpc.ServerOption{
 		grpc.MaxRecvMsgSize(MaxMessageBytes),
 		grpc.MaxSendMsgSize(MaxMessageBytes),
 		grpc.ChainUnaryInterceptor(unary...),
 		grpc.ChainStreamInterceptor(stream...),
+	}
+	if !s.cfg.NoForward {
+		opts = append(opts, grpc.StatsHandler(s.fwd))
+		if creds != nil && s.cfg.ForwardTLS == nil {
+			s.log.Warn("the API serves TLS but ForwardTLS is not set: followers relay calls to the leader in plain text, which a leader serving TLS refuses")
+		}
 	}
 	if creds != nil {
 		opts = append(opts, grpc.Creds(creds))

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/goleak"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -25,7 +26,19 @@ import (
 
 var etcdEndpoint string
 
-func TestMain(m *testing.M) { os.Exit(etcdtest.Main(m, &etcdEndpoint)) }
+// TestMain runs the tests against one embedded etcd and then checks that
+// every replica, connection and relayed call of the tests has ended.
+func TestMain(m *testing.M) {
+	before := goleak.IgnoreCurrent()
+	code := etcdtest.Main(m, &etcdEndpoint)
+	if code == 0 {
+		if err := goleak.Find(before); err != nil {
+			fmt.Fprintln(os.Stderr, "goroutines left behind:", err)
+			code = 1
+		}
+	}
+	os.Exit(code)
+}
 
 func testLogger(t *testing.T) *slog.Logger {
 	var on atomic.Bool
