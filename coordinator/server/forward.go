@@ -81,7 +81,8 @@ type forwarder struct {
 
 	mu      sync.Mutex
 	cur     *leaderConn
-	clients int // open client connections of the API
+	clients int    // open client connections of the API
+	logged  string // the leader address last logged
 	closed  bool
 }
 
@@ -104,6 +105,8 @@ func newForwarder(tlsCfg *tls.Config, log *slog.Logger) *forwarder {
 
 // acquire returns a connection to addr that the caller must release.
 func (f *forwarder) acquire(addr string) (*leaderConn, error) {
+	var old *grpc.ClientConn
+	defer func() { closeConn(old, f.log) }()
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.closed {
@@ -125,9 +128,12 @@ func (f *forwarder) acquire(addr string) (*leaderConn, error) {
 			return nil, fmt.Errorf("%w: dial leader at %s: %v", errNoLeader, addr, err)
 		}
 		if f.cur != nil {
-			f.retireLocked(f.cur)
+			old = f.retireLocked(f.cur)
 		}
-		f.log.Info("forwarding calls to the leader", "addr", addr)
+		if addr != f.logged {
+			f.log.Info("relaying calls to the leader", "addr", addr)
+			f.logged = addr
+		}
 		f.cur = &leaderConn{addr: addr, cc: cc}
 	}
 	f.cur.refs++
@@ -137,23 +143,42 @@ func (f *forwarder) acquire(addr string) (*leaderConn, error) {
 // release ends one call's use of lc.
 func (f *forwarder) release(lc *leaderConn) {
 	f.mu.Lock()
-	defer f.mu.Unlock()
 	lc.refs--
+	var done *grpc.ClientConn
 	if lc.retired && lc.refs == 0 {
-		f.closeConn(lc)
+		done = lc.cc
 	}
+	f.mu.Unlock()
+	closeConn(done, f.log)
 }
 
-func (f *forwarder) retireLocked(lc *leaderConn) {
+// retireLocked marks lc for closing once its calls end; it returns lc's
+// connection when none is in flight, for the caller to close after
+// unlocking.
+func (f *forwarder) retireLocked(lc *leaderConn) *grpc.ClientConn {
 	lc.retired = true
 	if lc.refs == 0 {
-		f.closeConn(lc)
+		return lc.cc
 	}
+	return nil
 }
 
-func (f *forwarder) closeConn(lc *leaderConn) {
-	if err := lc.cc.Close(); err != nil {
-		f.log.Warn("close connection to former leader", "addr", lc.addr, "err", err)
+// dropLocked retires the current connection, if any.
+func (f *forwarder) dropLocked() *grpc.ClientConn {
+	if f.cur == nil {
+		return nil
+	}
+	cc := f.retireLocked(f.cur)
+	f.cur = nil
+	return cc
+}
+
+func closeConn(cc *grpc.ClientConn, log *slog.Logger) {
+	if cc == nil {
+		return
+	}
+	if err := cc.Close(); err != nil {
+		log.Warn("close connection to the leader", "addr", cc.Target(), "err", err)
 	}
 }
 
@@ -161,12 +186,10 @@ func (f *forwarder) closeConn(lc *leaderConn) {
 // its calls end (at once when none is in flight).
 func (f *forwarder) close() {
 	f.mu.Lock()
-	defer f.mu.Unlock()
 	f.closed = true
-	if f.cur != nil {
-		f.retireLocked(f.cur)
-		f.cur = nil
-	}
+	cc := f.dropLocked()
+	f.mu.Unlock()
+	closeConn(cc, f.log)
 }
 
 // TagConn implements stats.Handler.
@@ -175,18 +198,18 @@ func (f *forwarder) TagConn(ctx context.Context, _ *stats.ConnTagInfo) context.C
 // HandleConn implements stats.Handler: it counts the API's client
 // connections and retires the connection to the leader when none is left.
 func (f *forwarder) HandleConn(_ context.Context, cs stats.ConnStats) {
+	var idle *grpc.ClientConn
 	f.mu.Lock()
-	defer f.mu.Unlock()
 	switch cs.(type) {
 	case *stats.ConnBegin:
 		f.clients++
 	case *stats.ConnEnd:
-		f.clients--
-		if f.clients == 0 && f.cur != nil {
-			f.retireLocked(f.cur)
-			f.cur = nil
+		if f.clients--; f.clients == 0 {
+			idle = f.dropLocked()
 		}
 	}
+	f.mu.Unlock()
+	closeConn(idle, f.log)
 }
 
 // TagRPC implements stats.Handler.
