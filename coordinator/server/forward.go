@@ -140,13 +140,18 @@ func (f *forwarder) acquire(addr string) (*leaderConn, error) {
 	return f.cur, nil
 }
 
-// release ends one call's use of lc.
+// release ends one call's use of lc. A call that outlived the last client
+// connection (a server stopped without waiting for its handlers) retires
+// the connection it used, as that connection's end would have.
 func (f *forwarder) release(lc *leaderConn) {
 	f.mu.Lock()
 	lc.refs--
 	var done *grpc.ClientConn
-	if lc.retired && lc.refs == 0 {
+	switch {
+	case lc.retired && lc.refs == 0:
 		done = lc.cc
+	case lc == f.cur && f.clients == 0:
+		done = f.dropLocked()
 	}
 	f.mu.Unlock()
 	closeConn(done, f.log)
