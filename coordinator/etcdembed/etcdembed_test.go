@@ -10,7 +10,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -18,24 +17,13 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/m2train/m2train/coordinator/security"
+	"github.com/m2train/m2train/tools/testlog"
 )
 
 // testLogger routes logs to t.Log until the test's cleanup stops it.
 func testLogger(t *testing.T) *slog.Logger {
-	var on atomic.Bool
-	on.Store(true)
-	t.Cleanup(func() { on.Store(false) })
-	return slog.New(slog.NewTextHandler(writerFunc(func(p []byte) (int, error) {
-		if on.Load() {
-			t.Log(strings.TrimSpace(string(p)))
-		}
-		return len(p), nil
-	}), nil))
+	return testlog.New(t, slog.LevelInfo)
 }
-
-type writerFunc func([]byte) (int, error)
-
-func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
 
 func freeAddr(t *testing.T) string {
 	t.Helper()

@@ -11,7 +11,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -29,6 +28,7 @@ import (
 	"github.com/m2train/m2train/coordinator/node"
 	"github.com/m2train/m2train/coordinator/security"
 	pb "github.com/m2train/m2train/proto/coordinator/v1"
+	"github.com/m2train/m2train/tools/testlog"
 )
 
 const testSpec = `name: tiny
@@ -40,20 +40,8 @@ schedule: {total_steps: 10}
 // logTo routes logs to t.Log until the test's cleanup stops it, so that a
 // late line from a closing goroutine cannot fail the test.
 func logTo(t *testing.T, prefix string) io.Writer {
-	var on atomic.Bool
-	on.Store(true)
-	t.Cleanup(func() { on.Store(false) })
-	return writerFunc(func(p []byte) (int, error) {
-		if on.Load() {
-			t.Log(prefix + strings.TrimSpace(string(p)))
-		}
-		return len(p), nil
-	})
+	return testlog.Writer(t, prefix)
 }
-
-type writerFunc func([]byte) (int, error)
-
-func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
 
 // ports returns n distinct ports, each free on every host at once.
 func ports(t *testing.T, n int, hosts ...string) []int {

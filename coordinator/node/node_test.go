@@ -18,6 +18,7 @@ import (
 	"github.com/m2train/m2train/coordinator/fsm"
 	"github.com/m2train/m2train/coordinator/jobspec"
 	"github.com/m2train/m2train/coordinator/security"
+	"github.com/m2train/m2train/tools/testlog"
 )
 
 func TestMain(m *testing.M) {
@@ -27,20 +28,8 @@ func TestMain(m *testing.M) {
 // testLogger routes logs to t.Log until the test's cleanup stops it, so that
 // a late line from a closing goroutine cannot fail the test.
 func testLogger(t *testing.T) *slog.Logger {
-	var on atomic.Bool
-	on.Store(true)
-	t.Cleanup(func() { on.Store(false) })
-	return slog.New(slog.NewTextHandler(writerFunc(func(p []byte) (int, error) {
-		if on.Load() {
-			t.Log(string(p))
-		}
-		return len(p), nil
-	}), &slog.HandlerOptions{Level: slog.LevelWarn}))
+	return testlog.New(t, slog.LevelWarn)
 }
-
-type writerFunc func([]byte) (int, error)
-
-func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
 
 // faultLayer is a TCP stream layer that can be cut off from every peer: while
 // isolated it refuses to dial, drops accepted connections and has closed all

@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"os"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -22,6 +21,7 @@ import (
 	"github.com/m2train/m2train/coordinator/internal/etcdtest"
 	"github.com/m2train/m2train/coordinator/membership"
 	pb "github.com/m2train/m2train/proto/coordinator/v1"
+	"github.com/m2train/m2train/tools/testlog"
 )
 
 var etcdEndpoint string
@@ -41,20 +41,8 @@ func TestMain(m *testing.M) {
 }
 
 func testLogger(t *testing.T) *slog.Logger {
-	var on atomic.Bool
-	on.Store(true)
-	t.Cleanup(func() { on.Store(false) })
-	return slog.New(slog.NewTextHandler(writerFunc(func(p []byte) (int, error) {
-		if on.Load() {
-			t.Log(strings.TrimSpace(string(p)))
-		}
-		return len(p), nil
-	}), &slog.HandlerOptions{Level: slog.LevelWarn}))
+	return testlog.New(t, slog.LevelWarn)
 }
-
-type writerFunc func([]byte) (int, error)
-
-func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
 
 func startCluster(t *testing.T, opts coordtest.Options) *coordtest.Cluster {
 	t.Helper()

@@ -11,7 +11,6 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -27,6 +26,7 @@ import (
 	"github.com/m2train/m2train/coordinator/security"
 	"github.com/m2train/m2train/model/ref"
 	pb "github.com/m2train/m2train/proto/coordinator/v1"
+	"github.com/m2train/m2train/tools/testlog"
 	"github.com/m2train/m2train/worker/agent"
 	"github.com/m2train/m2train/worker/checkpoint"
 	"github.com/m2train/m2train/worker/data"
@@ -67,20 +67,8 @@ func TestMain(m *testing.M) {
 
 // testLogger routes logs at level and above to t.Log while the test runs.
 func testLogger(t *testing.T, level slog.Level) *slog.Logger {
-	var on atomic.Bool
-	on.Store(true)
-	t.Cleanup(func() { on.Store(false) })
-	return slog.New(slog.NewTextHandler(writerFunc(func(p []byte) (int, error) {
-		if on.Load() {
-			t.Log(strings.TrimSpace(string(p)))
-		}
-		return len(p), nil
-	}), &slog.HandlerOptions{Level: level}))
+	return testlog.New(t, level)
 }
-
-type writerFunc func([]byte) (int, error)
-
-func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
 
 // makeDataset writes a small byte-level dataset (with end-of-document
 // tokens, vocabulary 257) in several shards.

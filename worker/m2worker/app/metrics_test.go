@@ -24,6 +24,7 @@ import (
 	"github.com/m2train/m2train/coordinator/coordtest"
 	"github.com/m2train/m2train/coordinator/etcdembed"
 	pb "github.com/m2train/m2train/proto/coordinator/v1"
+	"github.com/m2train/m2train/tools/testlog"
 	"github.com/m2train/m2train/worker/agent"
 	"github.com/m2train/m2train/worker/data"
 	"github.com/m2train/m2train/worker/gpuinfo"
@@ -152,20 +153,8 @@ func (s scrape) names(prefix string) []string {
 }
 
 func quietLogger(t *testing.T) *slog.Logger {
-	var on atomic.Bool
-	on.Store(true)
-	t.Cleanup(func() { on.Store(false) })
-	return slog.New(slog.NewTextHandler(writerFunc(func(p []byte) (int, error) {
-		if on.Load() {
-			t.Log(strings.TrimSpace(string(p)))
-		}
-		return len(p), nil
-	}), &slog.HandlerOptions{Level: slog.LevelInfo}))
+	return testlog.New(t, slog.LevelInfo)
 }
-
-type writerFunc func([]byte) (int, error)
-
-func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
 
 // serveMetrics starts m's endpoint on a free loopback port.
 func serveMetrics(t *testing.T, m *metrics) string {
@@ -464,10 +453,7 @@ func startWorker(t *testing.T, ctx context.Context, id string, args []string, ed
 	}
 	w := &workerAt{id: id, done: make(chan error, 1)}
 	serving := make(chan string, 1)
-	stderr := writerFunc(func(p []byte) (int, error) {
-		t.Logf("%s: %s", id, strings.TrimSpace(string(p)))
-		return len(p), nil
-	})
+	stderr := testlog.Writer(t, id+": ")
 	go func() {
 		w.done <- run(ctx, c, stderr, runHooks{metricsAddr: func(a net.Addr) { serving <- a.String() }, agentConfig: edit})
 	}()
