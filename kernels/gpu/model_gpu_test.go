@@ -183,21 +183,7 @@ func TestMicroBatchesAndHeadBlocks(t *testing.T) {
 	params := noisyParams(t, cfg, 13)
 	b1, b2 := randomBatch(cfg, 2, 10, 5), randomBatch(cfg, 1, 13, 6)
 	count := b1.Counted() + b2.Counted()
-	cpu, err := ref.New[float64](cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for i, v := range params {
-		cpu.Params()[i] = float64(v)
-	}
-	var wantSum float64
-	for _, b := range []*model.Batch{b1, b2} {
-		r, err := cpu.ForwardBackward(ctx, b, model.StepOptions{Count: count})
-		if err != nil {
-			t.Fatal(err)
-		}
-		wantSum += r.LossSum
-	}
+	wantSum, wantGrads := refStep(t, cfg, params, count, b1, b2)
 	for _, p := range precisions {
 		t.Run(p.String(), func(t *testing.T) {
 			m, err := New(gpuLib, cfg, Options{Precision: p, ExplicitSync: true, HeadBlock: 7})
@@ -221,7 +207,7 @@ func TestMicroBatchesAndHeadBlocks(t *testing.T) {
 			tol := tolFor(p)
 			compareLoss(t, "microbatches/loss", p, sum/float64(count), wantSum/float64(count), tol.loss)
 			g := widen(gradsOf(t, m))
-			e := measure(g, cpu.Grads())
+			e := measure(g, wantGrads)
 			if p == F32 {
 				report(t, "microbatches/grad.all", p, "max_rel", e.maxRel, tol.grad, e.nonFinite)
 			} else {
@@ -251,21 +237,7 @@ func TestPackedHead(t *testing.T) {
 		b2.Targets[i] = -1
 	}
 	count := b1.Counted() + b2.Counted()
-	cpu, err := ref.New[float64](cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for i, v := range params {
-		cpu.Params()[i] = float64(v)
-	}
-	var wantSum float64
-	for _, b := range []*model.Batch{b1, b2} {
-		r, err := cpu.ForwardBackward(ctx, b, model.StepOptions{Count: count})
-		if err != nil {
-			t.Fatal(err)
-		}
-		wantSum += r.LossSum
-	}
+	wantSum, wantGrads := refStep(t, cfg, params, count, b1, b2)
 	for _, p := range precisions {
 		t.Run(p.String(), func(t *testing.T) {
 			run := func(dense bool) (float64, []float32) {
@@ -294,7 +266,7 @@ func TestPackedHead(t *testing.T) {
 			tol := tolFor(p)
 			compareLoss(t, "packed-head/loss", p, packedSum/float64(count), wantSum/float64(count), tol.loss)
 			g := widen(packedGrads)
-			e := measure(g, cpu.Grads())
+			e := measure(g, wantGrads)
 			if p == F32 {
 				report(t, "packed-head/grad.all", p, "max_rel", e.maxRel, tol.grad, e.nonFinite)
 			} else {
@@ -424,4 +396,27 @@ func TestSyncModesAndOptimizer(t *testing.T) {
 		t.Error("Forward after Close succeeded")
 	}
 	fmt.Println("device:", auto.Device())
+}
+
+// refStep runs the float64 CPU reference with params over batches, each a
+// micro-batch of one step that counts count targets, and returns the loss
+// sum and the accumulated gradients.
+func refStep(t *testing.T, cfg model.Config, params []float32, count int, batches ...*model.Batch) (float64, []float64) {
+	t.Helper()
+	cpu, err := ref.New[float64](cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, v := range params {
+		cpu.Params()[i] = float64(v)
+	}
+	var sum float64
+	for _, b := range batches {
+		r, err := cpu.ForwardBackward(context.Background(), b, model.StepOptions{Count: count})
+		if err != nil {
+			t.Fatal(err)
+		}
+		sum += r.LossSum
+	}
+	return sum, cpu.Grads()
 }
