@@ -254,7 +254,7 @@ func TestPlotSweepTable(t *testing.T) {
 
 // tinyGrid is a two-point sweep that trains in well under a second.
 var tinyGrid = []string{"--seq-lens", "16", "--d-models", "16", "--d-states", "4,8", "--vocab-size", "32", "--num-pairs", "2",
-	"--steps", "3", "--batch", "2", "--headdim", "8", "--chunk-size", "8", "--eval-samples", "16", "--eval-every", "2", "--n-layer", "1"}
+	"--steps", "3", "--batch", "2", "--headdim", "8", "--chunk-size", "8", "--eval-samples", "16", "--eval-every", "2", "--n-layer", "1", "--lrs", "0.001"}
 
 func readCSV(t *testing.T, path string) []map[string]string {
 	t.Helper()
@@ -348,14 +348,14 @@ func TestSweepMQAR(t *testing.T) {
 func TestSweepMQARDryRunAndBadFlags(t *testing.T) {
 	dir := t.TempDir()
 	out, code := m2ctl(t, "sweep", "mqar", "--out", dir, "--dry-run", "--backend", "cuda")
-	if code != 0 || !strings.Contains(out, "12 grid points") {
+	if code != 0 || !strings.Contains(out, "36 grid points") {
 		t.Fatalf("dry run of the default grid: exit %d: %s", code, out)
 	}
 	specs, _ := filepath.Glob(filepath.Join(dir, "specs", "*.yaml"))
-	if len(specs) != 12 {
-		t.Errorf("%d specs written, want 12", len(specs))
+	if len(specs) != 36 {
+		t.Errorf("%d specs written, want 36", len(specs))
 	}
-	doc, err := os.ReadFile(filepath.Join(dir, "specs", "mqar-l512-d128-n256.yaml"))
+	doc, err := os.ReadFile(filepath.Join(dir, "specs", "mqar-l512-d128-n256-lr4e-02.yaml"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -363,8 +363,10 @@ func TestSweepMQARDryRunAndBadFlags(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c := spec.Model.Config; c.NLayer != 2 || c.DState != 256 || c.DModel != 128 || spec.Data.MQAR.NumPairs != 128 || spec.Backend != "cuda" || spec.Schedule.TotalSteps != 2000 {
-		t.Errorf("default grid's largest point: model %+v, mqar %+v, backend %s", c, spec.Data.MQAR, spec.Backend)
+	if c := spec.Model.Config; c.NLayer != 2 || c.DState != 256 || c.DModel != 128 || spec.Data.MQAR.NumPairs != 128 || spec.Backend != "cuda" ||
+		spec.Schedule.TotalSteps != 20000 || spec.Schedule.WarmupSteps != 2000 || spec.Optimizer.LR != 0.04 || spec.Batch.GlobalBatch != 64 {
+		t.Errorf("default grid's largest point: model %+v, mqar %+v, backend %s, schedule %+v, optimizer %+v, batch %+v",
+			c, spec.Data.MQAR, spec.Backend, spec.Schedule, spec.Optimizer, spec.Batch)
 	}
 	if _, err := os.Stat(filepath.Join(dir, "results.csv")); err == nil {
 		t.Errorf("a dry run wrote results")

@@ -106,7 +106,7 @@ func startSweepCluster(t *testing.T, workers int, token string) (*client.Client,
 // clusterGrid is a two-point sweep small enough for CPU workers of a
 // loaded test machine.
 var clusterGrid = []string{"--seq-lens", "32", "--d-models", "16,32", "--d-states", "8", "--vocab-size", "64", "--num-pairs", "4",
-	"--steps", "6", "--batch", "4", "--headdim", "8", "--chunk-size", "16", "--eval-samples", "32"}
+	"--steps", "6", "--batch", "4", "--headdim", "8", "--chunk-size", "16", "--eval-samples", "32", "--lrs", "0.001"}
 
 // jobsNamed returns the cluster's jobs of that name.
 func jobsNamed(t *testing.T, cl *client.Client, name string) []*pb.Job {
@@ -253,7 +253,7 @@ func TestSweepMQARCluster(t *testing.T) {
 // cluster.
 func TestSweepMQARClusterFlags(t *testing.T) {
 	dir := t.TempDir()
-	out, code := m2ctl(t, "sweep", "mqar", "--out", dir, "--dry-run", "--coordinator", "127.0.0.1:1", "--checkpoints", "s3://bucket/mqar", "--steps", "100")
+	out, code := m2ctl(t, "sweep", "mqar", "--out", dir, "--dry-run", "--coordinator", "127.0.0.1:1", "--checkpoints", "s3://bucket/mqar", "--steps", "100", "--lrs", "0.02")
 	if code != 0 {
 		t.Fatalf("dry run: exit %d:\n%s", code, out)
 	}
