@@ -8,7 +8,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -16,27 +15,11 @@ import (
 	"github.com/m2train/m2train/coordinator/coordtest"
 	"github.com/m2train/m2train/coordinator/etcdembed"
 	pb "github.com/m2train/m2train/proto/coordinator/v1"
+	"github.com/m2train/m2train/tools/testlog"
 	"github.com/m2train/m2train/worker/agent"
 	"github.com/m2train/m2train/worker/checkpoint"
 	"github.com/m2train/m2train/worker/metrics"
 )
-
-// sweepTestLogger routes warnings of the cluster's parts to t.Log while the
-// test runs.
-func sweepTestLogger(t *testing.T) *slog.Logger {
-	var on atomic.Bool
-	on.Store(true)
-	t.Cleanup(func() { on.Store(false) })
-	return slog.New(slog.NewTextHandler(testLogWriter(func(p []byte) {
-		if on.Load() {
-			t.Log(strings.TrimSpace(string(p)))
-		}
-	}), &slog.HandlerOptions{Level: slog.LevelWarn}))
-}
-
-type testLogWriter func([]byte)
-
-func (w testLogWriter) Write(p []byte) (int, error) { w(p); return len(p), nil }
 
 // startSweepCluster runs a cluster in the test's process: an embedded
 // etcd, one coordinator replica that requires token, and workers CPU
@@ -52,7 +35,7 @@ func startSweepCluster(t *testing.T, workers int, token string) (*client.Client,
 	}
 	t.Cleanup(etcd.Close)
 	const prefix = "/sweep-test/"
-	log := sweepTestLogger(t)
+	log := testlog.New(t, slog.LevelWarn)
 	c, err := coordtest.Start(coordtest.Options{Replicas: 1, Dir: t.TempDir(), EtcdEndpoints: []string{etcd.Endpoint()},
 		EtcdPrefix: prefix, LeaseTTL: 3, Token: token, Node: coordtest.FastNode, Logger: log})
 	if err != nil {
