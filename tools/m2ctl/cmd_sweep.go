@@ -107,9 +107,9 @@ The default grid is the paper's: sequence lengths 256 and 512, d_model 64 and
 128, d_state 16, 64 and 256, two layers, vocabulary 8192 and seq_len/4
 key-value pairs, each point trained for 20,000 steps of 64 sequences at peak
 learning rates 1e-2, 2e-2 and 4e-2 (docs/mqar.md §8 says why). Points whose
-result exists for the same spec are not trained
-again, so an interrupted sweep continues where it stopped. --dry-run writes the
-specs and lists the grid without training.
+result exists for the same spec are not trained again, so an interrupted sweep
+continues where it stopped. --dry-run writes the specs and lists the grid
+without training.
 
 Without --coordinator every point trains in this process, one after the
 other. With --coordinator the points run as jobs on that cluster (on its GPU
