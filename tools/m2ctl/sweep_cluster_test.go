@@ -175,7 +175,11 @@ func TestSweepMQARCluster(t *testing.T) {
 		}
 		jobs := jobsNamed(t, cl, name)
 		if len(jobs) != 1 || jobs[0].GetState() != pb.JobState_JOB_STATE_SUCCEEDED {
-			t.Fatalf("%s: %d jobs on the cluster, want 1 that succeeded: %v", name, len(jobs), jobs)
+			var got []string
+			for _, j := range jobs {
+				got = append(got, j.GetId()+" "+jobStateName(j.GetState()))
+			}
+			t.Fatalf("%s: jobs on the cluster %v, want one that succeeded", name, got)
 		}
 		id := jobs[0].GetId()
 		if name == early && id != pre.GetId() {
