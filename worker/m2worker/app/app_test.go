@@ -15,6 +15,7 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/m2train/m2train/coordinator/client"
 	"github.com/m2train/m2train/coordinator/coordtest"
 	"github.com/m2train/m2train/coordinator/etcdembed"
 	"github.com/m2train/m2train/coordinator/membership"
@@ -78,31 +79,9 @@ func TestSIGTERM(t *testing.T) {
 	dir := t.TempDir()
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	etcd, err := etcdembed.Start(ctx, filepath.Join(dir, "etcd"), "127.0.0.1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer etcd.Close()
 	const prefix = "/sigterm/"
-	c, err := coordtest.Start(coordtest.Options{Replicas: 1, Dir: filepath.Join(dir, "coord"), EtcdEndpoints: []string{etcd.Endpoint()},
-		EtcdPrefix: prefix, LeaseTTL: 60, Node: coordtest.FastNode})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	cl, err := c.Client()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cl.Close()
-
-	src := filepath.Join(dir, "src")
-	os.MkdirAll(src, 0o755)
-	os.WriteFile(filepath.Join(src, "a.go"), bytes.Repeat([]byte("package a // some text to learn\n"), 400), 0o644)
-	dataDir := filepath.Join(dir, "data")
-	if _, err := data.Prepare(ctx, []string{src}, dataDir, data.PrepareOptions{EOD: true}); err != nil {
-		t.Fatal(err)
-	}
+	tc := startTestCluster(ctx, t, dir, prefix)
+	etcd, c, cl, dataDir := tc.etcd, tc.coord, tc.client, tc.dataDir
 
 	var out bytes.Buffer
 	cmd := exec.Command(os.Args[0], "--id", "w0", "--coordinator", strings.Join(c.Addrs(), ","), "--advertise-host", "127.0.0.1",
@@ -184,3 +163,46 @@ backend: cpu
 }
 
 var errTraining = fmt.Errorf("condition met")
+
+// testCluster is an embedded etcd, a one-replica coordinator, a client of
+// it and a small byte-level dataset, for the tests of whole workers.
+type testCluster struct {
+	etcd    *etcdembed.Server
+	coord   *coordtest.Cluster
+	client  *client.Client
+	dataDir string
+}
+
+// startTestCluster starts a testCluster under dir whose coordinator uses
+// etcd key prefix; everything stops at the end of the test.
+func startTestCluster(ctx context.Context, t *testing.T, dir, prefix string) testCluster {
+	t.Helper()
+	etcd, err := etcdembed.Start(ctx, filepath.Join(dir, "etcd"), "127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(etcd.Close)
+	c, err := coordtest.Start(coordtest.Options{Replicas: 1, Dir: filepath.Join(dir, "coord"), EtcdEndpoints: []string{etcd.Endpoint()},
+		EtcdPrefix: prefix, LeaseTTL: 60, Node: coordtest.FastNode})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	cl, err := c.Client()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cl.Close() })
+	src := filepath.Join(dir, "src")
+	if err := os.MkdirAll(src, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(src, "a.go"), bytes.Repeat([]byte("package a // some text to learn\n"), 400), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	dataDir := filepath.Join(dir, "data")
+	if _, err := data.Prepare(ctx, []string{src}, dataDir, data.PrepareOptions{EOD: true}); err != nil {
+		t.Fatal(err)
+	}
+	return testCluster{etcd: etcd, coord: c, client: cl, dataDir: dataDir}
+}

@@ -21,12 +21,9 @@ import (
 	"github.com/prometheus/common/model"
 
 	"github.com/m2train/m2train/collective"
-	"github.com/m2train/m2train/coordinator/coordtest"
-	"github.com/m2train/m2train/coordinator/etcdembed"
 	pb "github.com/m2train/m2train/proto/coordinator/v1"
 	"github.com/m2train/m2train/tools/testlog"
 	"github.com/m2train/m2train/worker/agent"
-	"github.com/m2train/m2train/worker/data"
 	"github.com/m2train/m2train/worker/gpuinfo"
 )
 
@@ -535,30 +532,9 @@ func TestWorkerMetrics(t *testing.T) {
 	dir := t.TempDir()
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	etcd, err := etcdembed.Start(ctx, filepath.Join(dir, "etcd"), "127.0.0.1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer etcd.Close()
 	const prefix = "/metrics/"
-	c, err := coordtest.Start(coordtest.Options{Replicas: 1, Dir: filepath.Join(dir, "coord"), EtcdEndpoints: []string{etcd.Endpoint()},
-		EtcdPrefix: prefix, LeaseTTL: 60, Node: coordtest.FastNode})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	cl, err := c.Client()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cl.Close()
-	src := filepath.Join(dir, "src")
-	os.MkdirAll(src, 0o755)
-	os.WriteFile(filepath.Join(src, "a.go"), []byte(strings.Repeat("package a // some text to learn\n", 400)), 0o644)
-	dataDir := filepath.Join(dir, "data")
-	if _, err := data.Prepare(ctx, []string{src}, dataDir, data.PrepareOptions{EOD: true}); err != nil {
-		t.Fatal(err)
-	}
+	tc := startTestCluster(ctx, t, dir, prefix)
+	c, cl, dataDir := tc.coord, tc.client, tc.dataDir
 
 	// Each worker's ranks hold after step 5 until released.
 	const holdStep, steps = 5, 12
