@@ -112,8 +112,6 @@ import (
 	"github.com/minio/minio-go/v7"
 	miniocreds "github.com/minio/minio-go/v7/pkg/credentials"
 	dto "github.com/prometheus/client_model/go"
-	"github.com/prometheus/common/expfmt"
-	"github.com/prometheus/common/model"
 	"helm.sh/helm/v3/pkg/chart/loader"
 	"helm.sh/helm/v3/pkg/chartutil"
 	appsv1 "k8s.io/api/apps/v1"
@@ -127,6 +125,7 @@ import (
 	"github.com/m2train/m2train/coordinator/security"
 	"github.com/m2train/m2train/helm"
 	pb "github.com/m2train/m2train/proto/coordinator/v1"
+	"github.com/m2train/m2train/tools/promtest"
 	"github.com/m2train/m2train/worker/checkpoint/s3gw"
 	"github.com/m2train/m2train/worker/data"
 )
@@ -1463,33 +1462,7 @@ func (c *launchCluster) scrape(lc *launchContainer) (map[string]*dto.MetricFamil
 	if code != http.StatusOK {
 		return nil, fmt.Errorf("GET %s: %d", u, code)
 	}
-	parser := expfmt.NewTextParser(model.UTF8Validation)
-	return parser.TextToMetricFamilies(strings.NewReader(body))
-}
-
-// launchMetric returns the value of name{labels...} and whether it exists.
-func launchMetric(mfs map[string]*dto.MetricFamily, name string, lv ...string) (float64, bool) {
-next:
-	for _, m := range mfs[name].GetMetric() {
-		have := map[string]string{}
-		for _, lp := range m.GetLabel() {
-			have[lp.GetName()] = lp.GetValue()
-		}
-		for i := 0; i+1 < len(lv); i += 2 {
-			if have[lv[i]] != lv[i+1] {
-				continue next
-			}
-		}
-		switch {
-		case m.Gauge != nil:
-			return m.GetGauge().GetValue(), true
-		case m.Counter != nil:
-			return m.GetCounter().GetValue(), true
-		case m.Untyped != nil:
-			return m.GetUntyped().GetValue(), true
-		}
-	}
-	return 0, false
+	return promtest.Parse(body)
 }
 
 // checkCluster waits until the coordinators' metrics show one leader among
@@ -1508,12 +1481,12 @@ func (c *launchCluster) checkCluster() {
 			if err != nil {
 				return false, fmt.Sprintf("%s: %v", lc, err)
 			}
-			if v, _ := launchMetric(mfs, "m2train_coordinator_raft_peers"); int(v) != len(coords) {
+			if v, _ := promtest.Value(mfs, "m2train_coordinator_raft_peers"); int(v) != len(coords) {
 				return false, fmt.Sprintf("%s counts %v voters, want %d", lc, v, len(coords))
 			}
-			if v, _ := launchMetric(mfs, "m2train_coordinator_is_leader"); v == 1 {
+			if v, _ := promtest.Value(mfs, "m2train_coordinator_is_leader"); v == 1 {
 				leaders = append(leaders, lc.String())
-				if alive, _ := launchMetric(mfs, "m2train_coordinator_workers", "state", "alive"); int(alive) != len(workers) {
+				if alive, _ := promtest.Value(mfs, "m2train_coordinator_workers", "state", "alive"); int(alive) != len(workers) {
 					return false, fmt.Sprintf("the leader %s has %v workers alive, want %d", lc, alive, len(workers))
 				}
 			}
@@ -1529,10 +1502,10 @@ func (c *launchCluster) checkCluster() {
 		if err != nil {
 			c.t.Fatalf("%s: %v", lc, err)
 		}
-		if v, _ := launchMetric(mfs, "m2train_worker_info", "device", "cpu"); v != 1 {
+		if v, _ := promtest.Value(mfs, "m2train_worker_info", "device", "cpu"); v != 1 {
 			c.t.Errorf("%s does not train on the CPU: m2train_worker_info{device=\"cpu\"} = %v", lc, v)
 		}
-		if v, _ := launchMetric(mfs, "m2train_worker_ready"); v != 1 {
+		if v, _ := promtest.Value(mfs, "m2train_worker_ready"); v != 1 {
 			c.t.Errorf("%s: m2train_worker_ready = %v, want 1", lc, v)
 		}
 	}
@@ -1683,7 +1656,7 @@ backend: cpu
 			if err != nil {
 				return false, fmt.Sprintf("%s: %v", lc, err)
 			}
-			v, _ := launchMetric(mfs, "m2train_worker_rank_ends_total", "outcome", "finished")
+			v, _ := promtest.Value(mfs, "m2train_worker_rank_ends_total", "outcome", "finished")
 			finished += v
 		}
 		return int(finished) == dp, fmt.Sprintf("the workers count %v ranks finished", finished)

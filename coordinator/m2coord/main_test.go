@@ -15,8 +15,6 @@ import (
 	"time"
 
 	dto "github.com/prometheus/client_model/go"
-	"github.com/prometheus/common/expfmt"
-	"github.com/prometheus/common/model"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 	"google.golang.org/grpc/codes"
@@ -28,6 +26,7 @@ import (
 	"github.com/m2train/m2train/coordinator/node"
 	"github.com/m2train/m2train/coordinator/security"
 	pb "github.com/m2train/m2train/proto/coordinator/v1"
+	"github.com/m2train/m2train/tools/promtest"
 	"github.com/m2train/m2train/tools/testlog"
 )
 
@@ -173,47 +172,16 @@ func (r *replica) scrape() map[string]*dto.MetricFamily {
 	if err != nil || code != http.StatusOK {
 		r.t.Fatalf("GET /metrics: %d, %v", code, err)
 	}
-	p := expfmt.NewTextParser(model.UTF8Validation)
-	mfs, err := p.TextToMetricFamilies(strings.NewReader(body))
+	mfs, err := promtest.Parse(body)
 	if err != nil {
 		r.t.Fatalf("parse /metrics: %v\n%s", err, body)
 	}
 	return mfs
 }
 
-// value returns the value of the series name{labels} (for a histogram, its
-// sample count), and whether it exists.
-func value(mfs map[string]*dto.MetricFamily, name string, labels ...string) (float64, bool) {
-	mf, ok := mfs[name]
-	if !ok {
-		return 0, false
-	}
-next:
-	for _, m := range mf.GetMetric() {
-		have := map[string]string{}
-		for _, lp := range m.GetLabel() {
-			have[lp.GetName()] = lp.GetValue()
-		}
-		for i := 0; i+1 < len(labels); i += 2 {
-			if have[labels[i]] != labels[i+1] {
-				continue next
-			}
-		}
-		switch {
-		case m.Gauge != nil:
-			return m.GetGauge().GetValue(), true
-		case m.Counter != nil:
-			return m.GetCounter().GetValue(), true
-		case m.Histogram != nil:
-			return float64(m.GetHistogram().GetSampleCount()), true
-		}
-	}
-	return 0, false
-}
-
 func mustValue(t *testing.T, mfs map[string]*dto.MetricFamily, name string, labels ...string) float64 {
 	t.Helper()
-	v, ok := value(mfs, name, labels...)
+	v, ok := promtest.Value(mfs, name, labels...)
 	if !ok {
 		t.Fatalf("series %s%v missing", name, labels)
 	}
@@ -244,7 +212,7 @@ func TestSingleReplicaMetricsAndHealth(t *testing.T) {
 	}
 	// raft reports leader changes to an observer asynchronously.
 	waitFor(t, time.Minute, "the leader change to be counted", func() bool {
-		v, _ := value(r.scrape(), "m2train_coordinator_raft_leader_changes_total")
+		v, _ := promtest.Value(r.scrape(), "m2train_coordinator_raft_leader_changes_total")
 		return v >= 1
 	})
 
@@ -461,16 +429,16 @@ func testThreeReplicas(t *testing.T, withTLS bool) {
 		leader = -1
 		for i, r := range reps {
 			mfs := r.scrape()
-			if v, _ := value(mfs, "m2train_coordinator_raft_peers"); v != 3 {
+			if v, _ := promtest.Value(mfs, "m2train_coordinator_raft_peers"); v != 3 {
 				return false
 			}
-			if v, _ := value(mfs, "m2train_coordinator_workers", "state", "alive"); v != 1 {
+			if v, _ := promtest.Value(mfs, "m2train_coordinator_workers", "state", "alive"); v != 1 {
 				return false
 			}
-			if v, _ := value(mfs, "m2train_coordinator_jobs", "state", "running"); v != 1 {
+			if v, _ := promtest.Value(mfs, "m2train_coordinator_jobs", "state", "running"); v != 1 {
 				return false
 			}
-			if v, _ := value(mfs, "m2train_coordinator_is_leader"); v == 1 {
+			if v, _ := promtest.Value(mfs, "m2train_coordinator_is_leader"); v == 1 {
 				if leader >= 0 {
 					return false
 				}
@@ -489,8 +457,8 @@ func testThreeReplicas(t *testing.T, withTLS bool) {
 				continue
 			}
 			mfs := r.scrape()
-			isLeader, _ := value(mfs, "m2train_coordinator_is_leader")
-			alive, _ := value(mfs, "m2train_coordinator_workers", "state", "alive")
+			isLeader, _ := promtest.Value(mfs, "m2train_coordinator_is_leader")
+			alive, _ := promtest.Value(mfs, "m2train_coordinator_workers", "state", "alive")
 			if isLeader == 1 && alive == 1 && r.ready() {
 				return true
 			}
@@ -511,8 +479,8 @@ func testThreeReplicas(t *testing.T, withTLS bool) {
 	waitFor(t, 2*time.Minute, "the restarted replica's /readyz", reps[leader].ready)
 	waitFor(t, 2*time.Minute, "the restarted replica to hold the job and the live worker", func() bool {
 		mfs := reps[leader].scrape()
-		running, _ := value(mfs, "m2train_coordinator_jobs", "state", "running")
-		alive, _ := value(mfs, "m2train_coordinator_workers", "state", "alive")
+		running, _ := promtest.Value(mfs, "m2train_coordinator_jobs", "state", "running")
+		alive, _ := promtest.Value(mfs, "m2train_coordinator_workers", "state", "alive")
 		return running == 1 && alive == 1
 	})
 	own, err := clientv3.New(clientv3.Config{Endpoints: wantEndpoints[leader : leader+1], DialTimeout: 10 * time.Second, TLS: etcdTLS, Logger: zap.NewNop()})

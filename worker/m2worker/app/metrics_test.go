@@ -17,11 +17,10 @@ import (
 	"time"
 
 	dto "github.com/prometheus/client_model/go"
-	"github.com/prometheus/common/expfmt"
-	"github.com/prometheus/common/model"
 
 	"github.com/m2train/m2train/collective"
 	pb "github.com/m2train/m2train/proto/coordinator/v1"
+	"github.com/m2train/m2train/tools/promtest"
 	"github.com/m2train/m2train/tools/testlog"
 	"github.com/m2train/m2train/worker/agent"
 	"github.com/m2train/m2train/worker/gpuinfo"
@@ -60,8 +59,7 @@ func scrapeAt(t *testing.T, addr string) scrape {
 	if code != http.StatusOK {
 		t.Fatalf("GET /metrics: %d\n%s", code, body)
 	}
-	p := expfmt.NewTextParser(model.UTF8Validation)
-	fams, err := p.TextToMetricFamilies(strings.NewReader(body))
+	fams, err := promtest.Parse(body)
 	if err != nil {
 		t.Fatalf("parsing /metrics: %v\n%s", err, body)
 	}
