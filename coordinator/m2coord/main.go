@@ -33,6 +33,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 
+	"github.com/m2train/m2train/coordinator/flagenv"
 	"github.com/m2train/m2train/coordinator/membership"
 	"github.com/m2train/m2train/coordinator/node"
 	"github.com/m2train/m2train/coordinator/security"
@@ -115,19 +116,8 @@ func parseFlags(args []string) (*config, error) {
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
-	set := map[string]bool{}
-	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
-	var envErr error
-	fs.VisitAll(func(f *flag.Flag) {
-		env := "M2_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
-		if v, ok := os.LookupEnv(env); ok && !set[f.Name] {
-			if err := f.Value.Set(v); err != nil && envErr == nil {
-				envErr = fmt.Errorf("%s: %w", env, err)
-			}
-		}
-	})
-	if envErr != nil {
-		return nil, envErr
+	if err := flagenv.Apply(fs); err != nil {
+		return nil, err
 	}
 	if c.id == "" {
 		return nil, errors.New("--id is required (no host name found)")

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/m2train/m2train/collective"
+	"github.com/m2train/m2train/coordinator/flagenv"
 	"github.com/m2train/m2train/coordinator/membership"
 	"github.com/m2train/m2train/coordinator/security"
 	"github.com/m2train/m2train/worker/agent"
@@ -53,12 +54,6 @@ type Config struct {
 	MetricsAddr       string
 	LogFormat         string
 	LogLevel          string
-}
-
-// envName is the environment variable of a flag: M2_ and the flag's name
-// in upper case with '-' as '_'.
-func envName(flagName string) string {
-	return "M2_" + strings.ToUpper(strings.ReplaceAll(flagName, "-", "_"))
 }
 
 // defaultCacheDir is $M2_CACHE_DIR, else m2train/ in the user's cache
@@ -106,18 +101,8 @@ func ParseFlags(args []string, stderr io.Writer) (*Config, error) {
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
-	set := map[string]bool{}
-	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
-	var envErr error
-	fs.VisitAll(func(f *flag.Flag) {
-		if v, ok := os.LookupEnv(envName(f.Name)); ok && !set[f.Name] {
-			if err := f.Value.Set(v); err != nil && envErr == nil {
-				envErr = fmt.Errorf("%s: %w", envName(f.Name), err)
-			}
-		}
-	})
-	if envErr != nil {
-		return nil, envErr
+	if err := flagenv.Apply(fs); err != nil {
+		return nil, err
 	}
 	switch {
 	case c.ID == "":
