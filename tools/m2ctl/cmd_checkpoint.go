@@ -153,6 +153,21 @@ func jobsUnder(ctx context.Context, store checkpoint.Store, prefix string) ([]st
 	return jobs, nil
 }
 
+// openCheckpointStep opens location and chooses the step to read with
+// chooseStep(step); the caller closes the location when there is no error.
+func openCheckpointStep(ctx context.Context, location string, step int, log *slog.Logger) (*ckptLocation, int, error) {
+	loc, err := openCheckpointLocation(ctx, location, log)
+	if err != nil {
+		return nil, 0, err
+	}
+	s, err := loc.chooseStep(step)
+	if err != nil {
+		loc.Close()
+		return nil, 0, err
+	}
+	return loc, s, nil
+}
+
 // chooseStep returns the step to read: --step when given (-1: not given),
 // else the step of a .../step-N location, else the newest.
 func (l *ckptLocation) chooseStep(flag int) (int, error) {
@@ -340,15 +355,11 @@ committed checkpoint or not the step asked for.`,
 				return usagef("--output: %q, must be text or json", output)
 			}
 			ctx, log := commandContext(cmd)
-			loc, err := openCheckpointLocation(ctx, args[0], log)
+			loc, s, err := openCheckpointStep(ctx, args[0], step, log)
 			if err != nil {
 				return err
 			}
 			defer loc.Close()
-			s, err := loc.chooseStep(step)
-			if err != nil {
-				return err
-			}
 			rep, err := inspectCheckpoint(ctx, loc, s)
 			if err != nil {
 				return err
@@ -512,15 +523,11 @@ the checkpoint does not verify, 2 for bad arguments or a non-empty OUTDIR.`,
 				return err
 			}
 			ctx, log := commandContext(cmd)
-			loc, err := openCheckpointLocation(ctx, args[0], log)
+			loc, s, err := openCheckpointStep(ctx, args[0], step, log)
 			if err != nil {
 				return err
 			}
 			defer loc.Close()
-			s, err := loc.chooseStep(step)
-			if err != nil {
-				return err
-			}
 			return exportCheckpoint(ctx, cmd.OutOrStdout(), loc, s, outDir, dt, dtype)
 		},
 	}
