@@ -384,11 +384,7 @@ func inheritedWorkdir(s *stage) string {
 	w := "/"
 	for _, in := range view(s.parent) {
 		if in.cmd == "WORKDIR" {
-			if path.IsAbs(in.args) {
-				w = path.Clean(in.args)
-			} else {
-				w = path.Join(w, in.args)
-			}
+			w = chdir(w, in.args)
 		}
 	}
 	return w
@@ -840,6 +836,14 @@ func lintKernels(df *dockerfile, r *repo, add addFunc) {
 	}
 }
 
+// chdir is the working directory after WORKDIR dir in working directory w.
+func chdir(w, dir string) string {
+	if path.IsAbs(dir) {
+		return path.Clean(dir)
+	}
+	return path.Join(w, dir)
+}
+
 // inheritedWorkdirAt is the WORKDIR in effect at line of stage s.
 func inheritedWorkdirAt(s *stage, line int) string {
 	w := inheritedWorkdir(s)
@@ -848,11 +852,7 @@ func inheritedWorkdirAt(s *stage, line int) string {
 			break
 		}
 		if in.cmd == "WORKDIR" {
-			if path.IsAbs(in.args) {
-				w = path.Clean(in.args)
-			} else {
-				w = path.Join(w, in.args)
-			}
+			w = chdir(w, in.args)
 		}
 	}
 	return w
