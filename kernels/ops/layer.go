@@ -49,12 +49,12 @@ func (o *Ops) EmbeddingBackward(dt kernels.DType, demb, dout, tokens, workspace 
 	pDemb := c.buf("demb", demb, kernels.F32, vocab*d)
 	pDout := c.buf("dout", dout, dt, n*d)
 	pTok := c.int32s("tokens", tokens, n)
-	pWS := c.workspace("workspace", workspace, ws)
+	pWS, wsBytes := c.workspace("workspace", workspace, ws)
 	if c.err != nil {
 		return c.err
 	}
 	return o.call("m2k_embedding_bwd", func() int32 {
-		return o.f.embBwd(int32(dt), pDemb, pDout, pTok, int64(n), int64(d), int64(vocab), pWS, workspace.Bytes(), uintptr(s))
+		return o.f.embBwd(int32(dt), pDemb, pDout, pTok, int64(n), int64(d), int64(vocab), pWS, wsBytes, uintptr(s))
 	})
 }
 
@@ -155,10 +155,7 @@ func (o *Ops) RMSNormBackward(dt kernels.DType, a *RMSNormBackwardArgs, s kernel
 		if err != nil {
 			return err
 		}
-		pWS = c.workspace("Workspace", a.Workspace, need)
-		if a.Workspace != nil {
-			wsBytes = a.Workspace.Bytes()
-		}
+		pWS, wsBytes = c.workspace("Workspace", a.Workspace, need)
 	}
 	if c.err != nil {
 		return c.err
@@ -201,12 +198,12 @@ func (o *Ops) ColumnSum(dt kernels.DType, out, x, workspace *kernels.Buffer, n, 
 	c.rule(ldx >= w, "ldx = %d: must be at least w = %d", ldx, w)
 	pOut := c.buf("out", out, kernels.F32, w)
 	pX := c.buf("x", x, dt, strided(n, w, ldx, 0))
-	pWS := c.workspace("workspace", workspace, need)
+	pWS, wsBytes := c.workspace("workspace", workspace, need)
 	if c.err != nil {
 		return c.err
 	}
 	return o.call("m2k_column_sum", func() int32 {
-		return o.f.colSum(int32(dt), pOut, pX, int64(n), int64(w), int64(ldx), pWS, workspace.Bytes(), uintptr(s))
+		return o.f.colSum(int32(dt), pOut, pX, int64(n), int64(w), int64(ldx), pWS, wsBytes, uintptr(s))
 	})
 }
 
@@ -323,14 +320,14 @@ func (o *Ops) ConvBackward(dt kernels.DType, sh ConvShape, a *ConvBackwardArgs, 
 	pHalo := c.opt("Halo", a.Halo, dt, halo)
 	pW := c.buf("Weight", a.Weight, kernels.F32, sh.Channels*sh.Width)
 	pB := c.opt("Bias", a.Bias, kernels.F32, sh.Channels)
-	pWS := c.workspace("Workspace", a.Workspace, need)
+	pWS, wsBytes := c.workspace("Workspace", a.Workspace, need)
 	c.rule(pDSrc != pSrc, "DSrc and Src share an address: the backward reads Src while writing DSrc")
 	if c.err != nil {
 		return c.err
 	}
 	return o.call("m2k_conv_bwd", func() int32 {
 		return o.f.convBwd(int32(dt), pDSrc, pDW, pDB, pDHalo, pDAct, int64(sh.LDAct), pSrc, int64(sh.LD), int64(sh.Off),
-			pHalo, pW, pB, int64(sh.Batch), int64(sh.L), int64(sh.Channels), int64(sh.Width), pWS, a.Workspace.Bytes(), uintptr(s))
+			pHalo, pW, pB, int64(sh.Batch), int64(sh.L), int64(sh.Channels), int64(sh.Width), pWS, wsBytes, uintptr(s))
 	})
 }
 
@@ -434,10 +431,7 @@ func (o *Ops) GatedNormBackward(dt kernels.DType, g GatedNormShape, a *GatedNorm
 			if err != nil {
 				return err
 			}
-			pWS = c.workspace("Workspace", a.Workspace, need)
-			if a.Workspace != nil {
-				wsBytes = a.Workspace.Bytes()
-			}
+			pWS, wsBytes = c.workspace("Workspace", a.Workspace, need)
 		}
 	}
 	if c.err != nil {

@@ -231,11 +231,12 @@ func (c *checker) int32s(name string, b *kernels.Buffer, need int) uintptr {
 	return b.Ptr
 }
 
-// workspace checks a scratch buffer of at least bytes bytes (any dtype).
-func (c *checker) workspace(name string, b *kernels.Buffer, bytes int64) uintptr {
+// workspace checks a scratch buffer of at least bytes bytes (any dtype)
+// and returns its pointer and size, as the kernels take them.
+func (c *checker) workspace(name string, b *kernels.Buffer, bytes int64) (uintptr, int64) {
 	if b == nil {
 		c.failf("%s is nil: %d bytes of workspace are required", name, bytes)
-		return 0
+		return 0, 0
 	}
 	switch {
 	case b.Ptr == 0:
@@ -243,7 +244,7 @@ func (c *checker) workspace(name string, b *kernels.Buffer, bytes int64) uintptr
 	case b.Bytes() < bytes:
 		c.failf("%s has %d bytes: must have at least %d", name, b.Bytes(), bytes)
 	}
-	return b.Ptr
+	return b.Ptr, b.Bytes()
 }
 
 // strided returns the elements a rows×cols matrix with row stride ld,

@@ -110,11 +110,11 @@ func (o *Ops) GradNorm(grads, out, workspace *kernels.Buffer, n int, s kernels.S
 	c := newChecker("GradNorm")
 	pG := c.buf("grads", grads, kernels.F32, n)
 	pOut := c.buf("out", out, kernels.F32, 2)
-	pWS := c.workspace("workspace", workspace, need)
+	pWS, wsBytes := c.workspace("workspace", workspace, need)
 	if c.err != nil {
 		return c.err
 	}
 	return o.call("m2k_grad_norm", func() int32 {
-		return o.f.gradNorm(pG, int64(n), pOut, pWS, workspace.Bytes(), uintptr(s))
+		return o.f.gradNorm(pG, int64(n), pOut, pWS, wsBytes, uintptr(s))
 	})
 }
