@@ -24,13 +24,15 @@ import (
 func freeAddrs(t *testing.T, n int) []string {
 	t.Helper()
 	addrs := make([]string, n)
+	// Every listener stays open until all n ports are taken, so that the
+	// kernel cannot hand one port out twice.
 	for r := range addrs {
 		l, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
 			t.Fatal(err)
 		}
+		defer l.Close()
 		addrs[r] = l.Addr().String()
-		_ = l.Close()
 	}
 	return addrs
 }
