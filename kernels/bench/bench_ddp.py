@@ -521,10 +521,19 @@ def rows_of(doc):
             continue
         ranks = int(_num(d, "ranks", "world_size") or dp * sp)
         key = (dp, sp)
-        if key in rows and not (_overlapped(d) and not _overlapped(rows[key]["raw"])):
-            continue
-        rows[key] = dict(tokens_per_s=tps, ranks=ranks, efficiency=_num(d, "efficiency"),
-                         speedup=_num(d, "speedup"), step_s=_num(d, "step_s"), raw=d)
+        row = dict(tokens_per_s=tps, ranks=ranks, efficiency=_num(d, "efficiency", "scaling_efficiency"),
+                   speedup=_num(d, "speedup"), step_s=_num(d, "step_s"), raw=d, no_overlap_tps=None)
+        if not _overlapped(d):
+            row["no_overlap_tps"] = tps
+        old = rows.get(key)
+        if old is not None:
+            if _overlapped(d) and not _overlapped(old["raw"]):
+                row["no_overlap_tps"] = old["tokens_per_s"]
+            else:
+                if not _overlapped(d):
+                    old["no_overlap_tps"] = tps
+                continue
+        rows[key] = row
     base = rows.get((1, 1))
     for r in rows.values():
         if r["efficiency"] is None:
@@ -565,6 +574,23 @@ def _v(d, key, spec=""):
         return str(v)
 
 
+def _meta(doc, *keys):
+    """The first of keys that doc has, at its top level or under "model"."""
+    if not isinstance(doc, dict):
+        return None
+    for d in (doc, doc.get("model") if isinstance(doc.get("model"), dict) else {}):
+        for k in keys:
+            if d.get(k) is not None:
+                return d[k]
+    return None
+
+
+def _stopped(doc):
+    """A document's own word on why it stopped early ("error": distbench's), or ""."""
+    e = doc.get("error") if isinstance(doc, dict) else None
+    return f"failed: {str(e).strip().splitlines()[0]}"[:200] if e else ""
+
+
 def _cell_tps(r):
     return f"{r['tokens_per_s']:,.0f}"
 
@@ -579,6 +605,7 @@ def table(ours, theirs, why=("", ""), expected=()):
     expected; either may be None, which why (ours, theirs) then explains."""
     o_rows, t_rows = rows_of(ours), rows_of(theirs)
     o_why, t_why = reasons_of(ours), reasons_of(theirs)
+    why = (_stopped(ours) or why[0], _stopped(theirs) or why[1])
     keys = sorted(set(o_rows) | set(t_rows) | set(o_why) | set(t_why) | set(expected),
                   key=lambda k: (k[0] * k[1], k[1], k[0]))
     lines = []
@@ -593,9 +620,14 @@ def table(ours, theirs, why=("", ""), expected=()):
                      f"{_v(t, 'global_batch')} × {_v(t, 'seq_len')} tokens ({_v(t, 'tokens_per_step', ',')} per step), "
                      f"micro-batches of {_v(t, 'micro_batch')} per rank; median of {_v(t, 'timed_steps')} steps "
                      f"after {_v(t, 'warmup_steps')} warm-up, each step at its slowest rank")
-    for k in ("tokens_per_step", "global_batch", "seq_len", "d_model", "n_layer"):
-        if k in o and k in t and o[k] != t[k]:
-            lines.append(f"**warning: {k} differs: ours {o[k]}, PyTorch {t[k]}; the rows do not compare the same step.**")
+    for name, names in (("tokens per step", ("global_batch_tokens", "tokens_per_step")),
+                        ("global batch", ("global_batch",)), ("sequence length", ("seq_len",)),
+                        ("micro-batch", ("micro_batch",)), ("d_model", ("d_model",)), ("layers", ("n_layer",)),
+                        ("vocabulary", ("vocab_size",))):
+        ov, tv = _meta(o, *names), _meta(t, *names)
+        if ov is not None and tv is not None and ov != tv:
+            lines.append(f"**Warning: the {name} differs (ours {ov}, PyTorch {tv}): the rows do not compare the same "
+                         "step.**")
     if lines:
         lines.append("")
     lines.append("| dp × sp | GPUs | ours tokens/s | ours efficiency | PyTorch DDP tokens/s | PyTorch efficiency "
@@ -640,6 +672,27 @@ def table(ours, theirs, why=("", ""), expected=()):
                          f"-> {_v(l, 'loss_last', '.3f')}.")
         for n in t.get("notes") or []:
             lines.append(f"- PyTorch, {n}.")
+    if o.get("backend"):
+        lines.append(f"- Ours: {o.get('tool', 'distbench')}, backend {_v(o, 'backend')}, {_v(o, 'precision')}; "
+                     f"gradient buckets of {_v(o, 'bucket_mib')} MiB; best of {_v(o, 'rounds')} round(s) of "
+                     f"{_v(o, 'timed_steps')} timed steps after {_v(o, 'warmup_steps')} warm-up, each a mean at the "
+                     f"slowest rank; {_v(o, 'gomaxprocs_per_rank')} GOMAXPROCS per rank.")
+    for k in sorted(o_rows):
+        l, nov = o_rows[k]["raw"], o_rows[k]["no_overlap_tps"]
+        parts = []
+        if _num(l, "step_s") is not None:
+            parts.append(f"step {_v(l, 'step_s', '.3f')} s")
+        if _num(l, "exposed_allreduce_ms") is not None:
+            parts.append(f"all-reduce exposed {_v(l, 'exposed_allreduce_ms', '.1f')} ms")
+        if nov is not None:
+            parts.append(f"{nov:,.0f} tokens/s without overlapping the all-reduce and the backward"
+                         + ("" if _overlapped(l) else " (its only run, in the table)"))
+        if _num(l, "device_used_peak_bytes"):
+            parts.append(f"device in use {_v(l, 'device_used_peak_bytes', 'GiB')} GiB (largest rank)")
+        if _num(l, "loss") is not None:
+            parts.append(f"loss {_v(l, 'loss', '.3f')}")
+        if parts:
+            lines.append(f"- Ours {k[0]} × {k[1]}: {'; '.join(parts)}.")
     for k in sorted(t_why):
         if k not in t_rows:
             lines.append(f"- PyTorch dp {k[0]}: {t_why[k]}.")

@@ -180,7 +180,7 @@ md() {
     [[ -f "$1" ]] || return 0
     awk '
         /^\|/ { if (prev != "t") print ""; print; prev = "t"; next }
-        /^# / { if (prev != "c") print ""; sub(/^# /, "- "); print; prev = "c"; next }
+        /^# / { if (prev != "c") print ""; sub(/^# +/, "- "); print; prev = "c"; next }
     ' "$1"
 }
 
