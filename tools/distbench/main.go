@@ -1,50 +1,115 @@
-// Command distbench measures distributed training on the CPU backend: for
-// each (dp, sp) layout it runs one rank per process, the ranks talking
-// over gRPC on loopback, and prints the step time, the tokens per second,
-// the speedup over dp = sp = 1 measured in the same run, the share of the
-// step that the ranks spent waiting on communication, and the bytes each
-// rank sent per step. Then it measures the memory of one rank as a
+// Command distbench measures distributed training: for each (dp, sp)
+// layout it runs one rank per process, the ranks talking over gRPC on
+// loopback, and prints the step time, the tokens per second, the speedup
+// over dp = sp = 1 measured in the same run and the scaling efficiency
+// (tokens/s ÷ (ranks × tokens/s of dp1×sp1)), the share of the step that
+// the ranks spent waiting on communication, and the bytes each rank sent
+// per step.
+//
+// Two backends: -backend cpu (the default) trains on model/ref in float32;
+// -backend cuda trains on kernels/gpu in -precision bf16 (the default) or
+// f32, rank r on GPU r mod -gpus: the parent gives every rank's process a
+// CUDA_VISIBLE_DEVICES of that one GPU (an entry of the parent's own
+// CUDA_VISIBLE_DEVICES list when it has one) and leaves the rest of the
+// environment as it inherited it.
+//
+// After the layouts, the CPU backend measures the memory of one rank as a
 // function of the positions it holds and prints the longest sequence that
-// fits a fixed memory budget per rank as sp grows.
+// fits a fixed memory budget per rank as sp grows. The CUDA backend instead
+// searches, for each sp of -long-sp, the longest sequence L (a multiple of
+// chunk·sp) of which one sequence (micro-batch 1, global batch 1, dp 1)
+// split over sp ranks on sp GPUs trains without a CUDA out-of-memory
+// error: doubling from -long-start up to -long-max, then bisecting to
+// -long-res, every trial a fresh set of rank processes. It reports the
+// longest L, the positions per rank, the device memory in use after the
+// step (the largest over the ranks; total − free, which counts every
+// process on the GPU), the ratio to sp = 1 and the step time at that
+// length. A trial fits unless a rank fails with a CUDA allocation error;
+// any other failure (another CUDA error, a loss that is not finite) stops
+// the search with its message. Each trial prints its first step's loss,
+// which for a freshly initialised model on uniform random tokens is close
+// to ln(vocab).
+//
+// CPU:
 //
 //	go run ./tools/distbench
 //	go run ./tools/distbench -grid 1x1,2x1 -steps 5 -budget-mib 512
 //
-// Every rank runs with GOMAXPROCS = -procs (1 by default), so that a
-// layout of N ranks uses N cores when the machine has them; on a machine
-// with fewer cores than ranks the ranks share them, and the table says so.
+// GPU: build anywhere (no cgo, no CUDA needed), run on the GPU machine from
+// the repository root:
+//
+//	go build -o .devbin/distbench ./tools/distbench
+//	kernels/build.sh kernels/build && export M2K_LIB=$PWD/kernels/build/libm2kernels.so
+//	.devbin/distbench -backend cuda -preset 130m -grid 1x1,2x1 -long-sp 1,2
+//	.devbin/distbench -backend cuda -preset 130m -grid 1x1,2x1,4x1,8x1 -mem=false -json dp.json
+//
+// -preset 130m is the published mamba2-130m training shape: d_model 768,
+// 24 layers, vocabulary 50,288, d_state 128, head dim 64, chunk 256,
+// sequences of 2,048 tokens, micro-batch 8 and a global batch of 256
+// sequences (524,288 tokens per optimizer step, by gradient accumulation);
+// flags given explicitly override it.
+//
+// -json FILE writes the results for a driver script, to set beside other
+// frameworks' numbers: the settings (tool, backend, precision, device,
+// gpus, visible_gpus, library, cores, gomaxprocs_per_rank, model {d_model,
+// n_layer, vocab_size, d_state, headdim, nheads, chunk_size, parameters},
+// seq_len, micro_batch, global_batch, global_batch_tokens, sp_mode, zero1,
+// bucket_mib, warmup_steps, timed_steps, rounds); layouts, one object per
+// layout run (layout "DPxSP", dp, sp, ranks, pure_dp, overlap, gpus_used,
+// step_s, tokens_per_s, speedup and scaling_efficiency against dp1×sp1 or
+// null, comm_share as a fraction, exposed_allreduce_ms,
+// mib_sent_per_rank_step, cpu_s_per_step, buckets_overlapped, buckets,
+// loss, device_used_peak_bytes, backend, precision, parameters,
+// global_batch_tokens, tokens_per_step); with -backend cuda, longest, one
+// object per sp of the search (sp, longest_seq_len, positions_per_rank,
+// device_used_peak_bytes, ratio_to_sp1 or null, step_s, loss_first,
+// capped, trials [{seq_len, fits, step_s, loss_first,
+// device_used_peak_bytes, oom}]); and error, when the run stopped early
+// (the rows measured before are kept).
+//
+// Every rank runs with GOMAXPROCS = -procs (1 with the CPU backend, so that
+// a layout of N ranks uses N cores when the machine has them; 4 with the
+// CUDA backend, whose host side launches kernels and runs the ring); on a
+// machine with fewer cores than ranks the ranks share them, and the table
+// says so.
 package main
 
 import (
-	"bufio"
 	"context"
-	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
-	"math/rand/v2"
-	"net"
+	"io"
 	"os"
-	"os/exec"
-	"runtime"
-	"runtime/debug"
-	"runtime/pprof"
+	"slices"
 	"strconv"
 	"strings"
-	"sync"
-	"syscall"
 	"time"
 
-	"github.com/m2train/m2train/collective"
-	"github.com/m2train/m2train/collective/grpcnet"
 	"github.com/m2train/m2train/coordinator/jobspec"
+	"github.com/m2train/m2train/kernels/gpu"
 	"github.com/m2train/m2train/model"
-	"github.com/m2train/m2train/model/ref"
-	"github.com/m2train/m2train/worker/data"
-	"github.com/m2train/m2train/worker/train"
 )
 
-// childEnv selects the child role and carries the rank.
-const childEnv = "DISTBENCH_RANK"
+// Environment variables that select a child's role.
+const (
+	// childEnv carries a rank's number into its process.
+	childEnv = "DISTBENCH_RANK"
+	// probeEnv makes the process report the GPUs it sees and exit.
+	probeEnv = "DISTBENCH_PROBE"
+)
+
+// Backends.
+const (
+	backendCPU  = "cpu"
+	backendCUDA = "cuda"
+)
+
+// Precisions.
+const (
+	precF32  = "f32"
+	precBF16 = "bf16"
+)
 
 type layout struct {
 	dp, sp    int
@@ -60,6 +125,12 @@ func (l layout) String() string {
 }
 
 type options struct {
+	preset    string
+	backend   string
+	precision string // f32 or bf16; f32 with the CPU backend
+	gpus      int    // 0: every visible GPU
+	lib       string
+	jsonPath  string
 	grid      []layout
 	overlap   bool // also run every dp > 1 layout without overlap
 	dModel    int
@@ -83,542 +154,347 @@ type options struct {
 	mem       bool
 	profile   string
 	timeout   time.Duration
+	// The longest-sequence search of the CUDA backend.
+	longSP    []int // nil: 1, 2, 4, … up to the GPU count
+	longStart int
+	longRes   resolution
+	longMax   int
+	longSteps int
 	// child only
 	dp, sp, noOverlap int
 	addrs             string
 }
 
-func parseFlags() (options, error) {
+// presets are the flag values of each -preset; "" leaves the flags'
+// defaults (a small model that the CPU backend trains in seconds).
+var presets = map[string]map[string]string{
+	"": {},
+	"130m": {
+		"d-model": "768", "layers": "24", "vocab": "50288", "d-state": "128", "headdim": "64", "chunk": "256",
+		"seq": "2048", "micro": "8", "global": "256",
+	},
+}
+
+// parseFlags reads args (without the program name). A request for help
+// returns flag.ErrHelp after the usage is printed to out. The rules that
+// need the GPUs (-gpus and -long-sp against the visible count) are checked
+// later, by checkGPUs.
+func parseFlags(args []string, out io.Writer) (options, error) {
 	var o options
-	var grid string
-	flag.StringVar(&grid, "grid", "1x1,2x1,1x2,2x2", "comma-separated dp×sp layouts, e.g. 1x1,2x1")
-	flag.BoolVar(&o.overlap, "overlap-baseline", true, "also run each layout with dp·sp > 1 without overlapping the all-reduce and the backward")
-	flag.IntVar(&o.dModel, "d-model", 256, "d_model")
-	flag.IntVar(&o.layers, "layers", 4, "n_layer")
-	flag.IntVar(&o.dState, "d-state", 64, "d_state")
-	flag.IntVar(&o.headDim, "headdim", 32, "head dim")
-	flag.IntVar(&o.chunk, "chunk", 64, "SSD chunk size Q")
-	flag.IntVar(&o.vocab, "vocab", 272, "vocabulary size")
-	flag.IntVar(&o.seqLen, "seq", 1024, "sequence length L")
-	flag.IntVar(&o.micro, "micro", 1, "micro-batch (sequences per rank and micro-batch)")
-	flag.IntVar(&o.global, "global", 4, "global batch (sequences per step); a multiple of micro·dp for every layout")
-	flag.StringVar(&o.mode, "sp-mode", jobspec.SPModeSequential, "sequence-parallel mode: sequential or prefix")
-	flag.BoolVar(&o.zero, "zero1", false, "shard the optimizer (ZeRO-1)")
-	flag.IntVar(&o.steps, "steps", 3, "timed steps per layout")
-	flag.IntVar(&o.warmup, "warmup", 1, "untimed steps first")
-	flag.IntVar(&o.rounds, "rounds", 2, "rounds over all layouts; each layout's fastest round counts")
-	flag.IntVar(&o.procs, "procs", 1, "GOMAXPROCS of every rank")
-	flag.IntVar(&o.bucketMiB, "bucket-mib", 1, "gradient bucket size in MiB")
-	flag.IntVar(&o.budgetMiB, "budget-mib", 256, "memory budget per rank for the longest-sequence table")
-	flag.BoolVar(&o.memOnly, "mem-only", false, "only the memory table")
-	flag.BoolVar(&o.mem, "mem", true, "the memory table after the layouts")
-	flag.StringVar(&o.profile, "cpuprofile", "", "write each rank's CPU profile of the timed steps to this file name plus .<layout>.<rank>")
-	flag.DurationVar(&o.timeout, "timeout", 30*time.Minute, "give up after this long")
-	flag.IntVar(&o.dp, "dp", 0, "internal: dp of the child's layout")
-	flag.IntVar(&o.sp, "sp", 0, "internal: sp of the child's layout")
-	flag.IntVar(&o.noOverlap, "no-overlap", 0, "internal: 1 turns the overlap off")
-	flag.StringVar(&o.addrs, "addrs", "", "internal: gRPC addresses of the ranks")
-	flag.Parse()
+	fs := flag.NewFlagSet("distbench", flag.ContinueOnError)
+	fs.SetOutput(out)
+	var grid, longSP, longRes string
+	fs.StringVar(&o.preset, "preset", "", "configuration the other flags start from: 130m (mamba2-130m: d_model 768, 24 layers, vocab 50288, d_state 128, headdim 64, chunk 256, seq 2048, micro 8, global 256); flags given explicitly override it")
+	fs.StringVar(&o.backend, "backend", backendCPU, "cpu (model/ref, float32) or cuda (kernels/gpu, one GPU per rank)")
+	fs.StringVar(&o.precision, "precision", "", "with -backend cuda: bf16 (the default) or f32")
+	fs.IntVar(&o.gpus, "gpus", 0, "with -backend cuda: GPUs to use, rank r on GPU r mod N; 0 = every visible GPU")
+	fs.StringVar(&o.lib, "lib", "", "with -backend cuda: path of libm2kernels.so (default: $M2K_LIB, next to the executable, or kernels/build/)")
+	fs.StringVar(&o.jsonPath, "json", "", "also write the results as JSON to this file")
+	fs.StringVar(&grid, "grid", "1x1,2x1,1x2,2x2", "comma-separated dp×sp layouts, e.g. 1x1,2x1")
+	fs.BoolVar(&o.overlap, "overlap-baseline", true, "also run each layout with dp·sp > 1 without overlapping the all-reduce and the backward")
+	fs.IntVar(&o.dModel, "d-model", 256, "d_model")
+	fs.IntVar(&o.layers, "layers", 4, "n_layer")
+	fs.IntVar(&o.dState, "d-state", 64, "d_state")
+	fs.IntVar(&o.headDim, "headdim", 32, "head dim")
+	fs.IntVar(&o.chunk, "chunk", 64, "SSD chunk size Q")
+	fs.IntVar(&o.vocab, "vocab", 272, "vocabulary size")
+	fs.IntVar(&o.seqLen, "seq", 1024, "sequence length L")
+	fs.IntVar(&o.micro, "micro", 1, "micro-batch (sequences per rank and micro-batch)")
+	fs.IntVar(&o.global, "global", 4, "global batch (sequences per step); a multiple of micro·dp for every layout")
+	fs.StringVar(&o.mode, "sp-mode", jobspec.SPModeSequential, "sequence-parallel mode: sequential or prefix (the CPU backend only)")
+	fs.BoolVar(&o.zero, "zero1", false, "shard the optimizer (ZeRO-1; the CPU backend only)")
+	fs.IntVar(&o.steps, "steps", 3, "timed steps per layout")
+	fs.IntVar(&o.warmup, "warmup", 1, "untimed steps first")
+	fs.IntVar(&o.rounds, "rounds", 2, "rounds over all layouts; each layout's fastest round counts")
+	fs.IntVar(&o.procs, "procs", 0, "GOMAXPROCS of every rank; 0 = 1 with -backend cpu, 4 with -backend cuda")
+	fs.IntVar(&o.bucketMiB, "bucket-mib", 1, "gradient bucket size in MiB")
+	fs.IntVar(&o.budgetMiB, "budget-mib", 256, "with -backend cpu: memory budget per rank for the longest-sequence table")
+	fs.BoolVar(&o.memOnly, "mem-only", false, "only the memory table (cpu) or the longest-sequence search (cuda)")
+	fs.BoolVar(&o.mem, "mem", true, "after the layouts, the memory table (cpu) or the longest-sequence search (cuda)")
+	fs.StringVar(&longSP, "long-sp", "", "with -backend cuda: comma-separated sp values of the longest-sequence search (default 1,2,4,… up to the GPU count)")
+	fs.IntVar(&o.longStart, "long-start", 16384, "with -backend cuda: the search's first length, rounded up to a multiple of chunk·sp")
+	fs.StringVar(&longRes, "long-res", "1/16", "with -backend cuda: the search stops when the longest fitting and the shortest failing length differ by at most this: 1/K of the longest fitting length, or a number of positions (either rounded down to a multiple of chunk·sp, at least one)")
+	fs.IntVar(&o.longMax, "long-max", 1<<21, fmt.Sprintf("with -backend cuda: the longest length the search tries (at most %d)", maxLongSeq))
+	fs.IntVar(&o.longSteps, "long-steps", 2, "with -backend cuda: training steps per trial of the search; the last one is timed")
+	fs.StringVar(&o.profile, "cpuprofile", "", "write each rank's CPU profile of the timed steps to this file name plus .<layout>.<rank>")
+	fs.DurationVar(&o.timeout, "timeout", 30*time.Minute, "give up after this long (with -backend cuda the default is 2h: the longest-sequence search runs many trials)")
+	fs.IntVar(&o.dp, "dp", 0, "internal: dp of the child's layout")
+	fs.IntVar(&o.sp, "sp", 0, "internal: sp of the child's layout")
+	fs.IntVar(&o.noOverlap, "no-overlap", 0, "internal: 1 turns the overlap off")
+	fs.StringVar(&o.addrs, "addrs", "", "internal: gRPC addresses of the ranks")
+	fs.Usage = func() {
+		fmt.Fprintf(out, "Usage: distbench [flags]\n\nMeasures data- and sequence-parallel training, one rank per process over gRPC on\nloopback, on the CPU or on GPUs (-backend cuda).\n\nFlags:\n")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		return o, err
+	}
+	if fs.NArg() > 0 {
+		return o, fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	if err := applyPreset(fs, o.preset, set); err != nil {
+		return o, err
+	}
+	if err := o.checkBackend(set); err != nil {
+		return o, err
+	}
+	var err error
+	if o.grid, err = parseGrid(grid); err != nil {
+		return o, err
+	}
+	if set["long-sp"] {
+		if o.longSP, err = parseLongSP(longSP); err != nil {
+			return o, err
+		}
+	}
+	if o.longRes, err = parseResolution(longRes); err != nil {
+		return o, err
+	}
+	return o, o.validate()
+}
+
+// applyPreset sets the flags of preset name that the command line left
+// unset (set names those it gave).
+func applyPreset(fs *flag.FlagSet, name string, set map[string]bool) error {
+	p, ok := presets[name]
+	if !ok {
+		names := make([]string, 0, len(presets))
+		for n := range presets {
+			if n != "" {
+				names = append(names, n)
+			}
+		}
+		slices.Sort(names)
+		return fmt.Errorf("-preset must be one of %v, got %q", names, name)
+	}
+	keys := make([]string, 0, len(p))
+	for k := range p {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	for _, k := range keys {
+		if set[k] {
+			continue
+		}
+		if err := fs.Set(k, p[k]); err != nil {
+			return fmt.Errorf("-preset %s: -%s %s: %w", name, k, p[k], err)
+		}
+	}
+	return nil
+}
+
+// cudaOnly are the flags that mean something with -backend cuda alone.
+var cudaOnly = []string{"gpus", "lib", "long-sp", "long-start", "long-res", "long-max", "long-steps"}
+
+// checkBackend checks -backend and the flags that depend on it, and fills
+// in the defaults of -precision and -procs.
+func (o *options) checkBackend(set map[string]bool) error {
+	switch o.backend {
+	case backendCPU:
+		for _, f := range cudaOnly {
+			if set[f] {
+				return fmt.Errorf("-%s is for -backend cuda; this run uses -backend cpu", f)
+			}
+		}
+		switch o.precision {
+		case "", precF32:
+			o.precision = precF32
+		case precBF16:
+			return fmt.Errorf("-precision bf16 needs -backend cuda; the CPU backend computes in float32")
+		default:
+			return fmt.Errorf("-precision must be f32 or bf16, got %q", o.precision)
+		}
+		if o.procs == 0 {
+			o.procs = 1
+		}
+	case backendCUDA:
+		switch o.precision {
+		case "":
+			o.precision = precBF16
+		case precF32, precBF16:
+		default:
+			return fmt.Errorf("-precision must be bf16 or f32, got %q", o.precision)
+		}
+		if o.procs == 0 {
+			o.procs = 4
+		}
+		if !set["timeout"] {
+			o.timeout = cudaTimeout
+		}
+		if set["budget-mib"] {
+			return fmt.Errorf("-budget-mib is for -backend cpu; with -backend cuda the memory limit is the GPU's (see -long-sp)")
+		}
+		if o.mode != jobspec.SPModeSequential {
+			return fmt.Errorf("-sp-mode %s: the CUDA backend implements the %s mode only", o.mode, jobspec.SPModeSequential)
+		}
+		if o.zero {
+			return fmt.Errorf("-zero1: the CUDA backend keeps the optimizer on the GPU and has no sharded update; use -backend cpu")
+		}
+	default:
+		return fmt.Errorf("-backend must be cpu or cuda, got %q", o.backend)
+	}
+	return nil
+}
+
+// parseGrid reads the -grid list.
+func parseGrid(grid string) ([]layout, error) {
+	var out []layout
 	for _, f := range strings.Split(grid, ",") {
-		var l layout
-		if _, err := fmt.Sscanf(strings.TrimSpace(f), "%dx%d", &l.dp, &l.sp); err != nil || l.dp < 1 || l.sp < 1 || l.dp*l.sp > 64 {
-			return o, fmt.Errorf("-grid: %q is not a layout dpxsp of at most 64 ranks", f)
+		dp, sp, ok := strings.Cut(strings.TrimSpace(f), "x")
+		l := layout{dp: -1, sp: -1}
+		if ok {
+			l.dp, _ = strconv.Atoi(dp)
+			l.sp, _ = strconv.Atoi(sp)
 		}
-		if o.seqLen%l.sp != 0 || o.global%(o.micro*l.dp) != 0 {
-			return o, fmt.Errorf("-grid %s: -seq %d must be a multiple of sp and -global %d of micro·dp", f, o.seqLen, o.global)
+		if l.dp < 1 || l.sp < 1 || l.dp*l.sp > 64 {
+			return nil, fmt.Errorf("-grid: %q is not a layout dpxsp (positive integers) of at most 64 ranks", f)
 		}
-		o.grid = append(o.grid, l)
+		out = append(out, l)
+	}
+	return out, nil
+}
+
+// parseLongSP reads the -long-sp list.
+func parseLongSP(s string) ([]int, error) {
+	var out []int
+	for _, f := range strings.Split(s, ",") {
+		sp, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || sp < 1 {
+			return nil, fmt.Errorf("-long-sp: %q is not a positive integer", f)
+		}
+		if slices.Contains(out, sp) {
+			return nil, fmt.Errorf("-long-sp: %d is listed twice", sp)
+		}
+		out = append(out, sp)
+	}
+	return out, nil
+}
+
+// cudaTimeout is the default -timeout with -backend cuda.
+const cudaTimeout = 2 * time.Hour
+
+// maxLongSeq is the longest sequence a job spec allows (data.seq_len).
+const maxLongSeq = 1 << 22
+
+// validate names the first flag that breaks a rule.
+func (o options) validate() error {
+	for _, f := range []struct {
+		name string
+		v    int
+	}{{"seq", o.seqLen}, {"micro", o.micro}, {"global", o.global}, {"steps", o.steps}, {"rounds", o.rounds},
+		{"procs", o.procs}, {"bucket-mib", o.bucketMiB}, {"chunk", o.chunk}, {"headdim", o.headDim}, {"d-state", o.dState},
+		{"long-start", o.longStart}, {"long-steps", o.longSteps}} {
+		if f.v < 1 {
+			return fmt.Errorf("-%s must be at least 1, got %d", f.name, f.v)
+		}
+	}
+	if o.warmup < 0 {
+		return fmt.Errorf("-warmup must be at least 0, got %d", o.warmup)
+	}
+	if o.gpus < 0 {
+		return fmt.Errorf("-gpus must be at least 0 (0 = every visible GPU), got %d", o.gpus)
+	}
+	if o.budgetMiB < 1 {
+		return fmt.Errorf("-budget-mib must be at least 1, got %d", o.budgetMiB)
+	}
+	for _, l := range o.grid {
+		if o.seqLen%l.sp != 0 {
+			return fmt.Errorf("-grid %dx%d: -seq %d must be a multiple of sp = %d", l.dp, l.sp, o.seqLen, l.sp)
+		}
+		if o.global%(o.micro*l.dp) != 0 {
+			return fmt.Errorf("-grid %dx%d: -global %d must be a multiple of -micro·dp = %d·%d = %d", l.dp, l.sp, o.global, o.micro, l.dp, o.micro*l.dp)
+		}
+	}
+	if o.backend == backendCUDA {
+		if o.longMax < 1 || o.longMax > maxLongSeq {
+			return fmt.Errorf("-long-max must be in [1, %d], got %d", maxLongSeq, o.longMax)
+		}
+		for _, sp := range o.longSP {
+			if q := o.chunk * sp; o.longMax < q {
+				return fmt.Errorf("-long-max %d is shorter than chunk·sp = %d·%d = %d, the shortest length -long-sp %d can try", o.longMax, o.chunk, sp, q, sp)
+			}
+		}
+	}
+	if _, err := o.modelConfig(); err != nil {
+		return err
+	}
+	return nil
+}
+
+// checkGPUs checks the flags that depend on the number of GPUs visible to
+// this process and fills in the defaults of -gpus and -long-sp.
+func (o *options) checkGPUs(visible int) error {
+	if visible < 1 {
+		return errors.New("-backend cuda: CUDA sees no GPU (check CUDA_VISIBLE_DEVICES)")
 	}
 	switch {
-	case o.steps < 1 || o.warmup < 0:
-		return o, fmt.Errorf("-steps %d, -warmup %d: want at least one timed step", o.steps, o.warmup)
-	case o.rounds < 1:
-		return o, fmt.Errorf("-rounds %d: want at least 1", o.rounds)
-	case o.procs < 1:
-		return o, fmt.Errorf("-procs %d: want at least 1", o.procs)
-	case o.budgetMiB < 1:
-		return o, fmt.Errorf("-budget-mib %d: want at least 1", o.budgetMiB)
+	case o.gpus == 0:
+		o.gpus = visible
+	case o.gpus > visible:
+		return fmt.Errorf("-gpus %d: only %d GPU(s) are visible", o.gpus, visible)
 	}
-	return o, nil
+	if o.longSP == nil {
+		for sp := 1; sp <= o.gpus; sp *= 2 {
+			o.longSP = append(o.longSP, sp)
+		}
+	}
+	for _, sp := range o.longSP {
+		if sp > o.gpus {
+			return fmt.Errorf("-long-sp %d: the search puts each of the sp ranks on its own GPU, and -gpus is %d", sp, o.gpus)
+		}
+	}
+	return nil
+}
+
+// modelConfig is the model of the flags: mamba_ssm's defaults at the given
+// width, depth, vocabulary, state, head dimension and chunk, checked against
+// the CUDA kernels' limits with -backend cuda.
+func (o options) modelConfig() (model.Config, error) {
+	cfg := model.DefaultConfig(o.dModel, o.layers, o.vocab)
+	cfg.DState, cfg.HeadDim, cfg.ChunkSize = o.dState, o.headDim, o.chunk
+	if o.headDim > 0 {
+		cfg.NHeads = cfg.Expand * cfg.DModel / cfg.HeadDim
+	}
+	if o.backend == backendCUDA {
+		return cfg, gpu.CheckConfig(cfg)
+	}
+	return cfg, cfg.Validate()
 }
 
 func main() {
-	o, err := parseFlags()
+	o, err := parseFlags(os.Args[1:], os.Stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		os.Exit(0)
+	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "distbench:", err)
 		os.Exit(2)
 	}
+	if os.Getenv(probeEnv) != "" {
+		runProbeChild(o)
+		return
+	}
 	if r := os.Getenv(childEnv); r != "" {
-		rank, _ := strconv.Atoi(r)
+		rank, err := strconv.Atoi(r)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "distbench: %s=%q is not a rank\n", childEnv, r)
+			os.Exit(2)
+		}
 		if err := runChild(o, rank); err != nil {
 			fmt.Fprintf(os.Stderr, "distbench rank %d: %v\n", rank, err)
+			if isOOM(err) {
+				os.Exit(exitOOM)
+			}
 			os.Exit(1)
 		}
 		return
 	}
-	if err := runParent(o); err != nil {
+	ctx, cancel := context.WithTimeout(context.Background(), o.timeout)
+	defer cancel()
+	if err := runParent(ctx, o, os.Stdout); err != nil {
 		fmt.Fprintln(os.Stderr, "distbench:", err)
 		os.Exit(1)
 	}
-}
-
-func (o options) modelConfig() model.Config {
-	cfg := model.DefaultConfig(o.dModel, o.layers, o.vocab)
-	cfg.DState, cfg.HeadDim, cfg.ChunkSize = o.dState, o.headDim, o.chunk
-	cfg.NHeads = cfg.Expand * cfg.DModel / cfg.HeadDim
-	return cfg
-}
-
-// spec is the job spec of one layout; the data path is never opened (the
-// ranks read a synthetic source).
-func (o options) spec(l layout) (*jobspec.Spec, error) {
-	doc := fmt.Sprintf(`
-name: distbench
-model:
-  config: {d_model: %d, n_layer: %d, vocab_size: %d, d_state: %d, headdim: %d, chunk_size: %d}
-data: {path: /synthetic, seq_len: %d}
-batch: {micro_batch: %d, global_batch: %d}
-parallel: {dp: %d, sp: %d, sp_mode: %s, zero1: %v}
-optimizer: {lr: 0.001, weight_decay: 0.1, grad_clip: 1.0}
-schedule: {warmup_steps: 1, total_steps: 1000}
-seed: 1
-backend: cpu
-`, o.dModel, o.layers, o.vocab, o.dState, o.headDim, o.chunk, o.seqLen, o.micro, o.global, l.dp, l.sp, o.mode, o.zero)
-	return jobspec.Parse([]byte(doc))
-}
-
-// synthetic is a train.Source of pseudo-random tokens: the sequence at
-// global sample position g is a function of g alone, so that every layout
-// trains on the same data.
-type synthetic struct {
-	cfg    data.LoaderConfig
-	vocab  int
-	cursor uint64
-}
-
-func (s *synthetic) Next(ctx context.Context) ([]data.Batch, error) {
-	pos, err := data.RankPositions(s.cursor, s.cfg.GlobalBatch, s.cfg.DPRank, s.cfg.DPSize)
-	if err != nil {
-		return nil, err
-	}
-	s.cursor += uint64(s.cfg.GlobalBatch)
-	L := s.cfg.SeqLen
-	var out []data.Batch
-	for m := 0; m < len(pos); m += s.cfg.MicroBatch {
-		p := pos[m : m+s.cfg.MicroBatch]
-		b := data.Batch{Inputs: make([]int32, len(p)*L), Targets: make([]int32, len(p)*L), Positions: p, SeqLen: L}
-		for r, g := range p {
-			rng := rand.New(rand.NewPCG(g, 17))
-			prev := int32(rng.IntN(s.vocab))
-			for t := range L {
-				next := int32(rng.IntN(s.vocab))
-				b.Inputs[r*L+t], b.Targets[r*L+t] = prev, next
-				prev = next
-			}
-		}
-		out = append(out, b)
-	}
-	return out, nil
-}
-
-func (s *synthetic) Cursor() uint64     { return s.cursor }
-func (s *synthetic) Seek(cursor uint64) { s.cursor = cursor }
-
-// result is one rank's measurement, printed by a child as JSON.
-type result struct {
-	Rank       int     `json:"rank"`
-	StepSec    float64 `json:"step_s"`     // mean over the timed steps
-	CommSec    float64 `json:"comm_s"`     // mean time waiting on other ranks
-	GradSec    float64 `json:"grad_s"`     // mean wait for the gradient reduction after the backward
-	CPUSec     float64 `json:"cpu_s"`      // user+system time per step, this process
-	Tokens     int64   `json:"tokens"`     // counted targets per step, all ranks
-	BytesSent  float64 `json:"bytes_sent"` // per step, this rank
-	Overlapped int     `json:"overlapped"` // buckets started during the backward
-	Buckets    int     `json:"buckets"`
-	Loss       float64 `json:"loss"`
-}
-
-func runChild(o options, rank int) error {
-	runtime.GOMAXPROCS(o.procs)
-	l := layout{dp: o.dp, sp: o.sp, noOverlap: o.noOverlap == 1}
-	spec, err := o.spec(l)
-	if err != nil {
-		return err
-	}
-	addrs := strings.Split(o.addrs, ",")
-	lis, err := net.FileListener(os.NewFile(3, "listener"))
-	if err != nil {
-		return err
-	}
-	cc := collective.DefaultConfig()
-	cc.Timeout = 5 * time.Minute
-	tr, err := grpcnet.Listen(cc, rank, addrs, lis)
-	if err != nil {
-		return err
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), o.timeout)
-	defer cancel()
-	comm, err := collective.New(ctx, cc, tr)
-	if err != nil {
-		return err
-	}
-	defer comm.Close()
-	cfg, err := train.ConfigFromSpec(spec)
-	if err != nil {
-		return err
-	}
-	m, err := ref.New[float32](cfg)
-	if err != nil {
-		return err
-	}
-	if err := train.LoadInit(spec, cfg, m.Layout(), m.Params()); err != nil {
-		return err
-	}
-	r := train.GridRank(comm, l.dp, l.sp)
-	src := &synthetic{vocab: o.vocab, cfg: data.LoaderConfig{SeqLen: o.seqLen, MicroBatch: o.micro, GlobalBatch: o.global, DPRank: r.DPRank, DPSize: l.dp}}
-	opts := train.Options{Dist: train.DistOptions{BucketBytes: o.bucketMiB << 20, NoOverlap: l.noOverlap}}
-	t, err := train.NewDistributedWithInput(spec, m, train.Input{Source: src, Vocab: o.vocab, What: "synthetic tokens"}, r, opts)
-	if err != nil {
-		return err
-	}
-	for range o.warmup {
-		if _, err := t.TrainStep(ctx); err != nil {
-			return err
-		}
-	}
-	res := result{Rank: rank}
-	sent0 := comm.Stats().BytesSent
-	if o.profile != "" {
-		f, err := os.Create(fmt.Sprintf("%s.%dx%d.%d", o.profile, l.dp, l.sp, rank))
-		if err != nil {
-			return err
-		}
-		defer f.Close()
-		if err := pprof.StartCPUProfile(f); err != nil {
-			return err
-		}
-		defer pprof.StopCPUProfile()
-	}
-	cpu0 := cpuTime()
-	for range o.steps {
-		p, err := t.TrainStep(ctx)
-		if err != nil {
-			return err
-		}
-		res.StepSec += p.StepTime.Seconds() / float64(o.steps)
-		res.CommSec += p.Comm.Seconds() / float64(o.steps)
-		res.GradSec += t.CommStats().GradWait.Seconds() / float64(o.steps)
-		res.Tokens, res.Loss = p.Tokens, p.Loss
-	}
-	res.CPUSec = (cpuTime() - cpu0) / float64(o.steps)
-	res.BytesSent = float64(comm.Stats().BytesSent-sent0) / float64(o.steps)
-	cs := t.CommStats()
-	res.Overlapped, res.Buckets = cs.Overlapped, cs.Buckets
-	if err := t.Close(); err != nil {
-		return err
-	}
-	// Leave together, so that no rank's goodbye fails a peer still working.
-	if err := comm.Barrier(ctx); err != nil {
-		return err
-	}
-	return json.NewEncoder(os.Stdout).Encode(res)
-}
-
-func runParent(o options) error {
-	ctx, cancel := context.WithTimeout(context.Background(), o.timeout)
-	defer cancel()
-	cfg := o.modelConfig()
-	if err := cfg.Validate(); err != nil {
-		return err
-	}
-	nparams := model.NewLayout(cfg).Total
-	fmt.Printf("# distbench: CPU backend (model/ref), float32; ranks as processes over gRPC on loopback\n")
-	fmt.Printf("# model: d_model %d, %d layers, d_state %d, headdim %d (%d heads), chunk %d, vocab %d: %d parameters\n",
-		cfg.DModel, cfg.NLayer, cfg.DState, cfg.HeadDim, cfg.NHeads, cfg.ChunkSize, cfg.VocabSize, nparams)
-	fmt.Printf("# step: global batch %d × %d tokens, micro-batch %d; sp mode %s; zero1 %v; bucket %d MiB\n",
-		o.global, o.seqLen, o.micro, o.mode, o.zero, o.bucketMiB)
-	fmt.Printf("# machine: %d cores, load %s; GOMAXPROCS %d per rank; %d warm-up and %d timed steps, best of %d rounds\n",
-		runtime.NumCPU(), loadAvg(), o.procs, o.warmup, o.steps, o.rounds)
-	if !o.memOnly {
-		if err := runGrid(ctx, o); err != nil {
-			return err
-		}
-	}
-	if !o.mem && !o.memOnly {
-		return nil
-	}
-	return memoryTable(o, cfg)
-}
-
-func runGrid(ctx context.Context, o options) error {
-	var runs []layout
-	for _, l := range o.grid {
-		runs = append(runs, l)
-		if o.overlap && l.dp*l.sp > 1 && !o.zero {
-			runs = append(runs, layout{dp: l.dp, sp: l.sp, noOverlap: true})
-		}
-	}
-	// Rounds alternate the layouts, so that a burst of load on the machine
-	// does not fall on one layout alone; the fastest round counts.
-	best := make([][]result, len(runs))
-	stepOf := func(res []result) float64 {
-		var step float64
-		for _, r := range res {
-			step = max(step, r.StepSec)
-		}
-		return step
-	}
-	for range o.rounds {
-		for i, l := range runs {
-			res, err := runLayout(ctx, o, l)
-			if err != nil {
-				return fmt.Errorf("%v: %w", l, err)
-			}
-			if best[i] == nil || stepOf(res) < stepOf(best[i]) {
-				best[i] = res
-			}
-		}
-	}
-	fmt.Println()
-	fmt.Printf("| layout | ranks | cores used | step (s) | tokens/s | speedup vs dp1×sp1 | CPU s per step, all ranks | comm share | exposed all-reduce (ms) | MiB sent per rank·step | buckets overlapped |\n")
-	fmt.Printf("|---|---|---|---|---|---|---|---|---|---|---|\n")
-	var base float64
-	for i, l := range runs {
-		res := best[i]
-		step := stepOf(res)
-		// The last rank to finish its backward waits only for the bytes to
-		// move; the others also wait for it. So the smallest gradient wait
-		// is the exposed all-reduce, free of imbalance between the ranks.
-		var comm, sent, cpu float64
-		grad := res[0].GradSec
-		for _, r := range res {
-			comm += r.CommSec / r.StepSec / float64(len(res))
-			grad = min(grad, r.GradSec)
-			sent += r.BytesSent / float64(len(res))
-			cpu += r.CPUSec
-		}
-		tps := float64(res[0].Tokens) / step
-		if l.dp == 1 && l.sp == 1 {
-			base = tps
-		}
-		speed := "-"
-		if base > 0 {
-			speed = fmt.Sprintf("%.2f", tps/base)
-		}
-		n := l.dp * l.sp
-		fmt.Printf("| %v | %d | %d | %.3f | %.0f | %s | %.2f | %.1f%% | %.1f | %.2f | %d/%d |\n",
-			l, n, min(n*o.procs, runtime.NumCPU()), step, tps, speed, cpu, 100*comm, 1000*grad, sent/(1<<20), res[0].Overlapped, res[0].Buckets)
-	}
-	return nil
-}
-
-// runLayout starts the ranks of l as child processes with their listeners
-// already open (passed as files, so that no port is taken in between) and
-// returns their results by rank.
-func runLayout(ctx context.Context, o options, l layout) ([]result, error) {
-	self, err := os.Executable()
-	if err != nil {
-		return nil, err
-	}
-	n := l.dp * l.sp
-	var files []*os.File
-	var addrs []string
-	for range n {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return nil, err
-		}
-		f, err := ln.(*net.TCPListener).File()
-		if err != nil {
-			return nil, err
-		}
-		_ = ln.Close()
-		files = append(files, f)
-		addrs = append(addrs, ln.Addr().String())
-	}
-	noOverlap := 0
-	if l.noOverlap {
-		noOverlap = 1
-	}
-	args := []string{"-d-model", fmt.Sprint(o.dModel), "-layers", fmt.Sprint(o.layers), "-d-state", fmt.Sprint(o.dState),
-		"-headdim", fmt.Sprint(o.headDim), "-chunk", fmt.Sprint(o.chunk), "-vocab", fmt.Sprint(o.vocab), "-seq", fmt.Sprint(o.seqLen),
-		"-micro", fmt.Sprint(o.micro), "-global", fmt.Sprint(o.global), "-sp-mode", o.mode, "-zero1=" + strconv.FormatBool(o.zero),
-		"-steps", fmt.Sprint(o.steps), "-warmup", fmt.Sprint(o.warmup), "-procs", fmt.Sprint(o.procs), "-bucket-mib", fmt.Sprint(o.bucketMiB),
-		"-timeout", o.timeout.String(), "-grid", fmt.Sprintf("%dx%d", l.dp, l.sp), "-cpuprofile", o.profile,
-		"-dp", fmt.Sprint(l.dp), "-sp", fmt.Sprint(l.sp), "-no-overlap", fmt.Sprint(noOverlap), "-addrs", strings.Join(addrs, ",")}
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	var (
-		mu   sync.Mutex
-		out  = make([]result, n)
-		seen = make([]bool, n)
-		wg   sync.WaitGroup
-	)
-	errs := make([]error, n)
-	for r := range n {
-		cmd := exec.CommandContext(ctx, self, args...)
-		cmd.Env = append(os.Environ(), fmt.Sprintf("%s=%d", childEnv, r))
-		cmd.ExtraFiles = []*os.File{files[r]}
-		cmd.Stderr = os.Stderr
-		stdout, err := cmd.StdoutPipe()
-		if err != nil {
-			return nil, err
-		}
-		if err := cmd.Start(); err != nil {
-			return nil, err
-		}
-		wg.Go(func() {
-			sc := bufio.NewScanner(stdout)
-			for sc.Scan() {
-				var res result
-				if json.Unmarshal(sc.Bytes(), &res) == nil {
-					mu.Lock()
-					out[r], seen[r] = res, true
-					mu.Unlock()
-				}
-			}
-			if errs[r] = cmd.Wait(); errs[r] != nil {
-				cancel() // one rank failing takes the others down
-			}
-		})
-	}
-	for _, f := range files {
-		_ = f.Close()
-	}
-	wg.Wait()
-	for r, err := range errs {
-		if err != nil {
-			return nil, fmt.Errorf("rank %d of %d: %w", r, n, err)
-		}
-		if !seen[r] {
-			return nil, fmt.Errorf("rank %d of %d printed no result", r, n)
-		}
-	}
-	return out, nil
-}
-
-// rankMemory measures one rank holding micro sequences of lk positions,
-// with AdamW's moments for 1/shards of the parameters (ZeRO-1 over shards
-// ranks; 1 keeps them whole): the live heap after a warm step (parameters,
-// gradients, moments, the backend's activation workspace) plus every byte
-// allocated during one more step, an upper bound of the step's peak heap.
-func rankMemory(cfg model.Config, micro, lk, shards int) (int64, error) {
-	runtime.GC()
-	var ms runtime.MemStats
-	runtime.ReadMemStats(&ms)
-	base := ms.HeapAlloc
-	m, err := ref.New[float32](cfg)
-	if err != nil {
-		return 0, err
-	}
-	if err := model.Init(cfg, m.Layout(), m.Params(), 1); err != nil {
-		return 0, err
-	}
-	n := (m.Layout().Total + shards - 1) / shards
-	moments := [2][]float32{make([]float32, n), make([]float32, n)}
-	rng := rand.New(rand.NewPCG(uint64(lk), 3))
-	b := &model.Batch{Batch: micro, SeqLen: lk, Inputs: make([]int32, micro*lk), Targets: make([]int32, micro*lk)}
-	for i := range b.Inputs {
-		b.Inputs[i], b.Targets[i] = int32(rng.IntN(cfg.VocabSize)), int32(rng.IntN(cfg.VocabSize))
-	}
-	ctx := context.Background()
-	if _, err := m.ForwardBackward(ctx, b, model.StepOptions{}); err != nil {
-		return 0, err
-	}
-	runtime.GC()
-	runtime.ReadMemStats(&ms)
-	live, total0 := ms.HeapAlloc, ms.TotalAlloc
-	if _, err := m.ForwardBackward(ctx, b, model.StepOptions{}); err != nil {
-		return 0, err
-	}
-	runtime.ReadMemStats(&ms)
-	runtime.KeepAlive(moments)
-	runtime.KeepAlive(m)
-	return int64(live-base) + int64(ms.TotalAlloc-total0), nil
-}
-
-// memoryTable measures the memory of one rank as a function of the
-// positions lk it holds, fits a + b·lk to three lengths, and prints, for
-// sp = 1, 2, 4, 8, the longest sequence L = sp·lk (lk a multiple of the
-// chunk) whose rank fits the budget, without and with ZeRO-1 over the sp
-// ranks (which keeps 1/sp of AdamW's moments per rank). Each lk is the
-// fit's estimate checked by measurement and lowered by a chunk at a time
-// until the measurement fits.
-func memoryTable(o options, cfg model.Config) error {
-	debug.SetGCPercent(100)
-	q := cfg.ChunkSize
-	lens := []int{4 * q, 8 * q, 16 * q}
-	var mems []int64
-	for _, lk := range lens {
-		mem, err := rankMemory(cfg, o.micro, lk, 1)
-		if err != nil {
-			return err
-		}
-		mems = append(mems, mem)
-	}
-	b := float64(mems[2]-mems[0]) / float64(lens[2]-lens[0])
-	a := float64(mems[0]) - b*float64(lens[0])
-	mid := a + b*float64(lens[1])
-	nparams := float64(model.NewLayout(cfg).Total)
-	budget := int64(o.budgetMiB) << 20
-	fmt.Println()
-	fmt.Printf("# memory of one rank, micro-batch %d: live heap after a warm step + bytes allocated in one step\n", o.micro)
-	for i, lk := range lens {
-		fmt.Printf("#   %5d positions: %7.1f MiB\n", lk, float64(mems[i])/(1<<20))
-	}
-	fmt.Printf("# fit: %.1f MiB + %.1f KiB per position (the middle point is %.1f%% off the line)\n",
-		a/(1<<20), b/(1<<10), 100*(float64(mems[1])-mid)/mid)
-	fmt.Printf("# budget %d MiB per rank; each length below is checked by measurement (MiB in brackets)\n\n", o.budgetMiB)
-	// longest returns the largest measured lk that fits, starting from the
-	// fit's estimate for moments sharded over shards ranks.
-	longest := func(shards int) (int, int64, error) {
-		fixed := a - 8*nparams*(1-1/float64(shards))
-		lk := max(q, int((float64(budget)-fixed)/b)/q*q)
-		for ; lk >= q; lk -= q {
-			mem, err := rankMemory(cfg, o.micro, lk, shards)
-			if err != nil {
-				return 0, 0, err
-			}
-			if mem <= budget {
-				return lk, mem, nil
-			}
-		}
-		return 0, 0, fmt.Errorf("the budget of %d MiB does not hold one chunk of %d positions per rank", o.budgetMiB, q)
-	}
-	plain, plainMem, err := longest(1)
-	if err != nil {
-		return err
-	}
-	fmt.Printf("| sp | longest sequence | positions per rank | with ZeRO-1 over the sp ranks | positions per rank |\n|---|---|---|---|---|\n")
-	for _, sp := range []int{1, 2, 4, 8} {
-		zlk, zmem := plain, plainMem
-		if sp > 1 {
-			if zlk, zmem, err = longest(sp); err != nil {
-				return err
-			}
-		}
-		fmt.Printf("| %d | %d | %d (%.1f MiB) | %d | %d (%.1f MiB) |\n", sp, sp*plain, plain, float64(plainMem)/(1<<20), sp*zlk, zlk, float64(zmem)/(1<<20))
-	}
-	return nil
-}
-
-// cpuTime returns the user and system time of this process in seconds.
-func cpuTime() float64 {
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		return 0
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano()).Seconds()
-}
-
-func loadAvg() string {
-	b, err := os.ReadFile("/proc/loadavg")
-	if err != nil {
-		return "unknown"
-	}
-	f := strings.Fields(string(b))
-	if len(f) == 0 {
-		return "unknown"
-	}
-	return f[0]
 }
