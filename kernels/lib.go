@@ -14,7 +14,7 @@ import (
 
 // ABIVersion is the M2K_ABI_VERSION of the m2kernels.h these bindings were
 // written against; Open refuses a library reporting another.
-const ABIVersion = 1
+const ABIVersion = 2
 
 // LibName is the file name of the library.
 const LibName = "libm2kernels.so"
@@ -61,6 +61,10 @@ type commonFuncs struct {
 	memcpyD2H       func(dst unsafe.Pointer, src uintptr, bytes int64) int32
 	memcpyD2D       func(dst, src uintptr, bytes int64) int32
 	memcpyD2DAsync  func(dst, src uintptr, bytes int64, stream uintptr) int32
+	memcpyD2HAsync  func(dst unsafe.Pointer, src uintptr, bytes int64, stream uintptr) int32
+	hostAlloc       func(ptr *unsafe.Pointer, bytes int64) int32
+	hostFree        func(ptr unsafe.Pointer) int32
+	streamWaitEvent func(s, e uintptr) int32
 	streamCreate    func(s *uintptr) int32
 	streamDestroy   func(s uintptr) int32
 	streamSync      func(s uintptr) int32
@@ -96,6 +100,10 @@ func (c *commonFuncs) bind(h uintptr) error {
 		{&c.streamSync, "m2k_stream_synchronize"},
 		{&c.eventCreate, "m2k_event_create"},
 		{&c.eventDestroy, "m2k_event_destroy"},
+		{&c.memcpyD2HAsync, "m2k_memcpy_d2h_async"},
+		{&c.hostAlloc, "m2k_host_alloc"},
+		{&c.hostFree, "m2k_host_free"},
+		{&c.streamWaitEvent, "m2k_stream_wait_event"},
 		{&c.eventRecord, "m2k_event_record"},
 		{&c.eventSync, "m2k_event_synchronize"},
 		{&c.eventElapsed, "m2k_event_elapsed_ms"},

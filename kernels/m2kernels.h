@@ -29,7 +29,7 @@ extern "C" {
 /* ==== common ==== */
 
 /* ABI version; bumped whenever a signature or struct layout in this file changes. */
-#define M2K_ABI_VERSION 1
+#define M2K_ABI_VERSION 2
 
 /* Activation dtypes. */
 #define M2K_F32 0
@@ -82,10 +82,17 @@ int m2k_memcpy_h2d_async(void* dst, const void* src, int64_t bytes, void* stream
 int m2k_memcpy_d2h_async(void* dst, const void* src, int64_t bytes, void* stream);
 int m2k_memcpy_d2d_async(void* dst, const void* src, int64_t bytes, void* stream);
 
+/* Pinned (page-locked) host memory, which asynchronous copies need to run beside kernels.
+ * m2k_host_alloc of 0 bytes returns NULL and success; m2k_host_free(NULL) is a no-op. */
+int m2k_host_alloc(void** ptr, int64_t bytes);
+int m2k_host_free(void* ptr);
+
 /* Streams (non-blocking with respect to the legacy default stream). */
 int m2k_stream_create(void** stream);
 int m2k_stream_destroy(void* stream);
 int m2k_stream_synchronize(void* stream);
+/* Work queued on stream after this call waits until event has completed. */
+int m2k_stream_wait_event(void* stream, void* event);
 
 /* Events, for timing. */
 int m2k_event_create(void** event);

@@ -275,3 +275,70 @@ func (l *Lib) ElapsedMs(start, end Event) (float32, error) {
 	err := l.Call("m2k_event_elapsed_ms", func() int32 { return l.c.eventElapsed(&ms, uintptr(start), uintptr(end)) })
 	return ms, err
 }
+
+// HostF32 is a float32 slice in pinned (page-locked) host memory, which
+// asynchronous copies need to run beside kernels. Free it with Free; the
+// slice must not be used after.
+type HostF32 struct {
+	lib *Lib
+	ptr unsafe.Pointer
+	// S is the memory, of the length asked for.
+	S []float32
+}
+
+// AllocHostF32 allocates n float32 values of pinned host memory, zeroed.
+func (l *Lib) AllocHostF32(n int) (*HostF32, error) {
+	if n < 0 {
+		return nil, invalid("AllocHostF32: n must be >= 0, got %d", n)
+	}
+	h := &HostF32{lib: l}
+	if n == 0 {
+		return h, nil
+	}
+	if err := l.Call("m2k_host_alloc", func() int32 { return l.c.hostAlloc(&h.ptr, int64(n)*4) }); err != nil {
+		return nil, err
+	}
+	h.S = unsafe.Slice((*float32)(h.ptr), n)
+	clear(h.S)
+	return h, nil
+}
+
+// Free releases the memory; a second Free is a no-op.
+func (h *HostF32) Free() error {
+	if h == nil || h.ptr == nil {
+		return nil
+	}
+	p := h.ptr
+	h.ptr, h.S = nil, nil
+	return h.lib.Call("m2k_host_free", func() int32 { return h.lib.c.hostFree(p) })
+}
+
+// CopyRangeToHostAsyncF32 queues on stream s the copy of the F32 buffer's
+// elements [lo, lo+len(dst)) into dst, which should be pinned memory (a
+// HostF32's) for the copy to run beside kernels. dst must not be read
+// before the copy has completed (an event recorded on s after it).
+func (b *Buffer) CopyRangeToHostAsyncF32(dst []float32, lo int, s Stream) error {
+	if b.Ptr == 0 && b.Len > 0 {
+		return fmt.Errorf("CopyRangeToHostAsyncF32: %w", ErrClosed)
+	}
+	if b.DType != F32 || lo < 0 || lo+len(dst) > b.Len {
+		return invalid("CopyRangeToHostAsyncF32: [%d, %d) of a %s buffer of %d values", lo, lo+len(dst), b.DType, b.Len)
+	}
+	if len(dst) == 0 {
+		return nil
+	}
+	return b.lib.Call("m2k_memcpy_d2h_async", func() int32 {
+		return b.lib.c.memcpyD2HAsync(unsafe.Pointer(&dst[0]), b.Offset(lo), int64(len(dst))*4, uintptr(s))
+	})
+}
+
+// WaitEvent makes the work queued on s after the call wait until e has
+// completed.
+func (l *Lib) WaitEvent(s Stream, e Event) error {
+	return l.Call("m2k_stream_wait_event", func() int32 { return l.c.streamWaitEvent(uintptr(s), uintptr(e)) })
+}
+
+// SyncEvent blocks until e has completed.
+func (l *Lib) SyncEvent(e Event) error {
+	return l.Call("m2k_event_synchronize", func() int32 { return l.c.eventSync(uintptr(e)) })
+}

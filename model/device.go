@@ -86,6 +86,26 @@ type DeviceBackend[T Float] interface {
 	Close() error
 }
 
+// GradStreamer is implemented by a DeviceBackend that can copy part of its
+// device gradients into the host mirror while the device computes on, so
+// that data parallelism reduces the gradients of the upper layers while the
+// backward pass runs through the lower ones:
+//
+//	last micro-batch:  after layer ℓ's gradients are final (the boundary hook),
+//	                   wait := GradsToHostAsync(lo, hi) and hand wait to the reducer
+//	after the backward: GradsToHostAsync(0, lo) for the rest; all-reduce; SyncFromHost(SyncGrads, nil)
+//
+// It needs the explicit mode (AutoSync false).
+type GradStreamer interface {
+	// GradsToHostAsync queues the copy of the device gradients [lo, hi)
+	// into Grads()[lo:hi], ordered after all the work queued on the
+	// device so far, and returns without waiting for it. wait blocks until
+	// the copy has completed; it must be called exactly once, and may be
+	// called from another goroutine. The host mirror of [lo, hi) must not
+	// be read or written before wait returns.
+	GradsToHostAsync(lo, hi int) (wait func() error, err error)
+}
+
 // ClipScale returns the factor by which ClipGrads would scale gradients of
 // global norm norm for the limit maxNorm: PyTorch's clip_grad_norm_
 // coefficient maxNorm/(norm+1e-6), capped at 1; 1 when maxNorm <= 0

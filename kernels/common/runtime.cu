@@ -106,6 +106,17 @@ int m2k_malloc(void** ptr, int64_t bytes) {
 
 int m2k_free(void* ptr) { return ptr ? status(cudaFree(ptr)) : M2K_OK; }
 
+int m2k_host_alloc(void** ptr, int64_t bytes) {
+    clear_detail();
+    if (!ptr) return fail(M2K_ERR_INVALID_ARG, "m2k_host_alloc: ptr is NULL");
+    *ptr = nullptr;
+    if (bytes < 0) return fail(M2K_ERR_INVALID_ARG, "m2k_host_alloc: bytes must be >= 0, got %lld", (long long)bytes);
+    if (bytes == 0) return M2K_OK;
+    return status(cudaHostAlloc(ptr, size_t(bytes), cudaHostAllocPortable));
+}
+
+int m2k_host_free(void* ptr) { return ptr ? status(cudaFreeHost(ptr)) : M2K_OK; }
+
 static int check_bytes(const char* fn, int64_t bytes) {
     clear_detail();
     if (bytes < 0) return fail(M2K_ERR_INVALID_ARG, "%s: bytes must be >= 0, got %lld", fn, (long long)bytes);
@@ -159,6 +170,11 @@ int m2k_stream_create(void** stream) {
 }
 int m2k_stream_destroy(void* stream) { return stream ? status(cudaStreamDestroy(as_stream(stream))) : M2K_OK; }
 int m2k_stream_synchronize(void* stream) { return status(cudaStreamSynchronize(as_stream(stream))); }
+int m2k_stream_wait_event(void* stream, void* event) {
+    clear_detail();
+    if (!event) return fail(M2K_ERR_INVALID_ARG, "m2k_stream_wait_event: event is NULL");
+    return status(cudaStreamWaitEvent(as_stream(stream), static_cast<cudaEvent_t>(event), 0));
+}
 
 int m2k_event_create(void** event) {
     clear_detail();

@@ -31,7 +31,8 @@ type Model struct {
 	emb, head, normF *model.Tensor
 
 	params, grads         *kernels.Buffer // f32, layout.Total
-	hostParams, hostGrads []float32       // host mirrors
+	hostParams, hostGrads []float32       // host mirrors (hostGrads pinned where possible)
+	copier                *gradCopier     // GradsToHostAsync's stream and events, or nil
 
 	// Product weights in the activation dtype: with F32 views of params,
 	// with BF16 copies (copies[j] of tensor copySrc[j]) refreshed from
@@ -65,6 +66,7 @@ type moments struct{ m, v *kernels.Buffer }
 var (
 	_ model.Backend[float32]       = (*Model)(nil)
 	_ model.DeviceBackend[float32] = (*Model)(nil)
+	_ model.GradStreamer           = (*Model)(nil)
 )
 
 // Open loads the kernel library and returns a model on its GPU: the library
@@ -131,6 +133,7 @@ func New(lib *kernels.Lib, cfg model.Config, o Options) (*Model, error) {
 		m.Close()
 		return nil, err
 	}
+	m.pinHostGrads()
 	return m, nil
 }
 
@@ -314,6 +317,14 @@ func (m *Model) Close() error {
 	}
 	if m.mom != nil {
 		errs = append(errs, m.mom.m.Free(), m.mom.v.Free())
+	}
+	if m.copier != nil {
+		// The copies in flight finish before the memory they use goes.
+		errs = append(errs, m.copier.close())
+		if m.copier.pinned != nil {
+			m.hostGrads = nil
+		}
+		m.copier = nil
 	}
 	for _, b := range []*kernels.Buffer{m.params, m.grads, m.noDecay, m.normOut, m.lossSum, m.normWS} {
 		if b != nil {

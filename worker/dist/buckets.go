@@ -72,17 +72,34 @@ func LayerEnds(l *model.Layout, layers int) ([]int, error) {
 //
 // Use per step: Begin; Ready(offset) whenever every gradient at or past
 // offset is final (any number of times, offsets decreasing); Finish, which
-// starts what is left and waits for all of it. A Reducer is used from one
-// goroutine.
+// starts what is left and waits for all of it. Where the gradients reach
+// the buffer later than the call (a device copying them to host memory),
+// ReadyAfter(offset, wait) names a function that returns once they are
+// there: a goroutine of the Reducer waits for each such function in turn
+// and starts the buckets after it, still in the fixed order. A Reducer is
+// used from one goroutine.
 type Reducer[T model.Float] struct {
 	comm     *collective.Communicator
 	grads    []T
 	buckets  []Range
 	ctx      context.Context
 	next     int
-	handles  []*collective.Handle
+	handles  []*collective.Handle // by bucket; nil until started
 	wait     time.Duration
 	overlapN int
+
+	// The feeder of ReadyAfter: it receives runs of buckets in order,
+	// waits for each run's data and starts its buckets.
+	feed    chan feedRun
+	fed     chan struct{}
+	feedErr error // written by the feeder, read after fed is closed
+}
+
+// feedRun is the run of buckets [from, to) whose data is in place once
+// wait (if not nil) has returned.
+type feedRun struct {
+	from, to int
+	wait     func() error
 }
 
 // NewReducer returns a reducer of grads over comm with buckets of
@@ -105,37 +122,107 @@ func (r *Reducer[T]) Buckets() []Range { return r.buckets }
 func (r *Reducer[T]) Begin(ctx context.Context) {
 	r.ctx = ctx
 	r.next = 0
-	r.handles = r.handles[:0]
+	if cap(r.handles) < len(r.buckets) {
+		r.handles = make([]*collective.Handle, len(r.buckets))
+	}
+	r.handles = r.handles[:len(r.buckets)]
+	clear(r.handles)
 	r.wait = 0
 	r.overlapN = 0
+	r.feed, r.fed, r.feedErr = nil, nil, nil
+}
+
+// claim reserves every bucket not yet started that lies at or past offset
+// and returns the run [from, to) of them.
+func (r *Reducer[T]) claim(offset int) (from, to int) {
+	from = r.next
+	for r.next < len(r.buckets) && r.buckets[r.next].Lo >= offset {
+		r.next++
+	}
+	return from, r.next
+}
+
+// start starts the all-reduces of buckets [from, to).
+func (r *Reducer[T]) start(from, to int) {
+	for i := from; i < to; i++ {
+		b := r.buckets[i]
+		r.handles[i] = r.comm.AllReduceAsync(r.ctx, bufferOf(r.grads[b.Lo:b.Hi]))
+	}
 }
 
 // Ready starts the all-reduce of every bucket not yet started that lies at
 // or past offset. Calls before Begin or after Finish are ignored.
 func (r *Reducer[T]) Ready(offset int) {
+	r.ReadyAfter(offset, nil)
+}
+
+// ReadyAfter is Ready for gradients that are final at or past offset but
+// reach the buffer only when wait returns. It returns at once; wait is
+// called exactly once, from another goroutine, after the waits of earlier
+// calls, and the buckets start after it returns. A nil wait is Ready. Calls
+// before Begin or after Finish are ignored (and wait is not called).
+func (r *Reducer[T]) ReadyAfter(offset int, wait func() error) {
 	if r.ctx == nil {
 		return
 	}
-	for r.next < len(r.buckets) && r.buckets[r.next].Lo >= offset {
-		b := r.buckets[r.next]
-		r.handles = append(r.handles, r.comm.AllReduceAsync(r.ctx, bufferOf(r.grads[b.Lo:b.Hi])))
-		r.next++
-		r.overlapN++
+	from, to := r.claim(offset)
+	r.overlapN += to - from
+	if wait == nil && r.feed == nil {
+		r.start(from, to)
+		return
+	}
+	if r.feed == nil {
+		// At most one run per bucket plus Finish's.
+		r.feed = make(chan feedRun, len(r.buckets)+2)
+		r.fed = make(chan struct{})
+		go r.feeder(r.feed, r.fed)
+	}
+	r.feed <- feedRun{from: from, to: to, wait: wait}
+}
+
+// feeder starts the runs of ReadyAfter in order, each after its wait. After
+// a failed wait it starts nothing more but still calls the waits that
+// follow, whose resources they may release.
+func (r *Reducer[T]) feeder(feed <-chan feedRun, fed chan<- struct{}) {
+	defer close(fed)
+	for run := range feed {
+		if run.wait != nil {
+			if err := run.wait(); err != nil && r.feedErr == nil {
+				r.feedErr = fmt.Errorf("dist: waiting for the gradients of buckets %d to %d: %w", run.from, run.to-1, err)
+			}
+		}
+		if r.feedErr == nil {
+			r.start(run.from, run.to)
+		}
 	}
 }
 
 // Finish starts the buckets not yet started and waits until every
 // all-reduce of the step has finished, returning the first error.
 func (r *Reducer[T]) Finish(ctx context.Context) error {
+	return r.FinishAfter(ctx, nil)
+}
+
+// FinishAfter is Finish for gradients of the buckets not yet started that
+// reach the buffer only when wait returns (see ReadyAfter).
+func (r *Reducer[T]) FinishAfter(ctx context.Context, wait func() error) error {
 	if r.ctx == nil {
 		return fmt.Errorf("dist: Reducer.Finish without Begin")
 	}
 	early := r.overlapN
-	r.Ready(0)
+	r.ReadyAfter(0, wait)
 	r.overlapN = early
 	start := time.Now()
 	var first error
+	if r.feed != nil {
+		close(r.feed)
+		<-r.fed
+		first = r.feedErr
+	}
 	for i, h := range r.handles {
+		if h == nil {
+			continue
+		}
 		if err := h.Wait(ctx); err != nil && first == nil {
 			b := r.buckets[i]
 			first = fmt.Errorf("dist: all-reduce of gradient bucket %d [%d, %d): %w", i, b.Lo, b.Hi, err)
@@ -143,6 +230,7 @@ func (r *Reducer[T]) Finish(ctx context.Context) error {
 	}
 	r.wait = time.Since(start)
 	r.ctx = nil
+	r.feed, r.fed = nil, nil
 	return first
 }
 

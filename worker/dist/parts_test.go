@@ -2,10 +2,13 @@ package dist
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"math"
 	"math/rand/v2"
 	"reflect"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/m2train/m2train/collective"
@@ -232,6 +235,89 @@ func TestReducerOverlap(t *testing.T) {
 			t.Errorf("rank %d: %d of %d buckets overlapped, want 3 of 8", r, stats[r][0], stats[r][1])
 		}
 	}
+}
+
+// TestReducerReadyAfter hands the reducer gradients that reach its buffer
+// only inside the wait functions, as a device's asynchronous copies do: the
+// buffer starts as garbage, each wait writes its range, and the result must
+// be the all-reduce of the real values, with the waits called in order and
+// exactly once, and a failing wait reported by Finish.
+func TestReducerReadyAfter(t *testing.T) {
+	const n, total = 3, 1000
+	comms := memComms(t, n)
+	rng := rand.New(rand.NewPCG(7, 8))
+	var grads [n][]float64
+	for r := range n {
+		grads[r] = randomSlice[float64](rng, total, 1)
+	}
+	ctx := context.Background()
+	want := append([]float64(nil), grads[0]...)
+	for r := 1; r < n; r++ {
+		for i := range want {
+			want[i] += grads[r][i]
+		}
+	}
+	got := make([][]float64, n)
+	calls := make([][]int, n)
+	onAll(t, n, func(r int) error {
+		got[r] = make([]float64, total)
+		for i := range got[r] {
+			got[r][i] = math.NaN() // what a reduction started too early would sum
+		}
+		red, err := NewReducer(comms[r], got[r], 128)
+		if err != nil {
+			return err
+		}
+		var mu sync.Mutex
+		arrive := func(id, lo, hi int) func() error {
+			return func() error {
+				mu.Lock()
+				calls[r] = append(calls[r], id)
+				mu.Unlock()
+				copy(got[r][lo:hi], grads[r][lo:hi])
+				return nil
+			}
+		}
+		red.Begin(ctx)
+		red.ReadyAfter(900, arrive(1, 900, total)) // bucket [872, 1000) needs [872, 900) too
+		red.ReadyAfter(850, arrive(2, 850, 900))   // [744, 872) not yet: it needs [744, 850)
+		red.ReadyAfter(600, arrive(3, 480, 850))
+		red.Ready(480) // a plain Ready keeps its place behind the waits: [488, 616)
+		if err := red.FinishAfter(ctx, arrive(4, 0, 480)); err != nil {
+			return err
+		}
+		if over, all, _ := red.Stats(); over != 4 || all != 8 {
+			return fmt.Errorf("%d of %d buckets overlapped, want 4 of 8", over, all)
+		}
+		return nil
+	})
+	for r := range n {
+		if !reflect.DeepEqual(calls[r], []int{1, 2, 3, 4}) {
+			t.Errorf("rank %d: waits called in the order %v, want [1 2 3 4]", r, calls[r])
+		}
+		for i := range got[r] {
+			if math.IsNaN(got[r][i]) || math.Abs(got[r][i]-want[i]) > 1e-12*(1+math.Abs(want[i])) {
+				t.Fatalf("rank %d: element %d is %v, want %v", r, i, got[r][i], want[i])
+			}
+		}
+	}
+	// A failed wait: nothing after it starts, and every rank reports it.
+	boom := errors.New("copy failed")
+	onAll(t, n, func(r int) error {
+		red, err := NewReducer(comms[r], make([]float64, total), 128)
+		if err != nil {
+			return err
+		}
+		red.Begin(ctx)
+		var later bool
+		red.ReadyAfter(900, func() error { return boom })
+		red.ReadyAfter(600, func() error { later = true; return nil })
+		err = red.Finish(ctx)
+		if !errors.Is(err, boom) || !later {
+			return fmt.Errorf("Finish after a failed wait: %v (later wait called: %v), want the wait's error and every wait called", err, later)
+		}
+		return nil
+	})
 }
 
 // TestGatherShards gathers the owned ranges of 4 ranks to rank 2.

@@ -108,9 +108,15 @@ type parallel[T model.Float] struct {
 	zero                  *dist.ZeRO[T]    // nil unless ZeRO-1
 	layerEnds             []int
 	overlap, ordered      bool
-	poll                  time.Duration
-	fullM, fullV          []T // rank 0 under ZeRO-1: the gathered moments of a checkpoint
-	last                  CommStats
+	// stream copies gradient ranges of a device backend to the host while
+	// its backward pass runs, when the overlap is on; copied is the lowest
+	// offset queued in the current step, streamErr its first failure.
+	stream       model.GradStreamer
+	copied       int
+	streamErr    error
+	poll         time.Duration
+	fullM, fullV []T // rank 0 under ZeRO-1: the gathered moments of a checkpoint
+	last         CommStats
 	// waitRounds counts the rounds ranks spent waiting for rank 0's
 	// checkpoint in flight, for tests.
 	waitRounds atomic.Int64
@@ -260,7 +266,13 @@ func buildRank[T model.Float](spec *jobspec.Spec, backend model.Backend[T], in I
 		if par.red, err = dist.NewReducer(rank.Comm, backend.Grads(), elems); err != nil {
 			return nil, err
 		}
-		par.overlap = !opts.Dist.NoOverlap && !isDev
+		// A device backend overlaps when it can copy gradient ranges to the
+		// host while its backward pass runs on.
+		streamer, canStream := backend.(model.GradStreamer)
+		par.overlap = !opts.Dist.NoOverlap && (!isDev || canStream)
+		if isDev && par.overlap {
+			par.stream = streamer
+		}
 	}
 	if par.layerEnds, err = dist.LayerEnds(backend.Layout(), cfg.NLayer); err != nil {
 		return nil, err
@@ -330,12 +342,17 @@ func (t *Trainer[T]) distStep(ctx context.Context, start time.Time, cursor uint6
 	if p.red != nil {
 		p.red.Begin(ctx)
 	}
+	p.copied, p.streamErr = len(t.backend.Grads()), nil
 	p.bd.ResetWait()
 	var lossSum float64
 	for i, mb := range mbs {
 		var hook func(layer int)
 		if i == len(mbs)-1 && p.overlap {
-			hook = func(layer int) { p.red.Ready(p.layerEnds[layer]) }
+			if p.stream != nil {
+				hook = func(layer int) { p.streamReady(p.layerEnds[layer]) }
+			} else {
+				hook = func(layer int) { p.red.Ready(p.layerEnds[layer]) }
+			}
 		}
 		o := model.StepOptions{Count: count, KeepLogits: p.ordered}
 		if p.rank.SP > 1 || (hook != nil && mb.SeqLen >= t.backend.Config().DConv-1) {
@@ -364,7 +381,17 @@ func (t *Trainer[T]) distStep(ctx context.Context, start time.Time, cursor uint6
 	comm += p.bd.WaitTime()
 
 	c0 = time.Now()
-	if t.dev != nil {
+	var rest func() error // the copy of the gradients not yet streamed
+	switch {
+	case p.stream != nil:
+		if p.streamErr == nil {
+			rest, p.streamErr = p.stream.GradsToHostAsync(0, p.copied)
+		}
+		if serr := p.streamErr; serr != nil {
+			// The reducer starts nothing more and returns this.
+			rest = func() error { return serr }
+		}
+	case t.dev != nil:
 		if err := t.dev.SyncToHost(model.SyncGrads, nil); err != nil {
 			return Progress{}, err
 		}
@@ -374,7 +401,7 @@ func (t *Trainer[T]) distStep(ctx context.Context, start time.Time, cursor uint6
 	if p.zero != nil {
 		err = p.zero.ReduceScatter(ctx, t.backend.Grads())
 	} else {
-		err = p.red.Finish(ctx)
+		err = p.red.FinishAfter(ctx, rest)
 		p.last.Overlapped, p.last.Buckets, _ = p.red.Stats()
 	}
 	gradWait := time.Since(g0)
@@ -439,6 +466,22 @@ func (t *Trainer[T]) distStep(ctx context.Context, start time.Time, cursor uint6
 	pr := t.finishStep(start, loss, lr, norm, count)
 	pr.Comm = comm
 	return pr, nil
+}
+
+// streamReady queues the copy of the device gradients at or past offset
+// that are not yet on their way to the host, and hands the reducer the wait
+// for them. After a failure it queues nothing more; the step then fails.
+func (p *parallel[T]) streamReady(offset int) {
+	if offset >= p.copied || p.streamErr != nil {
+		return
+	}
+	w, err := p.stream.GradsToHostAsync(offset, p.copied)
+	if err != nil {
+		p.streamErr = err
+		return
+	}
+	p.copied = offset
+	p.red.ReadyAfter(offset, w)
 }
 
 // diverged returns ErrDiverged when the loss or the norm is not finite.

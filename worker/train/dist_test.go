@@ -2,6 +2,7 @@ package train
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math"
 	"net"
@@ -590,5 +591,91 @@ func TestDistributedDevicePath(t *testing.T) {
 			t.Errorf("rank %d: %d optimizer steps on the device, want 5", r, devs[r].optimizerSteps)
 		}
 		sameBits(t, fmt.Sprintf("rank %d's parameters on a device", r), devs[r].Params(), plain[0].m.Params())
+	}
+}
+
+// streamingDevice is an emulated device that streams gradient ranges to the
+// host as the GPU backend does (model.GradStreamer): the range is read from
+// the device when the copy is queued, so a range that is not final yet
+// carries wrong values, and it reaches the host mirror only when the wait
+// is called, so a trainer that reads the mirror too early sees stale ones.
+type streamingDevice struct {
+	*emulatedDevice[float64]
+	mu      sync.Mutex
+	queued  int // copies queued
+	waited  int // waits called
+	covered int // gradients copied
+}
+
+func (s *streamingDevice) GradsToHostAsync(lo, hi int) (func() error, error) {
+	if s.auto {
+		return nil, errors.New("streaming device: automatic mode")
+	}
+	snap := append([]float64(nil), s.dev.Grads()[lo:hi]...)
+	s.mu.Lock()
+	s.queued++
+	s.covered += hi - lo
+	s.mu.Unlock()
+	return func() error {
+		copy(s.hostGrads[lo:hi], snap)
+		s.mu.Lock()
+		s.waited++
+		s.mu.Unlock()
+		return nil
+	}, nil
+}
+
+// TestDistributedDeviceStreamsGradients trains dp 2 × sp 2 on devices that
+// stream their gradients to the host during the last backward pass and
+// checks that the parameters equal the host path's bit for bit, that the
+// copies covered every gradient once per step and that each was waited for.
+func TestDistributedDeviceStreamsGradients(t *testing.T) {
+	const steps = 4
+	ctx := context.Background()
+	dataDir := writeDataset(t, 4000)
+	spec := distSpec(t, dataDir, 2, 2, jobspec.SPModeSequential, false, steps)
+	small := func(o *Options) { o.Dist.BucketBytes = 1024 }
+	plain := newGrid[float64](t, spec, memWorld(t, 4), nil, small)
+	onRanks(t, plain, func(r *gridRun[float64]) error { return r.tr.Run(ctx) })
+
+	comms := memWorld(t, 4)
+	ds := openDataset(t, dataDir)
+	devs := make([]*streamingDevice, 4)
+	trs := make([]*Trainer[float64], 4)
+	errs := make([]error, 4)
+	var wg sync.WaitGroup
+	for r := range 4 {
+		devs[r] = &streamingDevice{emulatedDevice: newEmulatedDevice[float64](t, refBackend[float64](t, spec).Config(), false)}
+		if r == 0 {
+			if err := LoadInit(spec, devs[r].Config(), devs[r].Layout(), devs[r].Params()); err != nil {
+				t.Fatal(err)
+			}
+		}
+		wg.Go(func() {
+			opts := Options{Log: testLogger(t)}
+			small(&opts)
+			if trs[r], errs[r] = NewDistributed(spec, model.Backend[float64](devs[r]), ds, GridRank(comms[r], 2, 2), opts); errs[r] == nil {
+				errs[r] = trs[r].Run(ctx)
+			}
+		})
+	}
+	wg.Wait()
+	total := devs[0].Layout().Total
+	for r, err := range errs {
+		if err != nil {
+			t.Fatalf("rank %d: %v", r, err)
+		}
+		d := devs[r]
+		sameBits(t, fmt.Sprintf("rank %d's parameters after streamed gradients", r), d.Params(), plain[0].m.Params())
+		if d.covered != steps*total || d.waited != d.queued {
+			t.Errorf("rank %d: %d copies covering %d gradients, %d waited for; want %d steps × %d gradients, every copy waited for",
+				r, d.queued, d.covered, d.waited, steps, total)
+		}
+		if d.queued < 2*steps {
+			t.Errorf("rank %d: %d copies in %d steps: the gradients were not streamed during the backward pass", r, d.queued, steps)
+		}
+		if cs := trs[r].CommStats(); cs.Overlapped == 0 {
+			t.Errorf("rank %d: no bucket started during the backward pass (%d buckets)", r, cs.Buckets)
+		}
 	}
 }
