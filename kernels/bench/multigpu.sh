@@ -31,7 +31,8 @@
 # whole script in seconds: the first part may take what is left less 35% of
 # the budget kept for PyTorch and 20% for the search, PyTorch what is left
 # less the search's 20%, the search the rest.
-# Environment: M2K_DIRS, M2K_NVCC_FLAGS (passed to kernels/build.sh).
+# Environment: M2K_DIRS, M2K_NVCC_FLAGS (passed to kernels/build.sh); M2_COMMIT names the
+# commit in the table where the checkout has no git metadata.
 set -uo pipefail
 
 steps=3
@@ -57,7 +58,7 @@ while (($#)); do
     --grid) value "$@"; grid="$2"; shift ;;
     --budget) value "$@"; budget="$2"; shift ;;
     --distbench-flags) value "$@"; extra="$2"; shift ;;
-    -h | --help) sed -n '2,34p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,35p' "$0"; exit 0 ;;
     *) echo "multigpu.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -144,7 +145,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
     echo "- devices: $ngpu × $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)"
     echo "- interconnect: $(nvidia-smi nvlink --status -i 0 2>/dev/null | grep -c 'GB/s') NVLink links on GPU 0"
     echo "- nvcc: $(nvcc --version 2>/dev/null | tail -2 | head -1)"
-    echo "- commit: $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    echo "- commit: ${M2_COMMIT:-$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)}"
     echo "- grid: $grid; PyTorch world sizes: ${sizes:-none}; timed steps: $steps; distbench flags: ${extra:-none}"
     echo "- NCCL_NVLS_ENABLE=$NCCL_NVLS_ENABLE TORCH_SYMM_MEM_DISABLE_MULTICAST=$TORCH_SYMM_MEM_DISABLE_MULTICAST NVSHMEM_DISABLE_NVLS=$NVSHMEM_DISABLE_NVLS"
 } >"$dir/multigpu-env.txt"
