@@ -35,6 +35,7 @@ import (
 	"github.com/m2train/m2train/worker/checkpoint"
 	"github.com/m2train/m2train/worker/checkpoint/s3gw"
 	"github.com/m2train/m2train/worker/data"
+	"github.com/m2train/m2train/worker/gpuinfo"
 	"github.com/m2train/m2train/worker/m2worker/app"
 )
 
@@ -72,6 +73,8 @@ type upProc struct {
 	Raft string `json:"raft,omitempty"`
 	Pid  int    `json:"pid"`
 	Log  string `json:"log"`
+	// GPU is the CUDA_VISIBLE_DEVICES entry a worker was started with.
+	GPU string `json:"gpu,omitempty"`
 }
 
 // coordinatorAddrs returns the coordinators' API addresses.
@@ -91,7 +94,8 @@ func newUpCmd() *cobra.Command {
 		Long: `Starts the distributed system locally, each part as its own process except
 the stores: an embedded etcd and an embedded S3 gateway (serving DIR/s3),
 three coordinator replicas (raft), and four workers on the CPU backend
-(--backend cuda: on the GPU, sharing it when there is one). It
+(--backend cuda: on the GPUs, one process per GPU in turn, several sharing
+one when there are more workers than GPUs). It
 then submits the demo job (the model and data of m2ctl demo) with dp 2 × sp 2,
 shows its live progress, and prints where its checkpoints are and where it
 exported the trained model (a Hugging Face directory).
@@ -124,7 +128,8 @@ m2worker processes can use it. Logs go to DIR/logs.`,
 	f.BoolVar(&o.stay, "stay", false, "keep the cluster up after the demo job, until Ctrl-C")
 	f.BoolVar(&o.noDemo, "no-demo", false, "bring the cluster up without the demo job and keep it up until Ctrl-C")
 	f.BoolVar(&o.fresh, "fresh", false, "remove the cluster state of an earlier run in --dir first (the prepared data stays)")
-	f.StringVar(&o.backend, "backend", "cpu", "the workers' training backend: cpu, cuda (every worker on the one visible GPU, each with its own CUDA context) or auto")
+	f.StringVar(&o.backend, "backend", "cpu", "the workers' training backend: cpu, cuda (on the GPUs, each worker with its own CUDA context) or auto")
+	f.StringVar(&o.gpus, "gpus", "", "with --backend cuda or auto: comma-separated GPUs (indices or UUIDs) to spread the workers over, worker i on the (i mod n)-th; default: CUDA_VISIBLE_DEVICES, else every GPU that NVML reports")
 	return cmd
 }
 
@@ -134,6 +139,7 @@ type upOptions struct {
 	dp, sp              int
 	stay, noDemo, fresh bool
 	backend             string
+	gpus                string
 }
 
 func (o *upOptions) validate() error {
@@ -227,10 +233,23 @@ func runUp(ctx context.Context, o upOptions, out io.Writer) error {
 	if os.Getenv("GOMAXPROCS") == "" {
 		wenv = append(wenv, "GOMAXPROCS="+strconv.Itoa(max(1, runtime.NumCPU()/o.workers)))
 	}
-	for _, w := range st.Workers {
+	var gpus []string
+	if o.backend != "cpu" {
+		gpus = upGPUs(o.gpus, os.Getenv("CUDA_VISIBLE_DEVICES"), discoverGPUs)
+	}
+	for i := range st.Workers {
+		w := &st.Workers[i]
 		args := []string{"up-worker", "--id", w.ID, "--coordinator", strings.Join(st.coordinatorAddrs(), ","),
 			"--advertise-host", "127.0.0.1", "--backend", o.backend, "--log-format", "text"}
-		if err := sup.start(w.ID, args, wenv); err != nil {
+		env := wenv
+		if len(gpus) > 0 {
+			gpu := gpus[i%len(gpus)]
+			sup.mu.Lock() // the supervisor writes the state file from other goroutines
+			w.GPU = gpu
+			sup.mu.Unlock()
+			env = append(append([]string{}, wenv...), "CUDA_VISIBLE_DEVICES="+gpu)
+		}
+		if err := sup.start(w.ID, args, env); err != nil {
 			return err
 		}
 	}
@@ -238,6 +257,9 @@ func runUp(ctx context.Context, o upOptions, out io.Writer) error {
 	coord := strings.Join(st.coordinatorAddrs(), ",")
 	fmt.Fprintf(out, "cluster up in %s: %d coordinators, %d workers (backend %s), etcd %s, S3 gateway %s (objects in %s)\n",
 		dir, len(st.Coordinators), len(st.Workers), o.backend, etcd.Endpoint(), gw.Endpoint, filepath.Join(dir, "s3"))
+	if len(gpus) > 0 {
+		fmt.Fprintf(out, "  workers on GPUs %s (CUDA_VISIBLE_DEVICES of each, in turn)\n", strings.Join(gpus, ","))
+	}
 	fmt.Fprintf(out, "  processes and addresses: %s; logs: %s\n", filepath.Join(dir, upStateFile), filepath.Join(dir, "logs"))
 	fmt.Fprintf(out, "  job commands: m2ctl job ls --coordinator %s\n", coord)
 
@@ -743,6 +765,43 @@ func parentWatch(ctx context.Context) (context.Context, context.CancelFunc) {
 		}
 	}()
 	return ctx, cancel
+}
+
+// upGPUs returns the GPUs to spread the workers over: those of the --gpus
+// flag, else those CUDA_VISIBLE_DEVICES (env) names, else the indices of
+// the GPUs that discover finds; nil when none is known, and the workers
+// then see what the environment gives them.
+func upGPUs(flag, env string, discover func() []string) []string {
+	split := func(s string) []string {
+		var out []string
+		for _, e := range strings.Split(s, ",") {
+			if e = strings.TrimSpace(e); e != "" {
+				out = append(out, e)
+			}
+		}
+		return out
+	}
+	switch {
+	case strings.TrimSpace(flag) != "":
+		return split(flag)
+	case env != "":
+		return split(env)
+	}
+	return discover()
+}
+
+// discoverGPUs lists the NVML indices of this machine's GPUs; none where
+// NVML is missing.
+func discoverGPUs() []string {
+	r, err := gpuinfo.Discover()
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for _, d := range r.Devices {
+		out = append(out, strconv.Itoa(d.Index))
+	}
+	return out
 }
 
 // newUpWorkerCmd is the worker process of `m2ctl up`: the m2worker command.

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"sync"
 	"syscall"
@@ -320,4 +321,26 @@ func TestUpFaults(t *testing.T) {
 		t.Errorf("final loss %v after the leader was killed, %v undisturbed: not bitwise equal", got, want)
 	}
 	jobEvents(t, ctx, cl, j.GetId())
+}
+
+// TestUpGPUs checks where the GPUs to spread the workers over come from:
+// the flag first, then CUDA_VISIBLE_DEVICES, then what NVML finds.
+func TestUpGPUs(t *testing.T) {
+	found := func() []string { return []string{"0", "1", "2"} }
+	none := func() []string { return nil }
+	for _, c := range []struct {
+		flag, env string
+		discover  func() []string
+		want      []string
+	}{
+		{"1, 3", "0", found, []string{"1", "3"}},
+		{"", "GPU-abc,2", found, []string{"GPU-abc", "2"}},
+		{" ", "", found, []string{"0", "1", "2"}},
+		{"", "", none, nil},
+		{"", ",", none, nil}, // CUDA_VISIBLE_DEVICES set to nothing usable: no GPU to hand out
+	} {
+		if got := upGPUs(c.flag, c.env, c.discover); !reflect.DeepEqual(got, c.want) {
+			t.Errorf("upGPUs(%q, %q) = %q, want %q", c.flag, c.env, got, c.want)
+		}
+	}
 }
