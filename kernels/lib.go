@@ -230,6 +230,15 @@ func Open(path string) (*Lib, error) {
 	return l, nil
 }
 
+// Load opens the library at path, or with an empty path the one Default
+// finds.
+func Load(path string) (*Lib, error) {
+	if path == "" {
+		return Default()
+	}
+	return Open(path)
+}
+
 // Default opens the library named by $M2K_LIB if set; otherwise the first
 // libm2kernels.so found next to the executable or in kernels/build/ of the
 // current directory or one of its parents. The error says where it looked.

@@ -75,15 +75,7 @@ var (
 // missing the error wraps ErrUnavailable (and the kernels package's
 // reason); the caller then falls back to the CPU backend.
 func Open(path string, cfg model.Config, o Options) (*Model, error) {
-	var (
-		lib *kernels.Lib
-		err error
-	)
-	if path == "" {
-		lib, err = kernels.Default()
-	} else {
-		lib, err = kernels.Open(path)
-	}
+	lib, err := kernels.Load(path)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrUnavailable, err)
 	}

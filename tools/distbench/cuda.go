@@ -38,15 +38,7 @@ func isOOM(err error) bool {
 // openLib opens the kernel library at path, or the one kernels.Default
 // finds; a failure says how to get one.
 func openLib(path string) (*kernels.Lib, error) {
-	var (
-		lib *kernels.Lib
-		err error
-	)
-	if path == "" {
-		lib, err = kernels.Default()
-	} else {
-		lib, err = kernels.Open(path)
-	}
+	lib, err := kernels.Load(path)
 	if err != nil {
 		return nil, cudaUnavailable(err)
 	}

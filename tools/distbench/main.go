@@ -89,6 +89,7 @@ import (
 	"github.com/m2train/m2train/coordinator/jobspec"
 	"github.com/m2train/m2train/kernels/gpu"
 	"github.com/m2train/m2train/model"
+	"github.com/m2train/m2train/tools/internal/flagpreset"
 )
 
 // Environment variables that select a child's role.
@@ -167,7 +168,7 @@ type options struct {
 
 // presets are the flag values of each -preset; "" leaves the flags'
 // defaults (a small model that the CPU backend trains in seconds).
-var presets = map[string]map[string]string{
+var presets = flagpreset.Presets{
 	"": {},
 	"130m": {
 		"d-model": "768", "layers": "24", "vocab": "50288", "d-state": "128", "headdim": "64", "chunk": "256",
@@ -234,7 +235,7 @@ func parseFlags(args []string, out io.Writer) (options, error) {
 	}
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
-	if err := applyPreset(fs, o.preset, set); err != nil {
+	if err := presets.Apply(fs, o.preset, "-"); err != nil {
 		return o, err
 	}
 	if err := o.checkBackend(set); err != nil {
@@ -253,36 +254,6 @@ func parseFlags(args []string, out io.Writer) (options, error) {
 		return o, err
 	}
 	return o, o.validate()
-}
-
-// applyPreset sets the flags of preset name that the command line left
-// unset (set names those it gave).
-func applyPreset(fs *flag.FlagSet, name string, set map[string]bool) error {
-	p, ok := presets[name]
-	if !ok {
-		names := make([]string, 0, len(presets))
-		for n := range presets {
-			if n != "" {
-				names = append(names, n)
-			}
-		}
-		slices.Sort(names)
-		return fmt.Errorf("-preset must be one of %v, got %q", names, name)
-	}
-	keys := make([]string, 0, len(p))
-	for k := range p {
-		keys = append(keys, k)
-	}
-	slices.Sort(keys)
-	for _, k := range keys {
-		if set[k] {
-			continue
-		}
-		if err := fs.Set(k, p[k]); err != nil {
-			return fmt.Errorf("-preset %s: -%s %s: %w", name, k, p[k], err)
-		}
-	}
-	return nil
 }
 
 // cudaOnly are the flags that mean something with -backend cuda alone.

@@ -70,6 +70,7 @@ import (
 	"github.com/m2train/m2train/kernels"
 	"github.com/m2train/m2train/kernels/gpu"
 	"github.com/m2train/m2train/model"
+	"github.com/m2train/m2train/tools/internal/flagpreset"
 	"github.com/m2train/m2train/worker/train"
 )
 
@@ -132,7 +133,7 @@ func parseFlags(args []string, out io.Writer) (options, error) {
 	if fs.NArg() > 0 {
 		return o, fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
-	if err := applyPreset(fs, o.preset); err != nil {
+	if err := presets.Apply(fs, o.preset, "--"); err != nil {
 		return o, err
 	}
 	switch *prec {
@@ -159,42 +160,12 @@ const (
 
 // presets are the flag values of each --preset; 130m is the flags' own
 // defaults.
-var presets = map[string]map[string]string{
+var presets = flagpreset.Presets{
 	"130m": {},
 	"mqar-tiny": {
 		"d-model": "64", "n-layer": "2", "vocab": "8192", "d-state": "64", "headdim": "32", "chunk": "64",
 		"batch": "64", "seq-len": "256", "precision": "f32",
 	},
-}
-
-// applyPreset sets the flags of preset name that the command line left
-// unset.
-func applyPreset(fs *flag.FlagSet, name string) error {
-	p, ok := presets[name]
-	if !ok {
-		names := make([]string, 0, len(presets))
-		for n := range presets {
-			names = append(names, n)
-		}
-		slices.Sort(names)
-		return fmt.Errorf("--preset must be one of %v, got %q", names, name)
-	}
-	set := map[string]bool{}
-	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
-	keys := make([]string, 0, len(p))
-	for k := range p {
-		keys = append(keys, k)
-	}
-	slices.Sort(keys)
-	for _, k := range keys {
-		if set[k] {
-			continue
-		}
-		if err := fs.Set(k, p[k]); err != nil {
-			return fmt.Errorf("--preset %s: --%s %s: %w", name, k, p[k], err)
-		}
-	}
-	return nil
 }
 
 // validate names the first flag that breaks a rule (the model rules are
@@ -346,7 +317,7 @@ func run(ctx context.Context, o options, out io.Writer) error {
 		printReport(out, rep, false)
 		return writeJSON(o.jsonPath, rep)
 	}
-	lib, err := openLib(o.lib)
+	lib, err := kernels.Load(o.lib)
 	if err != nil {
 		return fmt.Errorf("%w: %w\n(build the library with kernels/build.sh on a machine with nvcc, then set $M2K_LIB or --lib, or run from the repository root)", errUnavailable, err)
 	}
@@ -355,13 +326,6 @@ func run(ctx context.Context, o options, out io.Writer) error {
 	}
 	printReport(out, rep, true)
 	return writeJSON(o.jsonPath, rep)
-}
-
-func openLib(path string) (*kernels.Lib, error) {
-	if path == "" {
-		return kernels.Default()
-	}
-	return kernels.Open(path)
 }
 
 // usedBytes is the device memory in use, total − free.

@@ -554,44 +554,66 @@ func TestNewDistributedRules(t *testing.T) {
 // devices. The parameters equal those of the same grid on plain reference
 // models in every bit.
 func TestDistributedDevicePath(t *testing.T) {
+	const steps = 5
+	devs := make([]*emulatedDevice[float64], 4)
+	want, _ := trainDeviceGrid(t, steps, func(r int, cfg model.Config) model.Backend[float64] {
+		devs[r] = newEmulatedDevice[float64](t, cfg, true)
+		return devs[r]
+	})
+	for r, d := range devs {
+		if d.optimizerSteps != steps {
+			t.Errorf("rank %d: %d optimizer steps on the device, want %d", r, d.optimizerSteps, steps)
+		}
+		sameBits(t, fmt.Sprintf("rank %d's parameters on a device", r), d.Params(), want)
+	}
+}
+
+// trainDeviceGrid trains dp 2 × sp 2 for steps steps twice, on the
+// reference backend and on the backends that dev returns for each rank
+// (for the model config cfg, in automatic mode: the trainer switches them to
+// explicit synchronisation), with gradient buckets of 1 KiB, and returns
+// the reference run's final parameters and each rank's communication
+// statistics of its last step. Rank 0's backend gets the initial
+// parameters; the others receive them from it.
+func trainDeviceGrid(t *testing.T, steps int, dev func(rank int, cfg model.Config) model.Backend[float64]) ([]float64, []CommStats) {
+	t.Helper()
 	ctx := context.Background()
 	dataDir := writeDataset(t, 4000)
-	spec := distSpec(t, dataDir, 2, 2, jobspec.SPModeSequential, false, 5)
+	spec := distSpec(t, dataDir, 2, 2, jobspec.SPModeSequential, false, steps)
 	small := func(o *Options) { o.Dist.BucketBytes = 1024 }
 	plain := newGrid[float64](t, spec, memWorld(t, 4), nil, small)
 	onRanks(t, plain, func(r *gridRun[float64]) error { return r.tr.Run(ctx) })
 
 	comms := memWorld(t, 4)
 	ds := openDataset(t, dataDir)
-	devs := make([]*emulatedDevice[float64], 4)
+	cfg := refBackend[float64](t, spec).Config()
 	trs := make([]*Trainer[float64], 4)
 	errs := make([]error, 4)
 	var wg sync.WaitGroup
 	for r := range 4 {
-		devs[r] = newEmulatedDevice[float64](t, refBackend[float64](t, spec).Config(), true)
-		if r == 0 { // the others get rank 0's parameters
-			if err := LoadInit(spec, devs[r].Config(), devs[r].Layout(), devs[r].Params()); err != nil {
+		b := dev(r, cfg)
+		if r == 0 {
+			if err := LoadInit(spec, b.Config(), b.Layout(), b.Params()); err != nil {
 				t.Fatal(err)
 			}
 		}
 		wg.Go(func() {
 			opts := Options{Log: testLogger(t)}
 			small(&opts)
-			if trs[r], errs[r] = NewDistributed(spec, model.Backend[float64](devs[r]), ds, GridRank(comms[r], 2, 2), opts); errs[r] == nil {
+			if trs[r], errs[r] = NewDistributed(spec, b, ds, GridRank(comms[r], 2, 2), opts); errs[r] == nil {
 				errs[r] = trs[r].Run(ctx)
 			}
 		})
 	}
 	wg.Wait()
+	stats := make([]CommStats, 4)
 	for r, err := range errs {
 		if err != nil {
 			t.Fatalf("rank %d: %v", r, err)
 		}
-		if devs[r].optimizerSteps != 5 {
-			t.Errorf("rank %d: %d optimizer steps on the device, want 5", r, devs[r].optimizerSteps)
-		}
-		sameBits(t, fmt.Sprintf("rank %d's parameters on a device", r), devs[r].Params(), plain[0].m.Params())
+		stats[r] = trs[r].CommStats()
 	}
+	return plain[0].m.Params(), stats
 }
 
 // streamingDevice is an emulated device that streams gradient ranges to the
@@ -631,42 +653,14 @@ func (s *streamingDevice) GradsToHostAsync(lo, hi int) (func() error, error) {
 // copies covered every gradient once per step and that each was waited for.
 func TestDistributedDeviceStreamsGradients(t *testing.T) {
 	const steps = 4
-	ctx := context.Background()
-	dataDir := writeDataset(t, 4000)
-	spec := distSpec(t, dataDir, 2, 2, jobspec.SPModeSequential, false, steps)
-	small := func(o *Options) { o.Dist.BucketBytes = 1024 }
-	plain := newGrid[float64](t, spec, memWorld(t, 4), nil, small)
-	onRanks(t, plain, func(r *gridRun[float64]) error { return r.tr.Run(ctx) })
-
-	comms := memWorld(t, 4)
-	ds := openDataset(t, dataDir)
 	devs := make([]*streamingDevice, 4)
-	trs := make([]*Trainer[float64], 4)
-	errs := make([]error, 4)
-	var wg sync.WaitGroup
-	for r := range 4 {
-		devs[r] = &streamingDevice{emulatedDevice: newEmulatedDevice[float64](t, refBackend[float64](t, spec).Config(), false)}
-		if r == 0 {
-			if err := LoadInit(spec, devs[r].Config(), devs[r].Layout(), devs[r].Params()); err != nil {
-				t.Fatal(err)
-			}
-		}
-		wg.Go(func() {
-			opts := Options{Log: testLogger(t)}
-			small(&opts)
-			if trs[r], errs[r] = NewDistributed(spec, model.Backend[float64](devs[r]), ds, GridRank(comms[r], 2, 2), opts); errs[r] == nil {
-				errs[r] = trs[r].Run(ctx)
-			}
-		})
-	}
-	wg.Wait()
+	want, stats := trainDeviceGrid(t, steps, func(r int, cfg model.Config) model.Backend[float64] {
+		devs[r] = &streamingDevice{emulatedDevice: newEmulatedDevice[float64](t, cfg, true)}
+		return devs[r]
+	})
 	total := devs[0].Layout().Total
-	for r, err := range errs {
-		if err != nil {
-			t.Fatalf("rank %d: %v", r, err)
-		}
-		d := devs[r]
-		sameBits(t, fmt.Sprintf("rank %d's parameters after streamed gradients", r), d.Params(), plain[0].m.Params())
+	for r, d := range devs {
+		sameBits(t, fmt.Sprintf("rank %d's parameters after streamed gradients", r), d.Params(), want)
 		if d.covered != steps*total || d.waited != d.queued {
 			t.Errorf("rank %d: %d copies covering %d gradients, %d waited for; want %d steps × %d gradients, every copy waited for",
 				r, d.queued, d.covered, d.waited, steps, total)
@@ -674,8 +668,8 @@ func TestDistributedDeviceStreamsGradients(t *testing.T) {
 		if d.queued < 2*steps {
 			t.Errorf("rank %d: %d copies in %d steps: the gradients were not streamed during the backward pass", r, d.queued, steps)
 		}
-		if cs := trs[r].CommStats(); cs.Overlapped == 0 {
-			t.Errorf("rank %d: no bucket started during the backward pass (%d buckets)", r, cs.Buckets)
+		if stats[r].Overlapped == 0 {
+			t.Errorf("rank %d: no gradient bucket started during the backward pass (%d buckets)", r, stats[r].Buckets)
 		}
 	}
 }
