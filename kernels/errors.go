@@ -26,6 +26,10 @@ var (
 	ErrWorkspace = errors.New("kernels: workspace too small")
 	// ErrCUDA is wrapped by every Error carrying a CUDA or cuBLAS status.
 	ErrCUDA = errors.New("kernels: CUDA error")
+	// ErrOutOfMemory is wrapped, besides ErrCUDA, by an Error that reports
+	// an allocation the device could not satisfy (CUDA's out of memory,
+	// cuBLAS's allocation failure).
+	ErrOutOfMemory = errors.New("kernels: out of device memory")
 	// ErrClosed reports use of a freed Buffer.
 	ErrClosed = errors.New("kernels: buffer already freed")
 )
@@ -33,6 +37,8 @@ var (
 // Status codes of m2kernels.h that are not CUDA or cuBLAS statuses.
 const (
 	statusCublasBase  = 1000
+	statusCUDAOOM     = 2                    // cudaErrorMemoryAllocation
+	statusCublasOOM   = statusCublasBase + 3 // CUBLAS_STATUS_ALLOC_FAILED
 	statusInvalidArg  = 2001
 	statusUnsupported = 2002
 	statusWorkspace   = 2003
@@ -56,16 +62,18 @@ func (e *Error) Error() string {
 
 // Unwrap maps the status to the package's sentinels, so that errors.Is
 // works on a returned *Error.
-func (e *Error) Unwrap() error {
+func (e *Error) Unwrap() []error {
 	switch e.Code {
 	case statusInvalidArg:
-		return ErrInvalidArg
+		return []error{ErrInvalidArg}
 	case statusUnsupported:
-		return ErrUnsupported
+		return []error{ErrUnsupported}
 	case statusWorkspace:
-		return ErrWorkspace
+		return []error{ErrWorkspace}
+	case statusCUDAOOM, statusCublasOOM:
+		return []error{ErrOutOfMemory, ErrCUDA}
 	}
-	return ErrCUDA
+	return []error{ErrCUDA}
 }
 
 func invalid(format string, args ...any) error {

@@ -51,7 +51,7 @@ func TestErrorUnwrap(t *testing.T) {
 		code int
 		want error
 	}{
-		{2, ErrCUDA}, {1013, ErrCUDA}, {statusInvalidArg, ErrInvalidArg},
+		{2, ErrCUDA}, {2, ErrOutOfMemory}, {1003, ErrOutOfMemory}, {1013, ErrCUDA}, {statusInvalidArg, ErrInvalidArg},
 		{statusUnsupported, ErrUnsupported}, {statusWorkspace, ErrWorkspace},
 	} {
 		e := &Error{Op: "m2k_x", Code: tc.code, Msg: "m", Detail: "d"}
@@ -60,6 +60,11 @@ func TestErrorUnwrap(t *testing.T) {
 		}
 		if s := e.Error(); !strings.Contains(s, "m2k_x") || !strings.Contains(s, ": d") {
 			t.Errorf("code %d: message %q lacks the op or the detail", tc.code, s)
+		}
+	}
+	for _, code := range []int{700, 1013, statusWorkspace} {
+		if errors.Is(&Error{Code: code}, ErrOutOfMemory) {
+			t.Errorf("code %d counts as out of memory", code)
 		}
 	}
 }

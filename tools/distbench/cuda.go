@@ -17,23 +17,11 @@ import (
 // process.
 const visibleEnv = "CUDA_VISIBLE_DEVICES"
 
-// Status codes of a kernels.Error that mean the GPU ran out of memory:
-// cudaErrorMemoryAllocation (the runtime's "out of memory") and cuBLAS's
-// CUBLAS_STATUS_ALLOC_FAILED, which the library reports as 1000 + 3
-// (kernels/common/runtime.cu, m2k_error_string).
-const (
-	cudaErrorMemoryAllocation = 2
-	cublasAllocFailed         = 1000 + 3
-)
-
 // exitOOM is the exit status of a rank that ran out of GPU memory.
 const exitOOM = 3
 
 // isOOM reports whether err is a CUDA allocation failure.
-func isOOM(err error) bool {
-	var ke *kernels.Error
-	return errors.As(err, &ke) && (ke.Code == cudaErrorMemoryAllocation || ke.Code == cublasAllocFailed)
-}
+func isOOM(err error) bool { return errors.Is(err, kernels.ErrOutOfMemory) }
 
 // openLib opens the kernel library at path, or the one kernels.Default
 // finds; a failure says how to get one.
