@@ -68,8 +68,9 @@
 // (the rows measured before are kept).
 //
 // Every rank runs with GOMAXPROCS = -procs (1 with the CPU backend, so that
-// a layout of N ranks uses N cores when the machine has them; 4 with the
-// CUDA backend, whose host side launches kernels and runs the ring); on a
+// a layout of N ranks uses N cores when the machine has them; with the CUDA
+// backend its GPU's share of the cores, at least 4, since its host side
+// launches kernels while the ring's goroutines move the gradients); on a
 // machine with fewer cores than ranks the ranks share them, and the table
 // says so.
 package main
@@ -81,6 +82,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -207,7 +209,7 @@ func parseFlags(args []string, out io.Writer) (options, error) {
 	fs.IntVar(&o.steps, "steps", 3, "timed steps per layout")
 	fs.IntVar(&o.warmup, "warmup", 1, "untimed steps first")
 	fs.IntVar(&o.rounds, "rounds", 2, "rounds over all layouts; each layout's fastest round counts")
-	fs.IntVar(&o.procs, "procs", 0, "GOMAXPROCS of every rank; 0 = 1 with -backend cpu, 4 with -backend cuda")
+	fs.IntVar(&o.procs, "procs", 0, "GOMAXPROCS of every rank; 0 = 1 with -backend cpu, with -backend cuda the cores over -gpus (at least 4)")
 	fs.IntVar(&o.bucketMiB, "bucket-mib", 1, "gradient bucket size in MiB")
 	fs.IntVar(&o.budgetMiB, "budget-mib", 256, "with -backend cpu: memory budget per rank for the longest-sequence table")
 	fs.BoolVar(&o.memOnly, "mem-only", false, "only the memory table (cpu) or the longest-sequence search (cuda)")
@@ -288,9 +290,7 @@ func (o *options) checkBackend(set map[string]bool) error {
 		default:
 			return fmt.Errorf("-precision must be bf16 or f32, got %q", o.precision)
 		}
-		if o.procs == 0 {
-			o.procs = 4
-		}
+		// -procs 0 stays 0 until checkGPUs knows the GPU count.
 		if !set["timeout"] {
 			o.timeout = cudaTimeout
 		}
@@ -355,7 +355,7 @@ func (o options) validate() error {
 		name string
 		v    int
 	}{{"seq", o.seqLen}, {"micro", o.micro}, {"global", o.global}, {"steps", o.steps}, {"rounds", o.rounds},
-		{"procs", o.procs}, {"bucket-mib", o.bucketMiB}, {"chunk", o.chunk}, {"headdim", o.headDim}, {"d-state", o.dState},
+		{"bucket-mib", o.bucketMiB}, {"chunk", o.chunk}, {"headdim", o.headDim}, {"d-state", o.dState},
 		{"long-start", o.longStart}, {"long-steps", o.longSteps}} {
 		if f.v < 1 {
 			return fmt.Errorf("-%s must be at least 1, got %d", f.name, f.v)
@@ -363,6 +363,9 @@ func (o options) validate() error {
 	}
 	if o.warmup < 0 {
 		return fmt.Errorf("-warmup must be at least 0, got %d", o.warmup)
+	}
+	if o.procs < 0 {
+		return fmt.Errorf("-procs must be at least 0 (0: the default), got %d", o.procs)
 	}
 	if o.gpus < 0 {
 		return fmt.Errorf("-gpus must be at least 0 (0 = every visible GPU), got %d", o.gpus)
@@ -406,6 +409,9 @@ func (o *options) checkGPUs(visible int) error {
 	case o.gpus > visible:
 		return fmt.Errorf("-gpus %d: only %d GPU(s) are visible", o.gpus, visible)
 	}
+	if o.procs == 0 {
+		o.procs = cudaProcs(runtime.NumCPU(), o.gpus)
+	}
 	if o.longSP == nil {
 		for sp := 1; sp <= o.gpus; sp *= 2 {
 			o.longSP = append(o.longSP, sp)
@@ -417,6 +423,16 @@ func (o *options) checkGPUs(visible int) error {
 		}
 	}
 	return nil
+}
+
+// cudaProcs is the default GOMAXPROCS of a rank on a GPU: its GPU's share
+// of the host's cores, as a worker of one GPU gets, and at least 4. A rank
+// launches kernels from one goroutine while the ring's goroutines reduce
+// and move the gradient buckets; with fewer Ps than runnable goroutines the
+// launching one waits for a P (the scheduler's time slice is 10 ms) and the
+// GPU idles.
+func cudaProcs(cores, gpus int) int {
+	return max(4, cores/max(1, gpus))
 }
 
 // modelConfig is the model of the flags: mamba_ssm's defaults at the given

@@ -10,6 +10,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"testing"
@@ -55,7 +56,7 @@ func TestParseFlagsDefaults(t *testing.T) {
 	if o.timeout != cudaTimeout {
 		t.Errorf("cuda timeout %v, want %v", o.timeout, cudaTimeout)
 	}
-	if o.precision != precBF16 || o.procs != 4 || o.longSP != nil || o.longStart != 16384 || o.longMax != 1<<21 || o.longRes != (resolution{frac: 16}) {
+	if o.precision != precBF16 || o.procs != 0 || o.longSP != nil || o.longStart != 16384 || o.longMax != 1<<21 || o.longRes != (resolution{frac: 16}) {
 		t.Errorf("cuda defaults: precision %q procs %d long-sp %v start %d max %d res %+v", o.precision, o.procs, o.longSP, o.longStart, o.longMax, o.longRes)
 	}
 	o = parse(t, "-backend", "cuda", "-precision", "f32", "-procs", "2", "-long-sp", "1,4,2", "-long-res", "512")
@@ -100,6 +101,7 @@ func TestParseFlagsErrors(t *testing.T) {
 		{[]string{"-lib", "/x.so"}, "-lib is for -backend cuda"},
 		{[]string{"-long-sp", "1,2"}, "-long-sp is for -backend cuda"},
 		{[]string{"-backend", "cuda", "-gpus", "-1"}, "-gpus must be at least 0"},
+		{[]string{"-backend", "cuda", "-procs", "-2"}, "-procs must be at least 0"},
 		{[]string{"-backend", "cuda", "-budget-mib", "100"}, "-budget-mib is for -backend cpu"},
 		{[]string{"-backend", "cuda", "-zero1"}, "-zero1"},
 		{[]string{"-backend", "cuda", "-sp-mode", "prefix"}, "-sp-mode prefix"},
@@ -131,6 +133,18 @@ func TestCheckGPUs(t *testing.T) {
 	o := parse(t, "-backend", "cuda")
 	if err := o.checkGPUs(2); err != nil || o.gpus != 2 || !slices.Equal(o.longSP, []int{1, 2}) {
 		t.Errorf("2 visible: gpus %d long-sp %v err %v; want 2 [1 2] nil", o.gpus, o.longSP, err)
+	}
+	if want := cudaProcs(runtime.NumCPU(), 2); o.procs != want {
+		t.Errorf("2 visible: -procs defaults to %d, want %d", o.procs, want)
+	}
+	o = parse(t, "-backend", "cuda", "-procs", "3")
+	if err := o.checkGPUs(2); err != nil || o.procs != 3 {
+		t.Errorf("-procs 3 given: %d (err %v)", o.procs, err)
+	}
+	for _, c := range [][3]int{{32, 2, 16}, {128, 8, 16}, {16, 1, 16}, {8, 4, 4}, {2, 8, 4}} {
+		if got := cudaProcs(c[0], c[1]); got != c[2] {
+			t.Errorf("cudaProcs(%d cores, %d GPUs) = %d, want %d", c[0], c[1], got, c[2])
+		}
 	}
 	o = parse(t, "-backend", "cuda")
 	if err := o.checkGPUs(8); err != nil || !slices.Equal(o.longSP, []int{1, 2, 4, 8}) {
