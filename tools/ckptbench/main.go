@@ -42,7 +42,6 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
-	"runtime/pprof"
 	"slices"
 	"strings"
 	"time"
@@ -50,6 +49,7 @@ import (
 	"github.com/m2train/m2train/coordinator/jobspec"
 	"github.com/m2train/m2train/model"
 	"github.com/m2train/m2train/model/ref"
+	"github.com/m2train/m2train/tools/internal/benchio"
 	"github.com/m2train/m2train/worker/checkpoint"
 	"github.com/m2train/m2train/worker/checkpoint/s3gw"
 	"github.com/m2train/m2train/worker/data"
@@ -107,17 +107,11 @@ func run(o options) error {
 		return fmt.Errorf("flags: -load-concurrency: %w", err)
 	}
 	ctx := context.Background()
-	if o.cpuprofile != "" {
-		f, err := os.Create(o.cpuprofile)
-		if err != nil {
-			return err
-		}
-		defer f.Close()
-		if err := pprof.StartCPUProfile(f); err != nil {
-			return err
-		}
-		defer pprof.StopCPUProfile()
+	stop, err := benchio.StartCPUProfile(o.cpuprofile)
+	if err != nil {
+		return err
 	}
+	defer stop()
 	dir := o.dir
 	if dir == "" {
 		d, err := os.MkdirTemp("", "ckptbench-")

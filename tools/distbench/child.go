@@ -8,7 +8,6 @@ import (
 	"net"
 	"os"
 	"runtime"
-	"runtime/pprof"
 	"strings"
 	"syscall"
 	"time"
@@ -20,6 +19,7 @@ import (
 	"github.com/m2train/m2train/kernels/gpu"
 	"github.com/m2train/m2train/model"
 	"github.com/m2train/m2train/model/ref"
+	"github.com/m2train/m2train/tools/internal/benchio"
 	"github.com/m2train/m2train/worker/data"
 	"github.com/m2train/m2train/worker/train"
 )
@@ -220,15 +220,11 @@ func runChild(o options, rank int) (err error) {
 	}
 	sent0 := comm.Stats().BytesSent
 	if o.profile != "" {
-		f, err := os.Create(fmt.Sprintf("%s.%dx%d.%d", o.profile, l.dp, l.sp, rank))
+		stop, err := benchio.StartCPUProfile(fmt.Sprintf("%s.%dx%d.%d", o.profile, l.dp, l.sp, rank))
 		if err != nil {
 			return err
 		}
-		defer f.Close()
-		if err := pprof.StartCPUProfile(f); err != nil {
-			return err
-		}
-		defer pprof.StopCPUProfile()
+		defer stop()
 	}
 	cpu0 := cpuTime()
 	for i := range o.steps {

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/m2train/m2train/kernels"
+	"github.com/m2train/m2train/tools/internal/benchio"
 )
 
 // TestMain lets the test binary play the command's child roles: the
@@ -503,7 +504,7 @@ func TestJSONShapeCUDA(t *testing.T) {
 	ratio := 2.0
 	rep.Longest = []longestRow{{SP: 2, Longest: 1 << 20, PositionsPerRank: 1 << 19, RatioToSP1: &ratio, Trials: []trialJSON{{SeqLen: 1 << 20, Fits: true}}}}
 	path := filepath.Join(t.TempDir(), "r.json")
-	if err := writeJSON(path, rep); err != nil {
+	if err := benchio.WriteJSON(path, rep); err != nil {
 		t.Fatal(err)
 	}
 	b, err := os.ReadFile(path)

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"os"
@@ -10,6 +9,7 @@ import (
 	"strings"
 
 	"github.com/m2train/m2train/model"
+	"github.com/m2train/m2train/tools/internal/benchio"
 )
 
 // report is the JSON output of -json: the run's settings, one row per
@@ -101,21 +101,6 @@ func newReport(o options, cfg model.Config) *report {
 	}
 }
 
-// writeJSON writes r to path (nothing when path is empty).
-func writeJSON(path string, r *report) error {
-	if path == "" {
-		return nil
-	}
-	b, err := json.MarshalIndent(r, "", "  ")
-	if err != nil {
-		return err
-	}
-	if err := os.WriteFile(path, append(b, '\n'), 0o644); err != nil {
-		return fmt.Errorf("-json: %w", err)
-	}
-	return nil
-}
-
 // runParent runs the layouts and then the memory table or the
 // longest-sequence search, printing to out, and writes the JSON report,
 // also when a measurement fails (with the error in it).
@@ -144,8 +129,8 @@ func runParent(ctx context.Context, o options, out io.Writer) (err error) {
 		if err != nil {
 			rep.Error = err.Error()
 		}
-		if jerr := writeJSON(o.jsonPath, rep); jerr != nil && err == nil {
-			err = jerr
+		if jerr := benchio.WriteJSON(o.jsonPath, rep); jerr != nil && err == nil {
+			err = fmt.Errorf("-json: %w", jerr)
 		}
 	}()
 	if o.backend == backendCUDA {

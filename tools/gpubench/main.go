@@ -53,7 +53,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -61,7 +60,6 @@ import (
 	"math"
 	"math/rand/v2"
 	"os"
-	"runtime/pprof"
 	"slices"
 	"text/tabwriter"
 	"time"
@@ -70,6 +68,7 @@ import (
 	"github.com/m2train/m2train/kernels"
 	"github.com/m2train/m2train/kernels/gpu"
 	"github.com/m2train/m2train/model"
+	"github.com/m2train/m2train/tools/internal/benchio"
 	"github.com/m2train/m2train/tools/internal/flagpreset"
 	"github.com/m2train/m2train/worker/train"
 )
@@ -315,7 +314,7 @@ func run(ctx context.Context, o options, out io.Writer) error {
 	rep := newReport(o, cfg)
 	if o.dryRun {
 		printReport(out, rep, false)
-		return writeJSON(o.jsonPath, rep)
+		return benchio.WriteJSON(o.jsonPath, rep)
 	}
 	lib, err := kernels.Load(o.lib)
 	if err != nil {
@@ -325,7 +324,7 @@ func run(ctx context.Context, o options, out io.Writer) error {
 		return err
 	}
 	printReport(out, rep, true)
-	return writeJSON(o.jsonPath, rep)
+	return benchio.WriteJSON(o.jsonPath, rep)
 }
 
 // usedBytes is the device memory in use, total − free.
@@ -451,7 +450,7 @@ func measure(ctx context.Context, lib *kernels.Lib, o options, cfg model.Config,
 	var timed []stepTimes
 	for i := 0; i < o.warmup+o.steps; i++ {
 		if i == o.warmup && o.cpuProfile != "" {
-			stopProfile, err := startProfile(o.cpuProfile)
+			stopProfile, err := benchio.StartCPUProfile(o.cpuProfile)
 			if err != nil {
 				return err
 			}
@@ -608,22 +607,6 @@ func mqarSpec(o options, cfg model.Config) (*jobspec.Spec, error) {
 	return spec, nil
 }
 
-// startProfile starts a Go CPU profile into path and returns its stop.
-func startProfile(path string) (func(), error) {
-	f, err := os.Create(path)
-	if err != nil {
-		return nil, err
-	}
-	if err := pprof.StartCPUProfile(f); err != nil {
-		f.Close()
-		return nil, err
-	}
-	return func() {
-		pprof.StopCPUProfile()
-		f.Close()
-	}, nil
-}
-
 // median of v (v is reordered).
 func median(v []float64) float64 {
 	if len(v) == 0 {
@@ -687,15 +670,4 @@ func printReport(out io.Writer, r *report, measured bool) {
 	fmt.Fprintf(w, "arithmetic: activations of one micro-batch\t%.2f\t\n", gib(r.ActivationBytes))
 	fmt.Fprintf(w, "arithmetic: sum (kernel scratch and cuBLASLt not included)\t%.2f\t\n", gib(r.ParameterBytes+r.ActivationBytes))
 	w.Flush()
-}
-
-func writeJSON(path string, r *report) error {
-	if path == "" {
-		return nil
-	}
-	b, err := json.MarshalIndent(r, "", "  ")
-	if err != nil {
-		return err
-	}
-	return os.WriteFile(path, append(b, '\n'), 0o644)
 }
