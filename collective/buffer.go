@@ -16,6 +16,9 @@ const (
 	BFloat16 DType = 3
 	// uint8Type carries the tokens of a barrier; it is not reducible.
 	uint8Type DType = 4
+	// BFloat16Rounded is bfloat16 whose partial sums travel as bfloat16,
+	// rounded at every hop of a reduction (BFloat16Rounded buffers).
+	BFloat16Rounded DType = 5
 )
 
 // Size returns the size of one element in bytes.
@@ -25,7 +28,7 @@ func (d DType) Size() int {
 		return 4
 	case Float64:
 		return 8
-	case BFloat16:
+	case BFloat16, BFloat16Rounded:
 		return 2
 	case uint8Type:
 		return 1
@@ -42,6 +45,8 @@ func (d DType) String() string {
 		return "float64"
 	case BFloat16:
 		return "bfloat16"
+	case BFloat16Rounded:
+		return "bfloat16 (rounded per hop)"
 	case uint8Type:
 		return "uint8"
 	}
@@ -69,6 +74,13 @@ func Float64s(s []float64) Buffer { return Buffer{dtype: Float64, f64: s} }
 // accumulated in float32 and rounded to nearest even once.
 func BFloat16s(s []uint16) Buffer { return Buffer{dtype: BFloat16, u16: s} }
 
+// BFloat16sRounded views s, bfloat16 bit patterns, as a bfloat16 buffer
+// whose reductions send bfloat16 partial sums, each rounded to nearest even
+// where a rank adds its own values: half the bytes of BFloat16s' float32
+// partial sums, for one rounding per rank instead of one in all. Gathers
+// and broadcasts move the same bytes as BFloat16s.
+func BFloat16sRounded(s []uint16) Buffer { return Buffer{dtype: BFloat16Rounded, u16: s} }
+
 func uint8s(s []byte) Buffer { return Buffer{dtype: uint8Type, u8: s} }
 
 // DType returns the element type.
@@ -81,7 +93,7 @@ func (b Buffer) Len() int {
 		return len(b.f32)
 	case Float64:
 		return len(b.f64)
-	case BFloat16:
+	case BFloat16, BFloat16Rounded:
 		return len(b.u16)
 	case uint8Type:
 		return len(b.u8)
@@ -101,7 +113,7 @@ func (b Buffer) bytes(lo, hi int) []byte {
 	case Float64:
 		s := b.f64[lo:hi]
 		return unsafe.Slice((*byte)(unsafe.Pointer(&s[0])), 8*len(s))
-	case BFloat16:
+	case BFloat16, BFloat16Rounded:
 		s := b.u16[lo:hi]
 		return unsafe.Slice((*byte)(unsafe.Pointer(&s[0])), 2*len(s))
 	case uint8Type:
@@ -112,10 +124,10 @@ func (b Buffer) bytes(lo, hi int) []byte {
 
 func (b Buffer) validate(op string) error {
 	switch b.dtype {
-	case Float32, Float64, BFloat16:
+	case Float32, Float64, BFloat16, BFloat16Rounded:
 		return nil
 	}
-	return invalidf("%s: buffer has no element type (build it with Float32s, Float64s or BFloat16s)", op)
+	return invalidf("%s: buffer has no element type (build it with Float32s, Float64s, BFloat16s or BFloat16sRounded)", op)
 }
 
 func f32Bytes(s []float32) []byte {

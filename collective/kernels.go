@@ -38,6 +38,15 @@ func addF64(dst []float64, src []byte) {
 	}
 }
 
+// addBF16 sets dst[i] = bf16(src[i] + dst[i]), the sum taken in float32;
+// src holds len(dst) bfloat16 values.
+func addBF16(dst []uint16, src []byte) {
+	src = src[:2*len(dst)]
+	for i := range dst {
+		dst[i] = Float32ToBFloat16(BFloat16ToFloat32(binary.LittleEndian.Uint16(src[2*i:])) + BFloat16ToFloat32(dst[i]))
+	}
+}
+
 // accBF16 sets out[i] = src[i] + float32(local[i]); src holds float32 values.
 func accBF16(out []float32, src []byte, local []uint16) {
 	src = src[:4*len(out)]

@@ -27,7 +27,7 @@ func newTensor(dt collective.DType, vals []float64) tensor {
 		}
 	case collective.Float64:
 		x.f64 = slices.Clone(vals)
-	case collective.BFloat16:
+	case collective.BFloat16, collective.BFloat16Rounded:
 		for _, v := range vals {
 			x.bf = append(x.bf, collective.Float32ToBFloat16(float32(v)))
 		}
@@ -43,6 +43,8 @@ func (x tensor) buf() collective.Buffer {
 		return collective.Float32s(x.f32)
 	case collective.Float64:
 		return collective.Float64s(x.f64)
+	case collective.BFloat16Rounded:
+		return collective.BFloat16sRounded(x.bf)
 	default:
 		return collective.BFloat16s(x.bf)
 	}
@@ -93,7 +95,8 @@ func sameBits(got, want tensor, lo, hi int) error {
 
 // reference computes the sum of ins sequentially, in the order the package
 // promises: segment c starts with rank c+1 and adds the following ranks,
-// received + local, with float32 accumulation for bfloat16.
+// received + local, with float32 accumulation for bfloat16 and a rounding
+// to bfloat16 after every addition for rounded bfloat16.
 func reference(ins []tensor) tensor {
 	n, length, dt := len(ins), ins[0].len(), ins[0].dt
 	out := zeroTensor(dt, length)
@@ -114,6 +117,12 @@ func reference(ins []tensor) tensor {
 					acc += ins[(c+j)%n].f64[i]
 				}
 				out.f64[i] = acc
+			case collective.BFloat16Rounded:
+				acc := first.bf[i]
+				for j := 2; j <= n; j++ {
+					acc = collective.Float32ToBFloat16(collective.BFloat16ToFloat32(acc) + collective.BFloat16ToFloat32(ins[(c+j)%n].bf[i]))
+				}
+				out.bf[i] = acc
 			default:
 				acc := collective.BFloat16ToFloat32(first.bf[i])
 				for j := 2; j <= n; j++ {
@@ -139,7 +148,7 @@ func randomInputs(dt collective.DType, n, length int, seed uint64) []tensor {
 	return ins
 }
 
-var dtypes = []collective.DType{collective.Float32, collective.Float64, collective.BFloat16}
+var dtypes = []collective.DType{collective.Float32, collective.Float64, collective.BFloat16, collective.BFloat16Rounded}
 
 func lengths(n int) []int {
 	ls := []int{0, 1, n - 1, n + 1, 3*1024*n + 5}
@@ -408,6 +417,34 @@ func TestAllReduceAsync(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestBFloat16RoundedBytes checks what rounded bfloat16 is for: an
+// all-reduce sends 2 bytes per element and hop where bfloat16 sends its
+// partial sums as float32, and float32 4.
+func TestBFloat16RoundedBytes(t *testing.T) {
+	const n, length = 4, 4 * 1024
+	comms := transports[0].start(t, n, testConfig(t))
+	sent := func(dt collective.DType) int64 {
+		ins := randomInputs(dt, n, length, 9)
+		before := comms[0].Stats().BytesSent
+		ctx := opCtx(t)
+		mustAll(t, "AllReduce", onAll(comms, func(r int, c *collective.Communicator) error { return c.AllReduce(ctx, ins[r].buf()) }))
+		return comms[0].Stats().BytesSent - before
+	}
+	seg := int64(length / n)
+	for _, c := range []struct {
+		dt   collective.DType
+		want int64 // (n−1) hops of reduce-scatter, then (n−1) of all-gather
+	}{
+		{collective.Float32, (n-1)*seg*4 + (n-1)*seg*4},
+		{collective.BFloat16, (n-1)*seg*4 + (n-1)*seg*2},
+		{collective.BFloat16Rounded, (n-1)*seg*2 + (n-1)*seg*2},
+	} {
+		if got := sent(c.dt); got < c.want || got > c.want+c.want/10 {
+			t.Errorf("%s: rank 0 sent %d bytes for %d elements over %d ranks, want %d of data (and little more)", c.dt, got, length, n, c.want)
+		}
 	}
 }
 

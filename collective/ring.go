@@ -369,6 +369,8 @@ func (s *sink) apply(b []byte) {
 			addF32(buf.f32[e:e+m], b)
 		case Float64:
 			addF64(buf.f64[e:e+m], b)
+		case BFloat16Rounded:
+			addBF16(buf.u16[e:e+m], b)
 		}
 	case modeAccBF16:
 		accBF16(s.p.scratch[e:e+m], b, buf.u16[e:e+m])

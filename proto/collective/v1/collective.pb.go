@@ -110,6 +110,9 @@ const (
 	DType_D_TYPE_FLOAT64     DType = 2
 	DType_D_TYPE_BFLOAT16    DType = 3
 	DType_D_TYPE_UINT8       DType = 4
+	// bfloat16 whose partial sums are rounded to bfloat16 at every hop of a
+	// reduction (D_TYPE_BFLOAT16 carries them as float32).
+	DType_D_TYPE_BFLOAT16_ROUNDED DType = 5
 )
 
 // Enum value maps for DType.
@@ -120,13 +123,15 @@ var (
 		2: "D_TYPE_FLOAT64",
 		3: "D_TYPE_BFLOAT16",
 		4: "D_TYPE_UINT8",
+		5: "D_TYPE_BFLOAT16_ROUNDED",
 	}
 	DType_value = map[string]int32{
-		"D_TYPE_UNSPECIFIED": 0,
-		"D_TYPE_FLOAT32":     1,
-		"D_TYPE_FLOAT64":     2,
-		"D_TYPE_BFLOAT16":    3,
-		"D_TYPE_UINT8":       4,
+		"D_TYPE_UNSPECIFIED":      0,
+		"D_TYPE_FLOAT32":          1,
+		"D_TYPE_FLOAT64":          2,
+		"D_TYPE_BFLOAT16":         3,
+		"D_TYPE_UINT8":            4,
+		"D_TYPE_BFLOAT16_ROUNDED": 5,
 	}
 )
 
@@ -876,13 +881,14 @@ const file_collective_v1_collective_proto_rawDesc = "" +
 	"\x12OP_KIND_ALL_GATHER\x10\x03\x12\x15\n" +
 	"\x11OP_KIND_BROADCAST\x10\x04\x12\x13\n" +
 	"\x0fOP_KIND_BARRIER\x10\x05\x12\x10\n" +
-	"\fOP_KIND_SEND\x10\x06*n\n" +
+	"\fOP_KIND_SEND\x10\x06*\x8b\x01\n" +
 	"\x05DType\x12\x16\n" +
 	"\x12D_TYPE_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eD_TYPE_FLOAT32\x10\x01\x12\x12\n" +
 	"\x0eD_TYPE_FLOAT64\x10\x02\x12\x13\n" +
 	"\x0fD_TYPE_BFLOAT16\x10\x03\x12\x10\n" +
-	"\fD_TYPE_UINT8\x10\x04*\xb8\x01\n" +
+	"\fD_TYPE_UINT8\x10\x04\x12\x1b\n" +
+	"\x17D_TYPE_BFLOAT16_ROUNDED\x10\x05*\xb8\x01\n" +
 	"\rFailureReason\x12\x1e\n" +
 	"\x1aFAILURE_REASON_UNSPECIFIED\x10\x00\x12\x1a\n" +
 	"\x16FAILURE_REASON_TIMEOUT\x10\x01\x12\x17\n" +
