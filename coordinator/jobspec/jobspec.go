@@ -115,6 +115,10 @@ type Parallel struct {
 	SP     int    `yaml:"sp" json:"sp"`
 	SPMode string `yaml:"sp_mode" json:"sp_mode"`
 	Zero1  bool   `yaml:"zero1" json:"zero1"`
+	// AllReduceDType is the element type in which the gradient all-reduce
+	// moves: float32 (also when empty) or bf16 (half the bytes; each rank
+	// rounds the partial sums to bf16).
+	AllReduceDType string `yaml:"allreduce_dtype,omitempty" json:"allreduce_dtype,omitempty"`
 }
 
 // World is the number of ranks, dp·sp.
@@ -172,6 +176,9 @@ const (
 
 	SPModeSequential = "sequential"
 	SPModePrefix     = "prefix"
+
+	AllReduceFloat32 = "float32"
+	AllReduceBF16    = "bf16"
 )
 
 // Defaults filled in by Normalize.

@@ -91,6 +91,8 @@ func TestValidateRules(t *testing.T) {
 		{"dp zero", func(s *Spec) { s.Parallel.DP = 0 }, "parallel.dp", "at least 1"},
 		{"world too big", func(s *Spec) { s.Parallel.DP = 1 << 10; s.Parallel.SP = 1 << 10 }, "parallel", "exceeds"},
 		{"sp mode", func(s *Spec) { s.Parallel.SPMode = "ring" }, "parallel.sp_mode", "sequential, prefix"},
+		{"allreduce dtype", func(s *Spec) { s.Parallel.AllReduceDType = "fp8" }, "parallel.allreduce_dtype", "float32, bf16"},
+		{"bf16 all-reduce with zero1", func(s *Spec) { s.Parallel.AllReduceDType = AllReduceBF16; s.Parallel.Zero1 = true }, "parallel.allreduce_dtype", "zero1"},
 		{"global batch", func(s *Spec) { s.Batch.GlobalBatch = 12 }, "batch.global_batch", "multiple of micro_batch·dp"},
 		{"lr zero", func(s *Spec) { s.Optimizer.LR = 0 }, "optimizer.lr", "(0, 10]"},
 		{"beta one", func(s *Spec) { s.Optimizer.Betas[1] = 1 }, "optimizer.betas[1]", "[0, 1)"},

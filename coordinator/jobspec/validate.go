@@ -67,6 +67,12 @@ func (s *Spec) Validate() error {
 		v.add("parallel", "dp·sp = %d exceeds the limit of %d ranks", p.World(), maxWorld)
 	}
 	v.oneOf("parallel.sp_mode", p.SPMode, SPModeSequential, SPModePrefix)
+	if p.AllReduceDType != "" {
+		v.oneOf("parallel.allreduce_dtype", p.AllReduceDType, AllReduceFloat32, AllReduceBF16)
+		if p.AllReduceDType == AllReduceBF16 && p.Zero1 {
+			v.add("parallel.allreduce_dtype", "bf16 is for the all-reduce of data parallelism; zero1 reduce-scatters the gradients in float32 (set one or the other)")
+		}
+	}
 	if p.SP >= 1 && s.Data.SeqLen >= 1 {
 		if s.Data.SeqLen%p.SP != 0 {
 			v.add("data.seq_len", "must be a multiple of parallel.sp = %d, got %d", p.SP, s.Data.SeqLen)

@@ -40,13 +40,13 @@ model:
   config: {d_model: %d, n_layer: %d, vocab_size: %d, d_state: %d, headdim: %d, chunk_size: %d}
 data: {path: /synthetic, seq_len: %d}
 batch: {micro_batch: %d, global_batch: %d}
-parallel: {dp: %d, sp: %d, sp_mode: %s, zero1: %v}
+parallel: {dp: %d, sp: %d, sp_mode: %s, zero1: %v, allreduce_dtype: %s}
 optimizer: {lr: 0.001, weight_decay: 0.1, grad_clip: 1.0}
 schedule: {warmup_steps: 1, total_steps: 1000}
 seed: 1
 backend: %s
 precision: %s
-`, o.dModel, o.layers, o.vocab, o.dState, o.headDim, o.chunk, o.seqLen, o.micro, o.global, l.dp, l.sp, o.mode, o.zero, backend, prec)
+`, o.dModel, o.layers, o.vocab, o.dState, o.headDim, o.chunk, o.seqLen, o.micro, o.global, l.dp, l.sp, o.mode, o.zero, o.allreduce, backend, prec)
 	return jobspec.Parse([]byte(doc))
 }
 

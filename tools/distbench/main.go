@@ -147,6 +147,7 @@ type options struct {
 	global    int
 	mode      string
 	zero      bool
+	allreduce string // parallel.allreduce_dtype
 	steps     int
 	warmup    int
 	rounds    int
@@ -206,6 +207,7 @@ func parseFlags(args []string, out io.Writer) (options, error) {
 	fs.IntVar(&o.global, "global", 4, "global batch (sequences per step); a multiple of micro·dp for every layout")
 	fs.StringVar(&o.mode, "sp-mode", jobspec.SPModeSequential, "sequence-parallel mode: sequential or prefix (the CPU backend only)")
 	fs.BoolVar(&o.zero, "zero1", false, "shard the optimizer (ZeRO-1; the CPU backend only)")
+	fs.StringVar(&o.allreduce, "allreduce-dtype", jobspec.AllReduceFloat32, "element type of the gradient all-reduce: float32, or bf16 (half the bytes)")
 	fs.IntVar(&o.steps, "steps", 3, "timed steps per layout")
 	fs.IntVar(&o.warmup, "warmup", 1, "untimed steps first")
 	fs.IntVar(&o.rounds, "rounds", 2, "rounds over all layouts; each layout's fastest round counts")
@@ -363,6 +365,12 @@ func (o options) validate() error {
 	}
 	if o.warmup < 0 {
 		return fmt.Errorf("-warmup must be at least 0, got %d", o.warmup)
+	}
+	if o.allreduce != jobspec.AllReduceFloat32 && o.allreduce != jobspec.AllReduceBF16 {
+		return fmt.Errorf("-allreduce-dtype must be %s or %s, got %q", jobspec.AllReduceFloat32, jobspec.AllReduceBF16, o.allreduce)
+	}
+	if o.allreduce == jobspec.AllReduceBF16 && o.zero {
+		return fmt.Errorf("-allreduce-dtype bf16 is for the data-parallel all-reduce; -zero1 reduce-scatters in float32")
 	}
 	if o.procs < 0 {
 		return fmt.Errorf("-procs must be at least 0 (0: the default), got %d", o.procs)

@@ -103,6 +103,8 @@ func TestParseFlagsErrors(t *testing.T) {
 		{[]string{"-long-sp", "1,2"}, "-long-sp is for -backend cuda"},
 		{[]string{"-backend", "cuda", "-gpus", "-1"}, "-gpus must be at least 0"},
 		{[]string{"-backend", "cuda", "-procs", "-2"}, "-procs must be at least 0"},
+		{[]string{"-allreduce-dtype", "fp16"}, "-allreduce-dtype must be float32 or bf16"},
+		{[]string{"-allreduce-dtype", "bf16", "-zero1"}, "-zero1 reduce-scatters in float32"},
 		{[]string{"-backend", "cuda", "-budget-mib", "100"}, "-budget-mib is for -backend cpu"},
 		{[]string{"-backend", "cuda", "-zero1"}, "-zero1"},
 		{[]string{"-backend", "cuda", "-sp-mode", "prefix"}, "-sp-mode prefix"},
@@ -467,7 +469,7 @@ func keys(t *testing.T, v any) []string {
 
 // The field names are what a driver script reads; renaming one breaks it.
 var (
-	reportKeys = []string{"backend", "bucket_mib", "cores", "global_batch", "global_batch_tokens", "gomaxprocs_per_rank", "layouts",
+	reportKeys = []string{"allreduce_dtype", "backend", "bucket_mib", "cores", "global_batch", "global_batch_tokens", "gomaxprocs_per_rank", "layouts",
 		"micro_batch", "model", "precision", "rounds", "seq_len", "sp_mode", "timed_steps", "tool", "warmup_steps", "zero1"}
 	cudaReportKeys = []string{"device", "gpus", "library", "longest", "visible_gpus"}
 	modelKeys      = []string{"chunk_size", "d_model", "d_state", "headdim", "n_layer", "nheads", "parameters", "vocab_size"}

@@ -47,7 +47,7 @@ func (o options) args(j job, addrs []string) []string {
 	a := []string{"-backend", o.backend, "-precision", o.precision,
 		"-d-model", fmt.Sprint(o.dModel), "-layers", fmt.Sprint(o.layers), "-d-state", fmt.Sprint(o.dState),
 		"-headdim", fmt.Sprint(o.headDim), "-chunk", fmt.Sprint(o.chunk), "-vocab", fmt.Sprint(o.vocab), "-seq", fmt.Sprint(j.seq),
-		"-micro", fmt.Sprint(j.micro), "-global", fmt.Sprint(j.global), "-sp-mode", o.mode, "-zero1=" + strconv.FormatBool(o.zero),
+		"-micro", fmt.Sprint(j.micro), "-global", fmt.Sprint(j.global), "-sp-mode", o.mode, "-zero1=" + strconv.FormatBool(o.zero), "-allreduce-dtype", o.allreduce,
 		"-steps", fmt.Sprint(j.steps), "-warmup", fmt.Sprint(j.warmup), "-procs", fmt.Sprint(o.procs), "-bucket-mib", fmt.Sprint(o.bucketMiB),
 		"-timeout", o.timeout.String(), "-grid", fmt.Sprintf("%dx%d", j.l.dp, j.l.sp), "-cpuprofile", o.profile,
 		"-dp", fmt.Sprint(j.l.dp), "-sp", fmt.Sprint(j.l.sp), "-no-overlap", fmt.Sprint(noOverlap), "-addrs", strings.Join(addrs, ",")}

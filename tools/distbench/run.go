@@ -33,6 +33,7 @@ type report struct {
 	GlobalBatchTokens int       `json:"global_batch_tokens"`
 	SPMode            string    `json:"sp_mode"`
 	Zero1             bool      `json:"zero1"`
+	AllReduceDType    string    `json:"allreduce_dtype"`
 	BucketMiB         int       `json:"bucket_mib"`
 	Warmup            int       `json:"warmup_steps"`
 	Steps             int       `json:"timed_steps"`
@@ -96,7 +97,7 @@ func newReport(o options, cfg model.Config) *report {
 		Model: modelJSON{DModel: cfg.DModel, NLayer: cfg.NLayer, Vocab: cfg.VocabSize, DState: cfg.DState, HeadDim: cfg.HeadDim,
 			NHeads: cfg.NHeads, Chunk: cfg.ChunkSize, Parameters: model.NewLayout(cfg).Total},
 		SeqLen: o.seqLen, MicroBatch: o.micro, GlobalBatch: o.global, GlobalBatchTokens: o.global * o.seqLen,
-		SPMode: o.mode, Zero1: o.zero, BucketMiB: o.bucketMiB, Warmup: o.warmup, Steps: o.steps, Rounds: o.rounds,
+		SPMode: o.mode, Zero1: o.zero, AllReduceDType: o.allreduce, BucketMiB: o.bucketMiB, Warmup: o.warmup, Steps: o.steps, Rounds: o.rounds,
 		Layouts: []layoutRow{},
 	}
 }
@@ -146,8 +147,8 @@ func runParent(ctx context.Context, o options, out io.Writer) (err error) {
 	}
 	fmt.Fprintf(out, "# model: d_model %d, %d layers, d_state %d, headdim %d (%d heads), chunk %d, vocab %d: %d parameters\n",
 		cfg.DModel, cfg.NLayer, cfg.DState, cfg.HeadDim, cfg.NHeads, cfg.ChunkSize, cfg.VocabSize, rep.Model.Parameters)
-	fmt.Fprintf(out, "# step: global batch %d × %d tokens (%d), micro-batch %d; sp mode %s; zero1 %v; bucket %d MiB\n",
-		o.global, o.seqLen, o.global*o.seqLen, o.micro, o.mode, o.zero, o.bucketMiB)
+	fmt.Fprintf(out, "# step: global batch %d × %d tokens (%d), micro-batch %d; sp mode %s; zero1 %v; bucket %d MiB; all-reduce in %s\n",
+		o.global, o.seqLen, o.global*o.seqLen, o.micro, o.mode, o.zero, o.bucketMiB, o.allreduce)
 	fmt.Fprintf(out, "# machine: %d cores, load %s; GOMAXPROCS %d per rank; %d warm-up and %d timed steps, best of %d rounds\n",
 		runtime.NumCPU(), loadAvg(), o.procs, o.warmup, o.steps, o.rounds)
 	if !o.memOnly {

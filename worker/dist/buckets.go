@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/m2train/m2train/collective"
@@ -88,6 +89,11 @@ type Reducer[T model.Float] struct {
 	wait     time.Duration
 	overlapN int
 
+	// wire, when not nil, holds the gradients rounded to bfloat16 for a
+	// transport of half the bytes (SetBF16); the all-reduces run on it and
+	// Finish widens the sums back into grads.
+	wire []uint16
+
 	// The feeder of ReadyAfter: it receives runs of buckets in order,
 	// waits for each run's data and starts its buckets.
 	feed    chan feedRun
@@ -113,6 +119,21 @@ func NewReducer[T model.Float](comm *collective.Communicator, grads []T, bucketE
 		return nil, err
 	}
 	return &Reducer[T]{comm: comm, grads: grads, buckets: b}, nil
+}
+
+// SetBF16 switches the transport of the gradients to bfloat16 (on) or back
+// to their own type: each bucket is rounded to bfloat16 when it starts,
+// all-reduced with bfloat16 partial sums rounded at every rank
+// (collective.BFloat16sRounded), and widened back into the gradients when
+// it ends. That moves half the bytes of float32 gradients for a relative
+// error of about 2⁻⁹ per rank in the sums. Call it between steps.
+func (r *Reducer[T]) SetBF16(on bool) {
+	switch {
+	case on && r.wire == nil:
+		r.wire = make([]uint16, len(r.grads))
+	case !on:
+		r.wire = nil
+	}
 }
 
 // Buckets returns the plan, in the order the buckets are started.
@@ -146,7 +167,24 @@ func (r *Reducer[T]) claim(offset int) (from, to int) {
 func (r *Reducer[T]) start(from, to int) {
 	for i := from; i < to; i++ {
 		b := r.buckets[i]
-		r.handles[i] = r.comm.AllReduceAsync(r.ctx, bufferOf(r.grads[b.Lo:b.Hi]))
+		if r.wire == nil {
+			r.handles[i] = r.comm.AllReduceAsync(r.ctx, bufferOf(r.grads[b.Lo:b.Hi]))
+			continue
+		}
+		w := r.wire[b.Lo:b.Hi]
+		for j, g := range r.grads[b.Lo:b.Hi] {
+			w[j] = collective.Float32ToBFloat16(float32(g))
+		}
+		r.handles[i] = r.comm.AllReduceAsync(r.ctx, collective.BFloat16sRounded(w))
+	}
+}
+
+// widen writes the bfloat16 sums of bucket i back into the gradients.
+func (r *Reducer[T]) widen(i int) {
+	b := r.buckets[i]
+	g := r.grads[b.Lo:b.Hi]
+	for j, w := range r.wire[b.Lo:b.Hi] {
+		g[j] = T(collective.BFloat16ToFloat32(w))
 	}
 }
 
@@ -219,11 +257,26 @@ func (r *Reducer[T]) FinishAfter(ctx context.Context, wait func() error) error {
 		<-r.fed
 		first = r.feedErr
 	}
+	errs := make([]error, len(r.handles))
+	var wg sync.WaitGroup
 	for i, h := range r.handles {
 		if h == nil {
 			continue
 		}
-		if err := h.Wait(ctx); err != nil && first == nil {
+		if r.wire == nil {
+			errs[i] = h.Wait(ctx)
+			continue
+		}
+		// Each bucket is widened as soon as its sum is there, in parallel.
+		wg.Go(func() {
+			if errs[i] = h.Wait(ctx); errs[i] == nil {
+				r.widen(i)
+			}
+		})
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil && first == nil {
 			b := r.buckets[i]
 			first = fmt.Errorf("dist: all-reduce of gradient bucket %d [%d, %d): %w", i, b.Lo, b.Hi, err)
 		}

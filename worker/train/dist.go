@@ -266,6 +266,7 @@ func buildRank[T model.Float](spec *jobspec.Spec, backend model.Backend[T], in I
 		if par.red, err = dist.NewReducer(rank.Comm, backend.Grads(), elems); err != nil {
 			return nil, err
 		}
+		par.red.SetBF16(p.AllReduceDType == jobspec.AllReduceBF16)
 		// A device backend overlaps when it can copy gradient ranges to the
 		// host while its backward pass runs on.
 		streamer, canStream := backend.(model.GradStreamer)
