@@ -108,6 +108,9 @@ type parallel[T model.Float] struct {
 	zero                  *dist.ZeRO[T]    // nil unless ZeRO-1
 	layerEnds             []int
 	overlap, ordered      bool
+	// solo is a world of one rank without ZeRO-1: its gradients need no
+	// reduction, so they stay where they are (on a device, on the device).
+	solo bool
 	// stream copies gradient ranges of a device backend to the host while
 	// its backward pass runs, when the overlap is on; copied is the lowest
 	// offset queued in the current step, streamErr its first failure.
@@ -256,6 +259,8 @@ func buildRank[T model.Float](spec *jobspec.Spec, backend model.Backend[T], in I
 			return nil, err
 		}
 		t.opt = par.zero.Optimizer()
+	} else if rank.World == 1 {
+		par.solo = true
 	} else {
 		var z T
 		bytes := opts.Dist.BucketBytes
@@ -392,16 +397,17 @@ func (t *Trainer[T]) distStep(ctx context.Context, start time.Time, cursor uint6
 			// The reducer starts nothing more and returns this.
 			rest = func() error { return serr }
 		}
-	case t.dev != nil:
+	case t.dev != nil && !p.solo:
 		if err := t.dev.SyncToHost(model.SyncGrads, nil); err != nil {
 			return Progress{}, err
 		}
 	}
 	var err error
 	g0 := time.Now()
-	if p.zero != nil {
+	switch {
+	case p.zero != nil:
 		err = p.zero.ReduceScatter(ctx, t.backend.Grads())
-	} else {
+	case p.red != nil:
 		err = p.red.FinishAfter(ctx, rest)
 		p.last.Overlapped, p.last.Buckets, _ = p.red.Stats()
 	}
@@ -426,8 +432,10 @@ func (t *Trainer[T]) distStep(ctx context.Context, start time.Time, cursor uint6
 	var norm float64
 	switch {
 	case t.dev != nil:
-		if err := t.dev.SyncFromHost(model.SyncGrads, nil); err != nil {
-			return Progress{}, err
+		if !p.solo {
+			if err := t.dev.SyncFromHost(model.SyncGrads, nil); err != nil {
+				return Progress{}, err
+			}
 		}
 		if norm, err = t.dev.GradNorm(); err != nil {
 			return Progress{}, err

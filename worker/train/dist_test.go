@@ -716,3 +716,47 @@ func TestBF16AllReduce(t *testing.T) {
 		t.Errorf("rank 0 sent %d bytes with bf16, %d with float32 (ratio %.2f); want about half", sent16, sent32, r)
 	}
 }
+
+// TestDistributedSoloDevice trains a world of one rank (a communicator of
+// size 1, as a one-GPU layout of a benchmark has) on an emulated device:
+// the gradients never leave the device (no SyncToHost of the gradients),
+// and the parameters equal those of the same rank without a communicator,
+// bit for bit.
+func TestDistributedSoloDevice(t *testing.T) {
+	const steps = 4
+	ctx := context.Background()
+	dataDir := writeDataset(t, 4000)
+	spec := distSpec(t, dataDir, 1, 1, jobspec.SPModeSequential, false, steps)
+	ds := openDataset(t, dataDir)
+	train := func(comm *collective.Communicator) *streamingDevice {
+		d := &streamingDevice{emulatedDevice: newEmulatedDevice[float64](t, refBackend[float64](t, spec).Config(), true)}
+		if err := LoadInit(spec, d.Config(), d.Layout(), d.Params()); err != nil {
+			t.Fatal(err)
+		}
+		rank := Rank{World: 1, DP: 1, SP: 1}
+		if comm != nil {
+			rank = GridRank(comm, 1, 1)
+		}
+		tr, err := NewDistributed(spec, model.Backend[float64](d), ds, rank, Options{Log: testLogger(t)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := tr.Run(ctx); err != nil {
+			t.Fatal(err)
+		}
+		return d
+	}
+	alone := train(nil)
+	solo := train(memWorld(t, 1)[0])
+	if err := solo.SyncToHost(model.SyncParams, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := alone.SyncToHost(model.SyncParams, nil); err != nil {
+		t.Fatal(err)
+	}
+	sameBits(t, "parameters of a world of one", solo.Params(), alone.Params())
+	if solo.queued != 0 || solo.toHost != alone.toHost {
+		t.Errorf("a world of one copied gradients to the host: %d streamed copies, %d SyncToHost calls against %d without a communicator",
+			solo.queued, solo.toHost, alone.toHost)
+	}
+}
