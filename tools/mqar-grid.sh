@@ -10,13 +10,13 @@
 #
 # --points lists seq_len:d_model:d_state triples (default: the paper's grid,
 # 256 and 512 × 64 and 128 × 16, 64 and 256); every point runs at every
-# learning rate of --lrs (comma-separated), each rate in DIR/lr-RATE when
-# there are several. The processes of a rate share its directory
-# (results/NAME.json per point, written atomically); when they have ended,
-# one more `m2ctl sweep mqar` over the whole grid finds every result in
-# place, trains nothing and writes results.csv, results.md and
-# sweep.{png,svg}; with several rates DIR/results.csv holds every row and
-# DIR/sweep.{png,svg} each point's best rate. --limit stops
+# learning rate of --lrs (comma-separated), as a sweep of one point in
+# DIR/points/lL-dD-nN-lrRATE (its spec, metrics, plots, checkpoint, result
+# and log). When all have ended, DIR/results.csv holds the row of every
+# point under DIR/points that finished, earlier runs into DIR included, and
+# DIR/sweep.{png,svg} draws them, each point at its best rate (m2ctl plot
+# sweep). A point run again with the same settings
+# is not trained again (m2ctl sweep mqar keeps its result). --limit stops
 # a point that runs longer than SECONDS (default: no limit). Needs the CUDA
 # kernel library (kernels/build.sh kernels/build; $M2K_LIB) and, unless
 # --no-mps, nvidia-cuda-mps-control; the MPS daemon it starts uses its own
@@ -47,7 +47,7 @@ while (($#)); do
     --limit) value "$@"; limit="$2"; shift ;;
     --no-mps) mps=0 ;;
     --) shift; extra=("$@"); break ;;
-    -h | --help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "mqar-grid.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -63,16 +63,12 @@ fi
 if [[ -z "$points" ]]; then
     for L in 256 512; do for D in 64 128; do for N in 16 64 256; do points+="$L:$D:$N "; done; done; done
 fi
-seqs=() dms=() dss=()
 for pt in $points; do
     if ! [[ "$pt" =~ ^[0-9]+:[0-9]+:[0-9]+$ ]]; then
         echo "mqar-grid.sh: --points: $pt is not seq_len:d_model:d_state" >&2
         exit 2
     fi
-    IFS=: read -r L D N <<<"$pt"
-    seqs+=("$L") dms+=("$D") dss+=("$N")
 done
-join() { printf '%s\n' "$@" | sort -nu | paste -sd, -; }
 if ! command -v "$m2ctl" >/dev/null; then
     echo "mqar-grid.sh: $m2ctl not found (go build -o m2ctl ./tools/m2ctl, then --m2ctl ./m2ctl)" >&2
     exit 2
@@ -82,7 +78,7 @@ if ((ngpu == 0)); then
     echo "mqar-grid.sh: no GPU (nvidia-smi -L lists none)" >&2
     exit 2
 fi
-mkdir -p "$out/logs"
+mkdir -p "$out"
 common=(--steps "$steps" --backend cuda "${extra[@]}")
 
 if ((mps)); then
@@ -95,52 +91,52 @@ if ((mps)); then
     trap 'echo quit | nvidia-cuda-mps-control' EXIT
 fi
 
-# One directory per learning rate when there are several: a point's name
-# does not carry its rate when a sweep has one, so two rates of a point in
-# one directory would share their files.
-dirs=()
-for lr in ${lrs//,/ }; do
-    if [[ "$lrs" == *,* ]]; then dirs+=("$out/lr-$lr"); else dirs+=("$out"); fi
-done
-
 start=$(date +%s)
 i=0
 pids=()
-k=0
+dirs=()
 for lr in ${lrs//,/ }; do
-    dir="${dirs[$k]}"
-    k=$((k + 1))
-    mkdir -p "$dir"
     for pt in $points; do
         IFS=: read -r L D N <<<"$pt"
-        log="$out/logs/l$L-d$D-n$N-lr$lr.log"
+        # Each point trains in a directory of its own, as a sweep of one
+        # point: the name of a point does not carry its learning rate, so
+        # two rates of a point in one directory would share their files.
+        dir="$out/points/l$L-d$D-n$N-lr$lr"
+        mkdir -p "$dir"
+        dirs+=("$dir")
         cmd=("$m2ctl" sweep mqar --out "$dir" "${common[@]}" --seq-lens "$L" --d-models "$D" --d-states "$N" --lrs "$lr")
         if ((limit > 0)); then cmd=(timeout "$limit" "${cmd[@]}"); fi
-        CUDA_VISIBLE_DEVICES=$((i % ngpu)) "${cmd[@]}" >"$log" 2>&1 &
+        CUDA_VISIBLE_DEVICES=$((i % ngpu)) "${cmd[@]}" >"$dir/log" 2>&1 &
         pids+=($!)
-        echo "point $pt lr $lr on GPU $((i % ngpu)): $log"
+        echo "point $pt lr $lr on GPU $((i % ngpu)): $dir/log"
         i=$((i + 1))
     done
 done
 failed=0
-for p in "${pids[@]}"; do wait "$p" || failed=$((failed + 1)); done
-echo "$i point(s) in $(($(date +%s) - start)) s, $failed failed (their logs say why)"
-status=$((failed > 0))
-
-# The whole grid of each rate finds every result in place and trains
-# nothing: it writes the tables and the figure.
-k=0
-for lr in ${lrs//,/ }; do
-    dir="${dirs[$k]}"
-    k=$((k + 1))
-    "$m2ctl" sweep mqar --out "$dir" "${common[@]}" --seq-lens "$(join "${seqs[@]}")" --d-models "$(join "${dms[@]}")" \
-        --d-states "$(join "${dss[@]}")" --lrs "$lr" >"$out/logs/grid-lr$lr.log" 2>&1 || status=1
+for k in "${!pids[@]}"; do
+    if ! wait "${pids[$k]}"; then
+        failed=$((failed + 1))
+        echo "FAILED: ${dirs[$k]} (see its log)"
+    fi
 done
-if [[ "$lrs" == *,* ]]; then
-    # Every rate's rows in one table; the figure takes each point's best.
-    head -n 1 "${dirs[0]}/results.csv" >"$out/results.csv"
-    for dir in "${dirs[@]}"; do tail -n +2 "$dir/results.csv" >>"$out/results.csv"; done
+echo "$i point(s) in $(($(date +%s) - start)) s, $failed failed"
+
+# One table of every point under DIR that has a result (this run's and
+# earlier runs' into the same DIR), and the figure of it (each point at its
+# best learning rate).
+rows=0
+: >"$out/results.csv"
+for dir in "$out"/points/*/; do
+    dir="${dir%/}"
+    # A point that failed has no row (at most the header).
+    (($(wc -l <"$dir/results.csv" 2>/dev/null || echo 0) >= 2)) || continue
+    if ((rows == 0)); then head -n 1 "$dir/results.csv" >"$out/results.csv"; fi
+    tail -n +2 "$dir/results.csv" >>"$out/results.csv"
+    rows=$((rows + 1))
+done
+status=$((failed > 0))
+if ((rows > 0)); then
     "$m2ctl" plot sweep --table "$out/results.csv" --out "$out/sweep" || status=1
+    cat "$out/results.csv"
 fi
-cat "$out/results.csv"
 exit $status
