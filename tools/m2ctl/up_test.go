@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -75,12 +76,12 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
-// startUp runs `m2ctl up --no-demo` and waits until DIR/cluster.json says
-// the cluster is ready.
-func startUp(t *testing.T, ctx context.Context) *upCluster {
+// startUp runs `m2ctl up --no-demo` with the flags extra and waits until
+// DIR/cluster.json says the cluster is ready.
+func startUp(t *testing.T, ctx context.Context, extra ...string) *upCluster {
 	t.Helper()
 	u := &upCluster{dir: t.TempDir(), out: &syncBuffer{}}
-	u.cmd = exec.Command(os.Args[0], "up", "--no-demo", "--dir", u.dir)
+	u.cmd = exec.Command(os.Args[0], append([]string{"up", "--no-demo", "--dir", u.dir}, extra...)...)
 	u.cmd.Env = append(os.Environ(), "M2CTL_AS_MAIN=1")
 	u.cmd.Stdout, u.cmd.Stderr = u.out, u.out
 	if err := u.cmd.Start(); err != nil {
@@ -321,6 +322,45 @@ func TestUpFaults(t *testing.T) {
 		t.Errorf("final loss %v after the leader was killed, %v undisturbed: not bitwise equal", got, want)
 	}
 	jobEvents(t, ctx, cl, j.GetId())
+}
+
+// TestUpSpreadsWorkersOverGPUs brings a cluster up with --backend auto
+// and --gpus naming two GPUs for three workers: each worker process runs
+// with CUDA_VISIBLE_DEVICES set to its GPU in turn, as cluster.json records
+// (with no GPU here the workers then train on the CPU, saying why).
+func TestUpSpreadsWorkersOverGPUs(t *testing.T) {
+	if testing.Short() {
+		t.Skip("runs a cluster of processes")
+	}
+	if _, err := os.Stat("/proc/self/environ"); err != nil {
+		t.Skip("reads the workers' environment from /proc, which this system lacks")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	u := startUp(t, ctx, "--backend", "auto", "--gpus", "GPU-a,GPU-b", "--workers", "3")
+	st, err := u.state()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"GPU-a", "GPU-b", "GPU-a"}
+	if len(st.Workers) != len(want) {
+		t.Fatalf("%d workers, want %d", len(st.Workers), len(want))
+	}
+	for i, w := range st.Workers {
+		if w.GPU != want[i] {
+			t.Errorf("cluster.json: worker %s on GPU %q, want %q", w.ID, w.GPU, want[i])
+		}
+		env, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", w.Pid))
+		if err != nil {
+			t.Fatalf("worker %s (pid %d): %v", w.ID, w.Pid, err)
+		}
+		if !slices.Contains(strings.Split(string(env), "\x00"), "CUDA_VISIBLE_DEVICES="+want[i]) {
+			t.Errorf("worker %s (pid %d) runs without CUDA_VISIBLE_DEVICES=%s", w.ID, w.Pid, want[i])
+		}
+	}
+	if out := u.out.String(); !strings.Contains(out, "workers on GPUs GPU-a,GPU-b") {
+		t.Errorf("m2ctl up does not say where the workers run:\n%s", out)
+	}
 }
 
 // TestUpGPUs checks where the GPUs to spread the workers over come from:
