@@ -14,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"testing"
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -83,11 +84,11 @@ func Start(opts Options) (*Cluster, error) {
 		c.opts.Dir, c.ownDir = d, true
 	}
 	for i := range opts.Replicas {
-		raftAddr, err := freeAddr()
+		raftAddr, err := FreeAddr()
 		if err != nil {
 			return nil, err
 		}
-		apiAddr, err := freeAddr()
+		apiAddr, err := FreeAddr()
 		if err != nil {
 			return nil, err
 		}
@@ -112,13 +113,24 @@ func FastNode(cfg *node.Config) {
 	cfg.LeaderLeaseTimeout = 150 * time.Millisecond
 }
 
-func freeAddr() (string, error) {
+// FreeAddr returns a loopback address whose port was free a moment ago.
+func FreeAddr() (string, error) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return "", err
 	}
 	defer l.Close()
 	return l.Addr().String(), nil
+}
+
+// MustFreeAddr is FreeAddr for a test, which it fails when no port is free.
+func MustFreeAddr(t testing.TB) string {
+	t.Helper()
+	addr, err := FreeAddr()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return addr
 }
 
 // Replica returns replica i.

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -16,6 +15,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 
+	"github.com/m2train/m2train/coordinator/coordtest"
 	"github.com/m2train/m2train/coordinator/security"
 	"github.com/m2train/m2train/tools/testlog"
 )
@@ -23,16 +23,6 @@ import (
 // testLogger routes logs to t.Log until the test's cleanup stops it.
 func testLogger(t *testing.T) *slog.Logger {
 	return testlog.New(t, slog.LevelInfo)
-}
-
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
 }
 
 // cluster lays out n members on loopback, each on its own ports.
@@ -44,7 +34,7 @@ func cluster(t *testing.T, n int, tlsFiles *TLSFiles) []Config {
 	var members []Member
 	var listen [][2]string
 	for i := range n {
-		client, peer := freeAddr(t), freeAddr(t)
+		client, peer := coordtest.MustFreeAddr(t), coordtest.MustFreeAddr(t)
 		members = append(members, Member{Name: fmt.Sprintf("m%d", i), PeerURL: scheme + "://" + peer, ClientURL: scheme + "://" + client})
 		listen = append(listen, [2]string{client, peer})
 	}

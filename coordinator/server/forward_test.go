@@ -88,7 +88,7 @@ func startFwdCluster(t *testing.T, opts fwdOptions) *fwdCluster {
 	var peers []node.Peer
 	lis := make([]net.Listener, n)
 	for i := range n {
-		raftAddr := freeAddr(t)
+		raftAddr := coordtest.MustFreeAddr(t)
 		l, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
 			t.Fatal(err)
@@ -219,16 +219,6 @@ func (c *fwdCluster) raw(i int, token string) pb.JobServiceClient {
 	}
 	c.t.Cleanup(func() { cc.Close() })
 	return pb.NewJobServiceClient(cc)
-}
-
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
 }
 
 // notLeader returns the leader address of a NotLeader status.
