@@ -194,7 +194,14 @@ func widen(x []float32) []float64 {
 // newGPU returns a model of precision p in explicit mode holding params.
 func newGPU(t *testing.T, cfg model.Config, p Precision, params []float32) *Model {
 	t.Helper()
-	m, err := New(gpuLib, cfg, Options{Precision: p, ExplicitSync: true})
+	return newGPUWith(t, cfg, Options{Precision: p, ExplicitSync: true}, params)
+}
+
+// newGPUWith returns a model with options o (which should ask for the
+// explicit mode) holding params, closed when the test ends.
+func newGPUWith(t *testing.T, cfg model.Config, o Options, params []float32) *Model {
+	t.Helper()
+	m, err := New(gpuLib, cfg, o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -208,6 +215,23 @@ func newGPU(t *testing.T, cfg model.Config, p Precision, params []float32) *Mode
 		t.Fatal(err)
 	}
 	return m
+}
+
+// accumulate clears m's gradients and runs the forward and backward pass of
+// every batch into them, the loss normalised by count; it returns the sum
+// of the batches' loss sums.
+func accumulate(t *testing.T, m *Model, count int, batches ...*model.Batch) float64 {
+	t.Helper()
+	m.ZeroGrads()
+	var sum float64
+	for _, b := range batches {
+		r, err := m.ForwardBackward(context.Background(), b, model.StepOptions{Count: count})
+		if err != nil {
+			t.Fatal(err)
+		}
+		sum += r.LossSum
+	}
+	return sum
 }
 
 // gradsOf downloads the model's gradients.

@@ -178,7 +178,6 @@ func TestConfigs(t *testing.T) {
 // a head block smaller than the batch, and compares with the CPU reference
 // doing the same.
 func TestMicroBatchesAndHeadBlocks(t *testing.T) {
-	ctx := context.Background()
 	cfg := smallConfig()
 	params := noisyParams(t, cfg, 13)
 	b1, b2 := randomBatch(cfg, 2, 10, 5), randomBatch(cfg, 1, 13, 6)
@@ -186,24 +185,8 @@ func TestMicroBatchesAndHeadBlocks(t *testing.T) {
 	wantSum, wantGrads := refStep(t, cfg, params, count, b1, b2)
 	for _, p := range precisions {
 		t.Run(p.String(), func(t *testing.T) {
-			m, err := New(gpuLib, cfg, Options{Precision: p, ExplicitSync: true, HeadBlock: 7})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer m.Close()
-			copy(m.Params(), params)
-			if err := m.SyncFromHost(model.SyncParams, nil); err != nil {
-				t.Fatal(err)
-			}
-			m.ZeroGrads()
-			var sum float64
-			for _, b := range []*model.Batch{b1, b2} {
-				r, err := m.ForwardBackward(ctx, b, model.StepOptions{Count: count})
-				if err != nil {
-					t.Fatal(err)
-				}
-				sum += r.LossSum
-			}
+			m := newGPUWith(t, cfg, Options{Precision: p, ExplicitSync: true, HeadBlock: 7}, params)
+			sum := accumulate(t, m, count, b1, b2)
 			tol := tolFor(p)
 			compareLoss(t, "microbatches/loss", p, sum/float64(count), wantSum/float64(count), tol.loss)
 			g := widen(gradsOf(t, m))
@@ -224,7 +207,6 @@ func TestMicroBatchesAndHeadBlocks(t *testing.T) {
 // count (as in the MQAR task) and one where none does, accumulated into one
 // gradient; both are compared with the CPU reference and with each other.
 func TestPackedHead(t *testing.T) {
-	ctx := context.Background()
 	cfg := smallConfig()
 	params := noisyParams(t, cfg, 15)
 	b1, b2 := randomBatch(cfg, 3, 12, 8), randomBatch(cfg, 1, 12, 9)
@@ -241,25 +223,8 @@ func TestPackedHead(t *testing.T) {
 	for _, p := range precisions {
 		t.Run(p.String(), func(t *testing.T) {
 			run := func(dense bool) (float64, []float32) {
-				m, err := New(gpuLib, cfg, Options{Precision: p, ExplicitSync: true, HeadBlock: 5, DenseHead: dense})
-				if err != nil {
-					t.Fatal(err)
-				}
-				defer m.Close()
-				copy(m.Params(), params)
-				if err := m.SyncFromHost(model.SyncParams, nil); err != nil {
-					t.Fatal(err)
-				}
-				m.ZeroGrads()
-				var sum float64
-				for _, b := range []*model.Batch{b1, b2} {
-					r, err := m.ForwardBackward(ctx, b, model.StepOptions{Count: count})
-					if err != nil {
-						t.Fatal(err)
-					}
-					sum += r.LossSum
-				}
-				return sum, gradsOf(t, m)
+				m := newGPUWith(t, cfg, Options{Precision: p, ExplicitSync: true, HeadBlock: 5, DenseHead: dense}, params)
+				return accumulate(t, m, count, b1, b2), gradsOf(t, m)
 			}
 			packedSum, packedGrads := run(false)
 			denseSum, denseGrads := run(true)
