@@ -18,12 +18,9 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/hex"
 	"encoding/pem"
 	"fmt"
 	"maps"
-	"math/big"
 	"net"
 	"os"
 	"os/exec"
@@ -36,6 +33,7 @@ import (
 	"time"
 
 	"github.com/m2train/m2train/coordinator/etcdembed"
+	"github.com/m2train/m2train/coordinator/security"
 	"helm.sh/helm/v3/pkg/action"
 	"helm.sh/helm/v3/pkg/chart"
 	"helm.sh/helm/v3/pkg/chart/loader"
@@ -147,7 +145,7 @@ func kubeStart(t *testing.T) *kubeCluster {
 	t.Cleanup(etcd.Close)
 
 	pki := kubeWritePKI(t, dir)
-	token := kubeRandomHex(t, 32)
+	token := randomHex(t, 32)
 	tokenFile := filepath.Join(dir, "tokens.csv")
 	// token,user,uid,"groups": system:masters may do anything under RBAC.
 	tokenLine := fmt.Sprintf("%s,kube-test-admin,kube-test-admin,\"system:masters\"\n", token)
@@ -280,96 +278,36 @@ type kubePKI struct {
 	saKeyFile, saPublicFile   string
 }
 
-// kubeWritePKI writes a throwaway CA, a serving certificate for 127.0.0.1
-// signed by it, and a service-account signing key pair into dir.
+// kubeWritePKI writes a throwaway CA and a serving certificate for
+// 127.0.0.1 and the apiserver's names signed by it
+// (security.GenerateDevPKI), and a service-account signing key pair, into
+// dir.
 func kubeWritePKI(t *testing.T, dir string) kubePKI {
 	t.Helper()
-	p := kubePKI{
-		caFile:       filepath.Join(dir, "ca.crt"),
-		certFile:     filepath.Join(dir, "apiserver.crt"),
-		keyFile:      filepath.Join(dir, "apiserver.key"),
-		saKeyFile:    filepath.Join(dir, "sa.key"),
-		saPublicFile: filepath.Join(dir, "sa.pub"),
-	}
-	now := time.Now()
-	caKey := kubeNewKey(t)
-	caTmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "m2train-kube-test-ca"},
-		NotBefore:             now.Add(-time.Hour),
-		NotAfter:              now.Add(24 * time.Hour),
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-	}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	files, err := security.GenerateDevPKI(dir, "127.0.0.1", "localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc")
 	if err != nil {
 		t.Fatal(err)
 	}
-	ca, err := x509.ParseCertificate(caDER)
+	p := kubePKI{caFile: files.CA, certFile: files.Cert, keyFile: files.Key,
+		saKeyFile: filepath.Join(dir, "sa.key"), saPublicFile: filepath.Join(dir, "sa.pub")}
+	saKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		t.Fatal(err)
 	}
-	srvKey := kubeNewKey(t)
-	srvTmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(2),
-		Subject:      pkix.Name{CommonName: "kube-apiserver"},
-		NotBefore:    now.Add(-time.Hour),
-		NotAfter:     now.Add(24 * time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
-		DNSNames:     []string{"localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"},
-	}
-	srvDER, err := x509.CreateCertificate(rand.Reader, srvTmpl, ca, &srvKey.PublicKey, caKey)
+	saPriv, err := x509.MarshalPKCS8PrivateKey(saKey)
 	if err != nil {
 		t.Fatal(err)
 	}
-	saKey := kubeNewKey(t)
 	saPub, err := x509.MarshalPKIXPublicKey(&saKey.PublicKey)
 	if err != nil {
 		t.Fatal(err)
 	}
-	kubeWritePEM(t, p.caFile, "CERTIFICATE", caDER)
-	kubeWritePEM(t, p.certFile, "CERTIFICATE", srvDER)
-	kubeWritePEM(t, p.keyFile, "PRIVATE KEY", kubePKCS8(t, srvKey))
-	kubeWritePEM(t, p.saKeyFile, "PRIVATE KEY", kubePKCS8(t, saKey))
-	kubeWritePEM(t, p.saPublicFile, "PUBLIC KEY", saPub)
+	for path, b := range map[string]*pem.Block{p.saKeyFile: {Type: "PRIVATE KEY", Bytes: saPriv}, p.saPublicFile: {Type: "PUBLIC KEY", Bytes: saPub}} {
+		if err := os.WriteFile(path, pem.EncodeToMemory(b), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
 	return p
-}
-
-func kubeNewKey(t *testing.T) *ecdsa.PrivateKey {
-	t.Helper()
-	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return k
-}
-
-func kubePKCS8(t *testing.T, k *ecdsa.PrivateKey) []byte {
-	t.Helper()
-	der, err := x509.MarshalPKCS8PrivateKey(k)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return der
-}
-
-func kubeWritePEM(t *testing.T, path, typ string, der []byte) {
-	t.Helper()
-	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func kubeRandomHex(t *testing.T, n int) string {
-	t.Helper()
-	b := make([]byte, n)
-	if _, err := rand.Read(b); err != nil {
-		t.Fatal(err)
-	}
-	return hex.EncodeToString(b)
 }
 
 // kubeFreePort picks a free loopback port for the server. Another process

@@ -78,20 +78,14 @@ package helm_test
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
 	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/hex"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
 	"io/fs"
 	"log/slog"
 	"maps"
-	"math/big"
 	mrand "math/rand/v2"
 	"net"
 	"net/http"
@@ -238,7 +232,7 @@ type launchCluster struct {
 	s3EP     *launchEndpoint   // the S3 endpoint, when the values name one
 	s3       *s3gw.Process
 	etcds    []*etcdembed.Server
-	pki      *launchPKI
+	pki      *security.DevCA
 	dataDir  string // the dataset, prepared locally
 	anyExit  chan struct{}
 	exitOnce sync.Once
@@ -613,7 +607,10 @@ func (c *launchCluster) prepareExternal(ctx context.Context) {
 	t := c.t
 	tlsOn := launchValue[bool](t, c.values, "tls.enabled")
 	if tlsOn {
-		c.pki = launchNewPKI(t)
+		var err error
+		if c.pki, err = security.NewDevCA("m2train launch test CA"); err != nil {
+			t.Fatal(err)
+		}
 		// One certificate for every component, valid for the README's names
 		// and, since the test dials addresses, for every address in use.
 		var dns []string
@@ -624,11 +621,18 @@ func (c *launchCluster) prepareExternal(ctx context.Context) {
 			}
 			dns = append(dns, name, name+"."+c.domain)
 		}
-		cert, key := c.pki.issue(t, "m2train", dns, c.net.used)
-		c.addSecret(launchValue[string](t, c.values, "tls.existingSecret"), map[string][]byte{"ca.crt": c.pki.caPEM, "tls.crt": cert, "tls.key": key})
+		hosts := dns
+		for _, ip := range c.net.used {
+			hosts = append(hosts, ip.String())
+		}
+		cert, key, err := c.pki.Issue("m2train", hosts...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.addSecret(launchValue[string](t, c.values, "tls.existingSecret"), map[string][]byte{"ca.crt": c.pki.CertPEM(), "tls.crt": cert, "tls.key": key})
 	}
 	if s := launchValue[string](t, c.values, "auth.existingSecret"); s != "" {
-		c.addSecret(s, map[string][]byte{launchValue[string](t, c.values, "auth.secretKey"): []byte(launchRandomHex(t, 24) + "\n")})
+		c.addSecret(s, map[string][]byte{launchValue[string](t, c.values, "auth.secretKey"): []byte(randomHex(t, 24) + "\n")})
 	}
 	if len(c.etcdEPs) > 0 {
 		c.startEtcd(ctx, tlsOn)
@@ -673,14 +677,16 @@ func (c *launchCluster) startEtcd(ctx context.Context, tlsOn bool) {
 		if err := os.MkdirAll(dir, 0o700); err != nil {
 			t.Fatal(err)
 		}
-		var dns []string
-		var ips []net.IP
+		var hosts []string
 		for _, e := range c.etcdEPs {
-			dns, ips = append(dns, e.host), append(ips, net.ParseIP(e.ip))
+			hosts = append(hosts, e.host, e.ip)
 		}
-		cert, key := c.pki.issue(t, "etcd", dns, ips)
+		cert, key, err := c.pki.Issue("etcd", hosts...)
+		if err != nil {
+			t.Fatal(err)
+		}
 		tlsFiles = &etcdembed.TLSFiles{Cert: filepath.Join(dir, "tls.crt"), Key: filepath.Join(dir, "tls.key"), CA: filepath.Join(dir, "ca.crt")}
-		for path, b := range map[string][]byte{tlsFiles.Cert: cert, tlsFiles.Key: key, tlsFiles.CA: c.pki.caPEM} {
+		for path, b := range map[string][]byte{tlsFiles.Cert: cert, tlsFiles.Key: key, tlsFiles.CA: c.pki.CertPEM()} {
 			if err := os.WriteFile(path, b, 0o600); err != nil {
 				t.Fatal(err)
 			}
@@ -1803,72 +1809,14 @@ func launchReadOnly(t *testing.T, dir string) {
 	t.Cleanup(func() { os.Chmod(dir, 0o755) })
 }
 
-func launchRandomHex(t *testing.T, n int) string {
+// randomHex returns n random bytes in hexadecimal.
+func randomHex(t *testing.T, n int) string {
 	t.Helper()
 	b := make([]byte, n)
 	if _, err := rand.Read(b); err != nil {
 		t.Fatal(err)
 	}
 	return hex.EncodeToString(b)
-}
-
-// launchPKI is a throwaway certificate authority.
-type launchPKI struct {
-	ca    *x509.Certificate
-	key   *ecdsa.PrivateKey
-	caPEM []byte
-	next  int64
-}
-
-func launchNewPKI(t *testing.T) *launchPKI {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	now := time.Now()
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "m2train launch test CA"},
-		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * time.Hour),
-		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ca, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return &launchPKI{ca: ca, key: key, caPEM: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), next: 2}
-}
-
-// issue returns a certificate (PEM) for server and client use with the
-// given names and addresses, and its key (PEM).
-func (p *launchPKI) issue(t *testing.T, cn string, dns []string, ips []net.IP) (certPEM, keyPEM []byte) {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	now := time.Now()
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(p.next), Subject: pkix.Name{CommonName: cn},
-		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * time.Hour),
-		KeyUsage:    x509.KeyUsageDigitalSignature,
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-		DNSNames:    dns, IPAddresses: ips,
-	}
-	p.next++
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, p.ca, &key.PublicKey, p.key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kder, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kder})
 }
 
 // launchSlog keeps the etcd members' log lines in a file.

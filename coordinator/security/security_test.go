@@ -3,6 +3,7 @@ package security
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"io"
 	"os"
@@ -168,5 +169,47 @@ func TestReadToken(t *testing.T) {
 	os.WriteFile(p, []byte("\n"), 0o600)
 	if _, err := ReadToken("", p); !errors.Is(err, ErrConfig) {
 		t.Fatalf("empty token file: %v", err)
+	}
+}
+
+// TestDevCAIssues issues two certificates from one authority: both verify
+// against it for their names and addresses (a wildcard included), as server
+// and as client, with distinct serial numbers.
+func TestDevCAIssues(t *testing.T) {
+	ca, err := NewDevCA("test CA")
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(ca.CertPEM()) {
+		t.Fatal("the CA's PEM holds no certificate")
+	}
+	serials := map[string]bool{}
+	for _, c := range []struct {
+		cn    string
+		hosts []string
+		name  string
+	}{{"a", []string{"*.svc.example", "10.0.0.7"}, "pod-0.svc.example"}, {"b", []string{"127.0.0.1"}, "127.0.0.1"}} {
+		certPEM, keyPEM, err := ca.Issue(c.cn, c.hosts...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pair, err := tls.X509KeyPair(certPEM, keyPEM)
+		if err != nil {
+			t.Fatalf("%s: %v", c.cn, err)
+		}
+		leaf, err := x509.ParseCertificate(pair.Certificate[0])
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, usage := range []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth} {
+			if _, err := leaf.Verify(x509.VerifyOptions{Roots: pool, DNSName: c.name, KeyUsages: []x509.ExtKeyUsage{usage}}); err != nil {
+				t.Errorf("%s for %s (usage %v): %v", c.cn, c.name, usage, err)
+			}
+		}
+		serials[leaf.SerialNumber.String()] = true
+	}
+	if len(serials) != 2 {
+		t.Errorf("serial numbers %v: want two distinct", serials)
 	}
 }
