@@ -43,31 +43,8 @@ func (s LocalStore) Put(ctx context.Context, name string, r io.Reader, size int6
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
-	f, err := os.CreateTemp(dir, ".tmp-"+filepath.Base(p)+"-*")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	werr := f.Chmod(0o644)
-	if werr == nil {
-		var n int64
-		n, werr = io.CopyBuffer(f, ctxReader{ctx, r}, make([]byte, 1<<20))
-		if werr == nil && size >= 0 && n != size {
-			werr = fmt.Errorf("checkpoint: put %s: read %d bytes, caller said %d", name, n, size)
-		}
-	}
-	if werr == nil {
-		werr = f.Sync()
-	}
-	if cerr := f.Close(); werr == nil {
-		werr = cerr
-	}
-	if werr == nil {
-		werr = os.Rename(tmp, p)
-	}
-	if werr != nil {
-		os.Remove(tmp)
-		return werr
+	if _, err := WriteFileAtomic(ctx, p, 0o644, r, size); err != nil {
+		return fmt.Errorf("checkpoint: put %s: %w", name, err)
 	}
 	if d, err := os.Open(dir); err == nil {
 		d.Sync()

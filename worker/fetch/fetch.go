@@ -131,27 +131,9 @@ func download(ctx context.Context, store checkpoint.Store, key, dst string, want
 		return 0, err
 	}
 	defer r.Close()
-	f, err := os.CreateTemp(filepath.Dir(dst), ".download-"+filepath.Base(dst)+"-*")
+	n, err := checkpoint.WriteFileAtomic(ctx, dst, 0o600, r, want)
 	if err != nil {
-		return 0, err
-	}
-	tmp := f.Name()
-	n, err := io.Copy(f, r)
-	if err == nil && want >= 0 && n != want {
-		err = fmt.Errorf("%s: downloaded %d bytes, want %d", key, n, want)
-	}
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, dst)
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return 0, err
+		return 0, fmt.Errorf("%s: %w", key, err)
 	}
 	return n, nil
 }
