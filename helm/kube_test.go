@@ -884,7 +884,7 @@ func kubeCreateExternalSecrets(t *testing.T, ctx context.Context, c *kubeCluster
 		if _, err := c.client.CoreV1().Secrets(ns).Create(ctx, s, metav1.CreateOptions{}); err != nil {
 			t.Fatalf("create Secret %s named in the values: %v", name, err)
 		}
-		t.Logf("created Secret %s (keys %v), which the values name", name, slices.Sorted(kubeKeys(keys)))
+		t.Logf("created Secret %s (keys %v), which the values name", name, slices.Sorted(maps.Keys(keys)))
 	}
 }
 
@@ -1020,7 +1020,7 @@ func kubeCheckRefs(t *testing.T, ctx context.Context, c *kubeCluster, ns string,
 		}
 		for k := range keys {
 			if _, ok := s.Data[k]; !ok {
-				t.Errorf("%s reads key %q of Secret %s, which has only %v", w, k, name, slices.Sorted(kubeKeys(s.Data)))
+				t.Errorf("%s reads key %q of Secret %s, which has only %v", w, k, name, slices.Sorted(maps.Keys(s.Data)))
 			}
 		}
 	}
@@ -1055,16 +1055,6 @@ func kubeCheckRefs(t *testing.T, ctx context.Context, c *kubeCluster, ns string,
 	}
 }
 
-func kubeKeys[V any](m map[string]V) func(func(string) bool) {
-	return func(yield func(string) bool) {
-		for k := range m {
-			if !yield(k) {
-				return
-			}
-		}
-	}
-}
-
 // kubeCheckUpgrade checks that the upgrade values reached the stored
 // StatefulSets: the worker count changed, the coordinator's did not, and
 // every container of both runs the new tag (a digest, if the values pin
@@ -1086,7 +1076,7 @@ func kubeCheckUpgrade(t *testing.T, beforeState, afterState kubeStored) {
 	get := func(m map[string]kubeWorkload, name string) kubeWorkload {
 		w, ok := m["StatefulSet "+name]
 		if !ok {
-			t.Fatalf("the release has no StatefulSet %s (it has %v)", name, slices.Sorted(kubeKeys(m)))
+			t.Fatalf("the release has no StatefulSet %s (it has %v)", name, slices.Sorted(maps.Keys(m)))
 		}
 		return w
 	}
