@@ -111,7 +111,7 @@ func New(lib *kernels.Lib, cfg model.Config, o Options) (*Model, error) {
 	l := model.NewLayout(cfg)
 	m := &Model{lib: lib, ops: op, cfg: cfg, opts: o, act: o.Precision.dtype(), block: o.headBlock(),
 		layout: l, auto: !o.ExplicitSync,
-		hostParams: make([]float32, l.Total), hostGrads: make([]float32, l.Total)}
+		hostParams: make([]float32, l.Total)}
 	for i := 0; i < cfg.NLayer; i++ {
 		m.layers = append(m.layers, l.Layer(i))
 	}
@@ -125,7 +125,7 @@ func New(lib *kernels.Lib, cfg model.Config, o Options) (*Model, error) {
 		m.Close()
 		return nil, err
 	}
-	m.pinHostGrads()
+	m.allocHostGrads()
 	return m, nil
 }
 

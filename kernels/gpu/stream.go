@@ -61,17 +61,17 @@ func (c *gradCopier) close() error {
 	return errors.Join(errs...)
 }
 
-// pinHostGrads moves the host mirror of the gradients into pinned memory.
-// Where the library cannot pin that much (a locked-memory limit), the
-// mirror stays in ordinary memory.
-func (m *Model) pinHostGrads() {
-	h, err := m.lib.AllocHostF32(len(m.hostGrads))
-	if err != nil {
+// allocHostGrads allocates the host mirror of the gradients in pinned
+// memory. Where the library cannot pin that much (a locked-memory limit),
+// the mirror is ordinary memory.
+func (m *Model) allocHostGrads() {
+	n := m.layout.Total
+	if h, err := m.lib.AllocHostF32(n); err == nil {
+		m.hostGrads = h.S
+		m.copier = &gradCopier{lib: m.lib, pinned: h}
 		return
 	}
-	copy(h.S, m.hostGrads)
-	m.hostGrads = h.S
-	m.copier = &gradCopier{lib: m.lib, pinned: h}
+	m.hostGrads = make([]float32, n)
 }
 
 // GradsToHostAsync queues the copy of the device gradients [lo, hi) into
