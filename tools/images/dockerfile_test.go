@@ -75,19 +75,7 @@ func envOf(t *testing.T, ins []instruction) map[string]string {
 // binaries built without cgo, a distroless static nonroot base, uid 65532.
 func TestCoordinatorImage(t *testing.T) {
 	df := parseFile(t, "coordinator.Dockerfile")
-	var noErr []error
-	builds := goBuilds(df, func(line int, format string, a ...any) {
-		noErr = append(noErr, errAt(df.path, line, format, a...))
-	})
-	if len(noErr) > 0 {
-		t.Fatal(noErr)
-	}
-	got := map[string]string{}
-	for _, b := range builds {
-		for _, target := range b.targets {
-			got[target] = b.cgo
-		}
-	}
+	got := buildCgo(t, df)
 	want := map[string]string{"./coordinator/m2coord": "0", "./tools/m2ctl": "0"}
 	if len(got) != len(want) || got["./coordinator/m2coord"] != "0" || got["./tools/m2ctl"] != "0" {
 		t.Errorf("go builds (target: CGO_ENABLED) = %v, want %v", got, want)
@@ -132,19 +120,7 @@ func TestWorkerImage(t *testing.T) {
 		t.Errorf("CUDA flavours %q, %q; want devel-ubuntu24.04 and runtime-ubuntu24.04", dflavour, rflavour)
 	}
 
-	var errs []error
-	builds := goBuilds(df, func(line int, format string, a ...any) {
-		errs = append(errs, errAt(df.path, line, format, a...))
-	})
-	if len(errs) > 0 {
-		t.Fatal(errs)
-	}
-	cgo := map[string]string{}
-	for _, b := range builds {
-		for _, target := range b.targets {
-			cgo[target] = b.cgo
-		}
-	}
+	cgo := buildCgo(t, df)
 	if cgo["./worker/m2worker"] != "1" {
 		t.Errorf("./worker/m2worker built with CGO_ENABLED=%q, want 1 (go-nvml needs cgo)", cgo["./worker/m2worker"])
 	}
@@ -517,4 +493,25 @@ func TestImageRef(t *testing.T) {
 			t.Errorf("parseImageRef(%q) = %+v, want %+v", in, got, want)
 		}
 	}
+}
+
+// buildCgo maps every package that df's RUN instructions go build to the
+// CGO_ENABLED it builds under (goBuilds), failing the test on a build
+// command it cannot read.
+func buildCgo(t *testing.T, df *dockerfile) map[string]string {
+	t.Helper()
+	var errs []error
+	builds := goBuilds(df, func(line int, format string, a ...any) {
+		errs = append(errs, errAt(df.path, line, format, a...))
+	})
+	if len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	cgo := map[string]string{}
+	for _, b := range builds {
+		for _, target := range b.targets {
+			cgo[target] = b.cgo
+		}
+	}
+	return cgo
 }
