@@ -650,18 +650,27 @@ func chartPodNameEnv(t *testing.T, who string, c *corev1.Container) {
 	t.Errorf("%s: no POD_NAME in env", who)
 }
 
-func chartCheckCoordinator(t *testing.T, objs []chartObject, want chartExpect, known map[string]bool) {
+// chartStatefulSet finds the StatefulSet name among objs and checks its
+// replicas and that its serviceName is its headless Service, NAME-headless;
+// it returns the StatefulSet, how errors name it, and the Service's name.
+func chartStatefulSet(t *testing.T, objs []chartObject, name string, replicas int) (sts *appsv1.StatefulSet, who, headless string) {
 	t.Helper()
-	name := chartFullname + "-coordinator"
-	headless := name + "-headless"
-	sts := chartFind[*appsv1.StatefulSet](t, objs, "StatefulSet", name)
-	who := "StatefulSet " + name
-	if sts.Spec.Replicas == nil || int(*sts.Spec.Replicas) != want.coordinators {
-		t.Errorf("%s: replicas %v, want %d", who, sts.Spec.Replicas, want.coordinators)
+	headless = name + "-headless"
+	sts = chartFind[*appsv1.StatefulSet](t, objs, "StatefulSet", name)
+	who = "StatefulSet " + name
+	if sts.Spec.Replicas == nil || int(*sts.Spec.Replicas) != replicas {
+		t.Errorf("%s: replicas %v, want %d", who, sts.Spec.Replicas, replicas)
 	}
 	if sts.Spec.ServiceName != headless {
 		t.Errorf("%s: serviceName %q, want %q", who, sts.Spec.ServiceName, headless)
 	}
+	return sts, who, headless
+}
+
+func chartCheckCoordinator(t *testing.T, objs []chartObject, want chartExpect, known map[string]bool) {
+	t.Helper()
+	name := chartFullname + "-coordinator"
+	sts, who, headless := chartStatefulSet(t, objs, name, want.coordinators)
 	if sts.Spec.PodManagementPolicy != appsv1.ParallelPodManagement {
 		t.Errorf("%s: podManagementPolicy %q, want Parallel", who, sts.Spec.PodManagementPolicy)
 	}
@@ -842,15 +851,7 @@ func chartCheckPullSecrets(t *testing.T, who string, spec *corev1.PodSpec, want 
 func chartCheckWorkers(t *testing.T, objs []chartObject, want chartExpect, known map[string]bool) {
 	t.Helper()
 	name := chartFullname + "-worker"
-	headless := name + "-headless"
-	sts := chartFind[*appsv1.StatefulSet](t, objs, "StatefulSet", name)
-	who := "StatefulSet " + name
-	if sts.Spec.Replicas == nil || int(*sts.Spec.Replicas) != want.workerPods {
-		t.Errorf("%s: replicas %v, want %d", who, sts.Spec.Replicas, want.workerPods)
-	}
-	if sts.Spec.ServiceName != headless {
-		t.Errorf("%s: serviceName %q, want %q", who, sts.Spec.ServiceName, headless)
-	}
+	sts, who, headless := chartStatefulSet(t, objs, name, want.workerPods)
 	spec := &sts.Spec.Template.Spec
 	chartCheckPodSecurity(t, who, spec)
 	chartCheckPodWiring(t, who, spec, nil)
