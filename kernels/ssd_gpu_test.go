@@ -55,9 +55,14 @@ var ssdCases = []ssdCase{
 	{name: "tiny", d: ssd.Dims{Batch: 1, L: 64, H: 2, P: 16, N: 16, G: 1}, chunk: 32},
 	{name: "ragged_g2_hdim_limit_init", d: ssd.Dims{Batch: 2, L: 200, H: 4, P: 32, N: 24, G: 2}, chunk: 64,
 		hdim: true, dtLimit: [2]float64{0.01, 0.08}, init: true, dfinal: true},
+	// More heads per group than one block of chunk_dcb / chunk_dbc takes
+	// (4): the heads are split over blocks whose partial sums are added
+	// afterwards, here 4 + 1 heads per group.
+	{name: "head_splits_g2", d: ssd.Dims{Batch: 2, L: 150, H: 10, P: 32, N: 40, G: 2}, chunk: 64, dfinal: true},
 	{name: "mamba2_dims", d: ssd.Dims{Batch: 2, L: 300, H: 2, P: 64, N: 128, G: 1}, chunk: 256, init: true, dfinal: true},
 	{name: "odd_tiles", d: ssd.Dims{Batch: 1, L: 250, H: 3, P: 80, N: 72, G: 3}, chunk: 100, init: true},
 	{name: "strided_g2", d: ssd.Dims{Batch: 2, L: 130, H: 4, P: 32, N: 16, G: 2}, chunk: 64, dfinal: true, strided: true},
+	{name: "head_splits_g1", d: ssd.Dims{Batch: 1, L: 320, H: 12, P: 64, N: 128, G: 1}, chunk: 128, init: true},
 	{name: "chunk_gt_L", d: ssd.Dims{Batch: 3, L: 40, H: 2, P: 16, N: 32, G: 1}, chunk: 256, hdim: true, init: true},
 }
 
@@ -422,7 +427,7 @@ func tols(dt DType) (fwd, bwd float64) {
 func TestSSDForwardBackward(t *testing.T) {
 	l := openLib(t)
 	for ci, c := range ssdCases {
-		if testing.Short() && ci > 1 {
+		if testing.Short() && ci > 2 {
 			break // small shapes only, e.g. under compute-sanitizer
 		}
 		for _, dt := range []DType{F32, BF16} {
@@ -474,7 +479,12 @@ func TestSSDForwardBackward(t *testing.T) {
 // reduction in a fixed order.
 func TestSSDBackwardDeterministic(t *testing.T) {
 	l := openLib(t)
-	c := ssdCases[1]
+	for _, c := range []ssdCase{ssdCases[1], ssdCases[2]} { // one block per group's heads; heads split over blocks
+		testSSDBackwardDeterministic(t, l, c)
+	}
+}
+
+func testSSDBackwardDeterministic(t *testing.T, l *Lib, c ssdCase) {
 	for _, dt := range []DType{F32, BF16} {
 		p := newSSDProblem(c, dt, 7)
 		r := newSSDRun(t, l, p)
@@ -485,7 +495,7 @@ func TestSSDBackwardDeterministic(t *testing.T) {
 		for i := range first {
 			for j := range first[i] {
 				if math.Float32bits(first[i][j]) != math.Float32bits(second[i][j]) {
-					t.Fatalf("%s: output %d element %d differs between runs: %g vs %g", dt, i, j, first[i][j], second[i][j])
+					t.Fatalf("%s/%s: output %d element %d differs between runs: %g vs %g", c.name, dt, i, j, first[i][j], second[i][j])
 				}
 			}
 		}

@@ -28,11 +28,34 @@ namespace ssd {
 
 constexpr int MAXQ = 256;
 
+// Blocks of each tile kernel that must fit on one multiprocessor at once:
+// the compiler caps the kernel's registers at 65536 / (NT·blocks). With their
+// 64×64 tiles loaded and then multiplied, these kernels wait on memory most
+// of the time, and only other resident blocks hide that wait. Measured on an
+// H200 (docs/benchmarks.md, "SSD scan on the GPU") at 2, 3 and 4 blocks:
+// where a tighter cap spills registers, the spills can cost more than the
+// extra block gains (chunk_dbc), and chunk_dcb's three f32 tiles of shared
+// memory leave room for three blocks at most.
+constexpr int MINB_BMM = 3;
+constexpr int MINB_STATE = 3;
+constexpr int MINB_SCAN = 4;
+constexpr int MINB_DCB = 3;
+constexpr int MINB_DBC = 2;
+constexpr int MINB_DX = 4;
+
+// Heads of a group that one block of chunk_dcb or chunk_dbc handles. Their
+// outputs (dCB, and dB and dC) are sums over the group's heads; with more
+// heads than this the heads are split over several blocks, each writing its
+// partial sum to the workspace, and a second kernel adds the partial sums in
+// split order (so the result stays bitwise reproducible).
+constexpr int HEADS_PER_BLOCK = 4;
+
 // Sizes of one call, with the derived tile counts.
 struct Geo {
     int Bt, L, H, P, N, G, R;    // R = H / G heads per group
     int Q, nc, Lp;               // chunk, chunks, padded length nc·Q
     int nI, nPt, nNt, nEb;       // row tiles per chunk, P tiles, N tiles, state element blocks
+    int hs, nS;                  // heads per split of a group, splits (ceil(R / hs))
     int64_t PN;
     int64_t xs, dts, bs, css, ys;  // row strides of x, dt_raw, B, C, y
     float dt_lo, dt_hi;
@@ -101,7 +124,7 @@ __device__ __forceinline__ void tri_tile(int z, int& I, int& J) {
 // CB[i, j] = C_i · B_j for the tiles j ≤ i of chunk c of (b, group).
 // Grid (Bt·G, nc, nI(nI+1)/2).
 template <typename T>
-__global__ void __launch_bounds__(NT) bmm_chunk_kernel(Geo g, const T* __restrict__ B, const T* __restrict__ C,
+__global__ void __launch_bounds__(NT, MINB_BMM) bmm_chunk_kernel(Geo g, const T* __restrict__ B, const T* __restrict__ C,
                                                        float* __restrict__ cb) {
     extern __shared__ __align__(128) unsigned char smem_raw[];
     Smem<T> s(smem_raw, 1);
@@ -134,7 +157,7 @@ __global__ void __launch_bounds__(NT) bmm_chunk_kernel(Geo g, const T* __restric
 //   DSTATE: X = dy, Y = C, w_j = exp(cs_j)           → gst[c] (dP_c of §4.6 B1)
 // Grid (Bt·H, nc, nPt·nNt).
 template <typename T, bool DSTATE>
-__global__ void __launch_bounds__(NT) chunk_state_kernel(Geo g, const T* __restrict__ X, int64_t xs,
+__global__ void __launch_bounds__(NT, MINB_STATE) chunk_state_kernel(Geo g, const T* __restrict__ X, int64_t xs,
                                                          const T* __restrict__ Y, int64_t ys,
                                                          const float* __restrict__ dt, const float* __restrict__ cs,
                                                          float* __restrict__ out) {
@@ -194,7 +217,7 @@ __global__ void __launch_bounds__(NT) state_passing_fwd_kernel(Geo g, const floa
 // (b, h): y_i = exp(cs_i)·Hin_c C_i + Σ_{j≤i} CB[i,j]·exp(cs_i − cs_j)·dt_j·x_j
 // + D·x_i. Grid (Bt·H, nc, nI·nPt).
 template <typename T>
-__global__ void __launch_bounds__(NT) chunk_scan_fwd_kernel(Geo g, const T* __restrict__ x, const T* __restrict__ C,
+__global__ void __launch_bounds__(NT, MINB_SCAN) chunk_scan_fwd_kernel(Geo g, const T* __restrict__ x, const T* __restrict__ C,
                                                             const float* __restrict__ D,
                                                             const float* __restrict__ dt, const float* __restrict__ cs,
                                                             const float* __restrict__ st,
@@ -298,12 +321,15 @@ __global__ void __launch_bounds__(NT) state_passing_bwd_kernel(Geo g, const floa
 //   [0, TM):    for k = J0 + kk: Σ_{i ∈ I, i ≥ k} Σ_{j ∈ J, j < k} W[i, j]
 //   [TM, 2TM):  for i = I0 + r: Σ_{j ∈ J} W[i, j]   (the row sums)
 // chunk_da_kernel assembles da_k from them without cancellation.
-// Grid (Bt·G, nc, nI(nI+1)/2).
+// Grid (Bt·G, nc, nI(nI+1)/2 · nS): split s takes the heads [s·hs, (s+1)·hs)
+// of the group. With one split the block writes dCB itself; with several it
+// writes its partial sum to dcb_part (Bt·G, nc, nS, Q, Q) and
+// dcb_sum_kernel adds them.
 template <typename T>
-__global__ void __launch_bounds__(NT) chunk_dcb_kernel(Geo g, const T* __restrict__ x, const T* __restrict__ dy,
+__global__ void __launch_bounds__(NT, MINB_DCB) chunk_dcb_kernel(Geo g, const T* __restrict__ x, const T* __restrict__ dy,
                                                        const float* __restrict__ dt, const float* __restrict__ cs,
                                                        const float* __restrict__ cb, float* __restrict__ dcb,
-                                                       float* __restrict__ da_part) {
+                                                       float* __restrict__ dcb_part, float* __restrict__ da_part) {
     extern __shared__ __align__(128) unsigned char smem_raw[];
     Smem<T> s(smem_raw, 3);
     float* Ds = s.F;                 // D, then W, then its in-tile row prefix
@@ -312,11 +338,12 @@ __global__ void __launch_bounds__(NT) chunk_dcb_kernel(Geo g, const T* __restric
     float* cs_s = s.X;
     float* dt_s = s.X + MAXQ;
     const int bg = blockIdx.x, c = blockIdx.y, b = bg / g.G, grp = bg % g.G;
+    const int nTri = g.nI * (g.nI + 1) / 2, tz = blockIdx.z % nTri, split = blockIdx.z / nTri;
     int I, J;
-    tri_tile(blockIdx.z, I, J);
-    const int nTri = g.nI * (g.nI + 1) / 2;
+    tri_tile(tz, I, J);
     const int t0 = c * g.Q, q = min(g.Q, g.L - t0), I0 = I * TM, J0 = J * TN;
     if (I0 >= q) return;
+    const int h_lo = split * g.hs, h_hi = min(g.R, h_lo + g.hs);
     const int64_t cbase = (int64_t(bg) * g.nc + c) * g.Q * g.Q;
     const int rr = threadIdx.x / 4, seg = threadIdx.x % 4;  // 4 threads per row / column
     for (int idx = threadIdx.x; idx < TM * TN; idx += NT) {
@@ -324,7 +351,7 @@ __global__ void __launch_bounds__(NT) chunk_dcb_kernel(Geo g, const T* __restric
         CBs[r * LDC + k] = (i < q && j <= i) ? cb[cbase + int64_t(i) * g.Q + j] : 0.f;
         Gs[r * LDC + k] = 0.f;
     }
-    for (int hh = 0; hh < g.R; ++hh) {
+    for (int hh = h_lo; hh < h_hi; ++hh) {
         const int h = grp * g.R + hh;
         const int64_t bh = int64_t(b) * g.H + h;
         __syncthreads();
@@ -353,7 +380,7 @@ __global__ void __launch_bounds__(NT) chunk_dcb_kernel(Geo g, const T* __restric
             Ds[r * LDC + k] = CBs[r * LDC + k] * dv;
         }
         __syncthreads();
-        float* part = da_part + ((bh * g.nc + c) * nTri + blockIdx.z) * (2 * TM);
+        float* part = da_part + ((bh * g.nc + c) * nTri + tz) * (2 * TM);
         // In-tile exclusive row prefix of W, and the row sums.
         {
             float* row = Ds + rr * LDC + seg * 16;
@@ -388,9 +415,31 @@ __global__ void __launch_bounds__(NT) chunk_dcb_kernel(Geo g, const T* __restric
         }
     }
     __syncthreads();
+    float* out = g.nS == 1 ? dcb + cbase : dcb_part + ((int64_t(bg) * g.nc + c) * g.nS + split) * g.Q * g.Q;
     for (int idx = threadIdx.x; idx < TM * TN; idx += NT) {
         const int r = idx / TN, k = idx % TN, i = I0 + r, j = J0 + k;
-        if (i < g.Q && j < g.Q) dcb[cbase + int64_t(i) * g.Q + j] = Gs[r * LDC + k];
+        if (i < g.Q && j < g.Q) out[int64_t(i) * g.Q + j] = Gs[r * LDC + k];
+    }
+}
+
+// dCB = Σ_s dcb_part[s] over the lower tiles, splits added in order.
+// Grid (Bt·G·nc, nI(nI+1)/2).
+__global__ void __launch_bounds__(NT) dcb_sum_kernel(Geo g, const float* __restrict__ dcb_part,
+                                                     float* __restrict__ dcb) {
+    int I, J;
+    tri_tile(blockIdx.y, I, J);
+    const int c = blockIdx.x % g.nc;
+    if (I * TM >= min(g.Q, g.L - c * g.Q)) return;  // past the chunk's end: chunk_dcb wrote nothing
+    const int64_t QQ = int64_t(g.Q) * g.Q;
+    const float* src = dcb_part + int64_t(blockIdx.x) * g.nS * QQ;
+    float* dst = dcb + int64_t(blockIdx.x) * QQ;
+    for (int idx = threadIdx.x; idx < TM * TN; idx += NT) {
+        const int i = I * TM + idx / TN, j = J * TN + idx % TN;
+        if (i >= g.Q || j >= g.Q) continue;
+        const int64_t e = int64_t(i) * g.Q + j;
+        float v = src[e];
+        for (int sp = 1; sp < g.nS; ++sp) v += src[sp * QQ + e];
+        dst[e] = v;
     }
 }
 
@@ -399,15 +448,19 @@ __global__ void __launch_bounds__(NT) chunk_dcb_kernel(Geo g, const T* __restric
 // (off-diagonal) or u (chunk state) of B4 as partial sums over this N tile:
 //   dC_i = Σ_h exp(cs_i)·Hin_hᵀ dY_i + Σ_{j≤i} dCB[i,j] B_j,   v_i = C_i · (term of head h)
 //   dB_j = Σ_h dt_j exp(Λ−cs_j)·Gc_hᵀ x_j + Σ_{i≥j} dCB[i,j] C_i,   u_j = B_j · (term of head h)
-// Grid (Bt·G, nc, nI·nNt·2).
+// Grid (Bt·G, nc, nI·nNt·2·slots). With one split (nS = 1, one slot) the
+// block takes every head and the group part and writes dC or dB. With
+// several, slot s < nS takes the heads [s·hs, (s+1)·hs) and slot nS the
+// group part alone, each writing its tile to dbc_part (Bt·G, nc, 2, nS + 1,
+// Q, N), and dbc_sum_kernel adds the slots.
 template <typename T>
-__global__ void __launch_bounds__(NT) chunk_dbc_kernel(Geo g, const T* __restrict__ x, const T* __restrict__ dy,
+__global__ void __launch_bounds__(NT, MINB_DBC) chunk_dbc_kernel(Geo g, const T* __restrict__ x, const T* __restrict__ dy,
                                                        const T* __restrict__ B, const T* __restrict__ C,
                                                        const float* __restrict__ dt, const float* __restrict__ cs,
                                                        const float* __restrict__ st, const float* __restrict__ gst,
                                                        const float* __restrict__ dcb, T* __restrict__ dB,
-                                                       T* __restrict__ dC, float* __restrict__ u_part,
-                                                       float* __restrict__ v_part) {
+                                                       T* __restrict__ dC, float* __restrict__ dbc_part,
+                                                       float* __restrict__ u_part, float* __restrict__ v_part) {
     extern __shared__ __align__(128) unsigned char smem_raw[];
     Smem<T> s(smem_raw, 2);
     float* Ts = s.F;
@@ -415,10 +468,12 @@ __global__ void __launch_bounds__(NT) chunk_dbc_kernel(Geo g, const T* __restric
     float* cs_s = s.X;
     float* dt_s = s.X + MAXQ;
     const int bg = blockIdx.x, c = blockIdx.y, b = bg / g.G, grp = bg % g.G;
-    const int which = blockIdx.z % 2, tile = blockIdx.z / 2;
+    const int which = blockIdx.z % 2, tile = blockIdx.z / 2 % (g.nI * g.nNt), slot = blockIdx.z / 2 / (g.nI * g.nNt);
     const int I = tile / g.nNt, nt = tile % g.nNt, I0 = I * TM, n0 = nt * TN;
     const int t0 = c * g.Q, q = min(g.Q, g.L - t0);
     if (I0 >= q) return;
+    const bool split = g.nS > 1, group_part = !split || slot == g.nS;
+    const int h_lo = split ? slot * g.hs : 0, h_hi = split ? min(g.R, h_lo + g.hs) : g.R;
     const int64_t cbase = (int64_t(bg) * g.nc + c) * g.Q * g.Q;
     const int64_t row0 = int64_t(b) * g.L + t0;  // first row of the chunk
     const T* Bg = B + row0 * g.bs + int64_t(grp) * g.N;
@@ -433,7 +488,7 @@ __global__ void __launch_bounds__(NT) chunk_dbc_kernel(Geo g, const T* __restric
     const int rr = threadIdx.x / 4, seg = threadIdx.x % 4;
     for (int idx = threadIdx.x; idx < TM * TN; idx += NT) Os[(idx / TN) * LDC + idx % TN] = 0.f;
     Acc<T> acc;
-    for (int hh = 0; hh < g.R; ++hh) {
+    for (int hh = h_lo; hh < h_hi; ++hh) {
         const int h = grp * g.R + hh;
         const int64_t bh = int64_t(b) * g.H + h;
         __syncthreads();
@@ -472,7 +527,9 @@ __global__ void __launch_bounds__(NT) chunk_dbc_kernel(Geo g, const T* __restric
     __syncthreads();
     // Group part: dC += Σ_{j ≤ i} dCB[i, j] B_j, or dB += Σ_{i ≥ j} dCB[i, j] C_i.
     acc.zero();
-    if (which == 0) {
+    if (!group_part) {
+        // nothing: Ts stays zero
+    } else if (which == 0) {
         const int iend = min(I0 + TM, q);
         for (int k0 = 0; k0 < iend; k0 += TK) {
             load_rows<TM, TK>(s.A, Ld<T>::A, dcb + cbase + int64_t(I0) * g.Q + k0, g.Q, q - I0, q - k0);
@@ -492,6 +549,14 @@ __global__ void __launch_bounds__(NT) chunk_dbc_kernel(Geo g, const T* __restric
     }
     acc.store(Ts);
     __syncthreads();
+    if (split) {
+        float* o = dbc_part + (((int64_t(bg) * g.nc + c) * 2 + which) * (g.nS + 1) + slot) * g.Q * g.N;
+        for (int idx = threadIdx.x; idx < TM * TN; idx += NT) {
+            const int r = idx / TN, k = idx % TN, i = I0 + r, n = n0 + k;
+            if (i < q && n < g.N) o[int64_t(i) * g.N + n] = Os[r * LDC + k] + Ts[r * LDC + k];
+        }
+        return;
+    }
     T* out = which == 0 ? dC : dB;
     for (int idx = threadIdx.x; idx < TM * TN; idx += NT) {
         const int r = idx / TN, k = idx % TN, i = I0 + r, n = n0 + k;
@@ -500,13 +565,33 @@ __global__ void __launch_bounds__(NT) chunk_dbc_kernel(Geo g, const T* __restric
     }
 }
 
+// dC (which = 0) and dB (which = 1) as the sum of chunk_dbc's nS + 1 slots,
+// added in slot order. Grid (Bt·G·nc·2, ceil(Q·N / NT)).
+template <typename T>
+__global__ void __launch_bounds__(NT) dbc_sum_kernel(Geo g, const float* __restrict__ dbc_part, T* __restrict__ dB,
+                                                     T* __restrict__ dC) {
+    const int z = blockIdx.x, which = z % 2, c = z / 2 % g.nc, bg = z / 2 / g.nc, b = bg / g.G, grp = bg % g.G;
+    const int64_t e = int64_t(blockIdx.y) * NT + threadIdx.x, QN = int64_t(g.Q) * g.N;
+    const int t0 = c * g.Q, q = min(g.Q, g.L - t0);
+    if (e >= int64_t(q) * g.N) return;
+    const int i = int(e / g.N), n = int(e % g.N);
+    const float* src = dbc_part + int64_t(z) * (g.nS + 1) * QN + e;
+    float v = src[0];
+    for (int sl = 1; sl <= g.nS; ++sl) v += src[sl * QN];
+    const int64_t row = int64_t(b) * g.L + t0 + i;
+    if (which == 0)
+        dC[row * g.css + int64_t(grp) * g.N + n] = from_f32<T>(v);
+    else
+        dB[row * g.bs + int64_t(grp) * g.N + n] = from_f32<T>(v);
+}
+
 // dx of row tile J and column tile pt (of P) of chunk c of (b, h) (§4.6 B3):
 //   br_j = exp(Λ−cs_j)·Gc B_j + Σ_{i≥j} exp(cs_i−cs_j)·CB[i,j]·dY_i
 //   dx_j = dt_j·br_j + D·dY_j,   ddt_j (partial over this P tile) = x_j·br_j,
 // and the partial Σ_j dY_j ∘ x_j of dD over the tile's rows.
 // Grid (Bt·H, nc, nI·nPt).
 template <typename T>
-__global__ void __launch_bounds__(NT) chunk_dx_kernel(Geo g, const T* __restrict__ x, const T* __restrict__ dy,
+__global__ void __launch_bounds__(NT, MINB_DX) chunk_dx_kernel(Geo g, const T* __restrict__ x, const T* __restrict__ dy,
                                                       const T* __restrict__ B, const float* __restrict__ D,
                                                       const float* __restrict__ dt, const float* __restrict__ cs,
                                                       const float* __restrict__ cb, const float* __restrict__ gst,

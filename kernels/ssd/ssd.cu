@@ -20,6 +20,8 @@ struct Ws {
     float* cb;
     float* gst;
     float* dcb;
+    float* dcb_part;  // only with several head splits (g.nS > 1)
+    float* dbc_part;  // likewise
     float* dlam_part;
     float* da_part;
     float* ddt_part;
@@ -40,6 +42,8 @@ int64_t carve(const Geo& g, void* base, bool backward, Ws* w) {
     if (backward) {
         w->gst = cv.take<float>(BH * (g.nc + 1) * g.PN);
         w->dcb = cv.take<float>(BG * g.nc * g.Q * g.Q);
+        w->dcb_part = g.nS > 1 ? cv.take<float>(BG * g.nc * g.nS * g.Q * g.Q) : nullptr;
+        w->dbc_part = g.nS > 1 ? cv.take<float>(BG * g.nc * 2 * (g.nS + 1) * g.Q * g.N) : nullptr;
         w->dlam_part = cv.take<float>(BH * g.nc * g.nEb);
         w->da_part = cv.take<float>(BH * g.nc * (g.nI * (g.nI + 1) / 2) * 2 * TM);
         w->ddt_part = cv.take<float>(BH * g.nPt * g.Lp);
@@ -95,6 +99,8 @@ int make_geo(const m2k_ssd_shape* s, Geo* g) {
     g->nNt = int(ceil_div(g->N, TN));
     g->PN = int64_t(g->P) * g->N;
     g->nEb = int(ceil_div(g->PN, NT));
+    g->hs = g->R < HEADS_PER_BLOCK ? g->R : HEADS_PER_BLOCK;
+    g->nS = int(ceil_div(g->R, g->hs));
     const struct {
         const char* name;
         int64_t v, dense;
@@ -128,8 +134,13 @@ int require(std::initializer_list<Ptr> ps) {
     return M2K_OK;
 }
 
-// Raises the dynamic shared-memory limit of a kernel once per process.
+// Raises the dynamic shared-memory limit of a kernel where it needs more than
+// the default 48 KB, and asks for the largest shared-memory carveout, so that
+// the MINB blocks its registers allow also fit in shared memory.
 template <typename K> int allow_smem(K kernel, int bytes) {
+    if (int e = status(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                            int(cudaSharedmemCarveoutMaxShared))))
+        return e;
     if (bytes <= 48 * 1024) return M2K_OK;
     int dev = 0, optin = 0;
     cudaGetDevice(&dev);
@@ -199,12 +210,18 @@ template <typename T> int backward(const Geo& g, const Ws& w, const m2k_ssd_bwd_
                                                             static_cast<float*>(a->dinit_state), w.dlam_part);
     // B3, B4.
     if (int e = allow_smem(chunk_dcb_kernel<T>, smem_dcb<T>())) return e;
-    chunk_dcb_kernel<T><<<dim3(BG, g.nc, g.nI * (g.nI + 1) / 2), NT, smem_dcb<T>(), st>>>(g, x, dy, w.dt, w.cs, w.cb,
-                                                                                      w.dcb, w.da_part);
+    const int nTri = g.nI * (g.nI + 1) / 2;
+    chunk_dcb_kernel<T><<<dim3(BG, g.nc, nTri * g.nS), NT, smem_dcb<T>(), st>>>(g, x, dy, w.dt, w.cs, w.cb, w.dcb,
+                                                                              w.dcb_part, w.da_part);
+    if (g.nS > 1) dcb_sum_kernel<<<dim3(BG * g.nc, nTri), NT, 0, st>>>(g, w.dcb_part, w.dcb);
     if (int e = allow_smem(chunk_dbc_kernel<T>, smem_dbc<T>())) return e;
-    chunk_dbc_kernel<T><<<dim3(BG, g.nc, g.nI * g.nNt * 2), NT, smem_dbc<T>(), st>>>(
-        g, x, dy, B, C, w.dt, w.cs, w.st, w.gst, w.dcb, static_cast<T*>(a->dB), static_cast<T*>(a->dC), w.u_part,
-        w.v_part);
+    const int slots = g.nS > 1 ? g.nS + 1 : 1;
+    chunk_dbc_kernel<T><<<dim3(BG, g.nc, g.nI * g.nNt * 2 * slots), NT, smem_dbc<T>(), st>>>(
+        g, x, dy, B, C, w.dt, w.cs, w.st, w.gst, w.dcb, static_cast<T*>(a->dB), static_cast<T*>(a->dC), w.dbc_part,
+        w.u_part, w.v_part);
+    if (g.nS > 1)
+        dbc_sum_kernel<T><<<dim3(BG * g.nc * 2, int(ceil_div(int64_t(g.Q) * g.N, NT))), NT, 0, st>>>(
+            g, w.dbc_part, static_cast<T*>(a->dB), static_cast<T*>(a->dC));
     if (int e = allow_smem(chunk_dx_kernel<T>, smem_dx<T>())) return e;
     chunk_dx_kernel<T><<<dim3(BH, g.nc, g.nI * g.nPt), NT, smem_dx<T>(), st>>>(
         g, x, dy, B, static_cast<const float*>(a->D), w.dt, w.cs, w.cb, w.gst, static_cast<T*>(a->dx), w.ddt_part,
