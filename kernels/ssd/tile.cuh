@@ -13,6 +13,8 @@
 
 #include <mma.h>
 
+#include <type_traits>
+
 #include "../common/m2k_internal.cuh"
 
 namespace m2k {
@@ -120,65 +122,122 @@ template <> struct Acc<__nv_bfloat16> {
     }
 };
 
-// The loaders below issue all their global loads before the first shared
-// store (two unrolled passes), so that each thread has R·C/NT loads in
-// flight instead of one.
+// The loaders below stage an R×C tile of a global tensor (rows sld elements
+// apart) into shared memory, as zeros outside r < rlim, c < clim, converted
+// to D through f32 (exact for bf16 → f32 → bf16). They issue all their
+// global loads before the first shared store, so that each thread has all
+// its loads in flight at once. Where the tile's rows are 16-byte aligned
+// (the source pointer and the row stride), each load is one 16-byte vector
+// of consecutive columns (8 bf16 or 4 f32), else one element.
 
-// dst[r][c] = src[r·sld + c] for r < R, c < C, zero outside r < rlim, c < clim;
-// converted to D through f32 (exact for bf16 → f32 → bf16).
+template <typename S> struct Vec {
+    static constexpr int N = 16 / int(sizeof(S));  // elements per 16-byte vector
+};
+
+template <typename S> __device__ __forceinline__ bool vec_ok(const S* src, int64_t sld) {
+    return reinterpret_cast<uintptr_t>(src) % 16 == 0 && sld % Vec<S>::N == 0;
+}
+
+__device__ __forceinline__ void unpack(const uint4& u, float* v) {  // 4 f32
+    v[0] = __uint_as_float(u.x);
+    v[1] = __uint_as_float(u.y);
+    v[2] = __uint_as_float(u.z);
+    v[3] = __uint_as_float(u.w);
+}
+__device__ __forceinline__ void unpack_bf16(const uint4& u, float* v) {  // 8 bf16
+    const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        v[2 * k] = __uint_as_float(w[k] << 16);
+        v[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+    }
+}
+
+// Calls put(r, c, v) for each vector of V = Vec<S>::N consecutive columns
+// c … c + V − 1 of row r of the tile, v holding them as f32 (zeros outside
+// the limits). Every thread takes R·C / (V·NT) vectors.
+template <int R, int C, typename S, typename Put>
+__device__ __forceinline__ void load_tile(const S* src, int64_t sld, int rlim, int clim, Put put) {
+    constexpr int V = Vec<S>::N, CV = C / V, IT = R * CV / NT;
+    static_assert(C % V == 0 && R * CV % NT == 0, "tile not a multiple of the block's vectors");
+    float v[IT][V];
+    if (vec_ok(src, sld)) {
+#pragma unroll
+        for (int it = 0; it < IT; ++it) {
+            const int idx = threadIdx.x + it * NT, r = idx / CV, c = idx % CV * V;
+            if (r < rlim && c + V <= clim) {
+                const uint4 u = __ldg(reinterpret_cast<const uint4*>(src + r * sld + c));
+                if constexpr (V == 8)
+                    unpack_bf16(u, v[it]);
+                else
+                    unpack(u, v[it]);
+            } else {
+#pragma unroll
+                for (int e = 0; e < V; ++e) v[it][e] = (r < rlim && c + e < clim) ? to_f32(src[r * sld + c + e]) : 0.f;
+            }
+        }
+    } else {
+#pragma unroll
+        for (int it = 0; it < IT; ++it) {
+            const int idx = threadIdx.x + it * NT, r = idx / CV, c = idx % CV * V;
+#pragma unroll
+            for (int e = 0; e < V; ++e) v[it][e] = (r < rlim && c + e < clim) ? to_f32(src[r * sld + c + e]) : 0.f;
+        }
+    }
+#pragma unroll
+    for (int it = 0; it < IT; ++it) {
+        const int idx = threadIdx.x + it * NT;
+        put(idx / CV, idx % CV * V, v[it]);
+    }
+}
+
+// V f32 values as V bf16 in one 8- or 16-byte shared store (dst aligned to
+// that size: Ld<__nv_bfloat16> rows are multiples of 16 bytes).
+template <int V> __device__ __forceinline__ void store_bf16(__nv_bfloat16* dst, const float* v) {
+    unsigned w[V / 2];
+#pragma unroll
+    for (int k = 0; k < V / 2; ++k) {
+        const __nv_bfloat162 p = __floats2bfloat162_rn(v[2 * k], v[2 * k + 1]);
+        w[k] = *reinterpret_cast<const unsigned*>(&p);
+    }
+    if constexpr (V == 8)
+        *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+    else
+        *reinterpret_cast<uint2*>(dst) = make_uint2(w[0], w[1]);
+}
+
+// dst[r][c] = src[r·sld + c].
 template <int R, int C, typename D, typename S>
 __device__ __forceinline__ void load_rows(D* dst, int ldd, const S* src, int64_t sld, int rlim, int clim) {
-    static_assert(R * C % NT == 0, "tile not a multiple of the block");
-    constexpr int IT = R * C / NT;
-    float v[IT];
+    load_tile<R, C>(src, sld, rlim, clim, [&](int r, int c, const float* v) {
+        if constexpr (std::is_same<D, __nv_bfloat16>::value) {
+            store_bf16<Vec<S>::N>(dst + r * ldd + c, v);
+        } else {
 #pragma unroll
-    for (int it = 0; it < IT; ++it) {
-        const int idx = threadIdx.x + it * NT, r = idx / C, c = idx % C;
-        v[it] = (r < rlim && c < clim) ? to_f32(src[r * sld + c]) : 0.f;
-    }
-#pragma unroll
-    for (int it = 0; it < IT; ++it) {
-        const int idx = threadIdx.x + it * NT, r = idx / C, c = idx % C;
-        dst[r * ldd + c] = from_f32<D>(v[it]);
-    }
+            for (int e = 0; e < Vec<S>::N; ++e) dst[r * ldd + c + e] = from_f32<D>(v[e]);
+        }
+    });
 }
 
 // Transposing load: dst[c][r] = src[r·sld + c] (global reads stay coalesced
 // along c).
 template <int R, int C, typename D, typename S>
 __device__ __forceinline__ void load_cols(D* dst, int ldd, const S* src, int64_t sld, int rlim, int clim) {
-    static_assert(R * C % NT == 0, "tile not a multiple of the block");
-    constexpr int IT = R * C / NT;
-    float v[IT];
+    load_tile<R, C>(src, sld, rlim, clim, [&](int r, int c, const float* v) {
 #pragma unroll
-    for (int it = 0; it < IT; ++it) {
-        const int idx = threadIdx.x + it * NT, r = idx / C, c = idx % C;
-        v[it] = (r < rlim && c < clim) ? to_f32(src[r * sld + c]) : 0.f;
-    }
-#pragma unroll
-    for (int it = 0; it < IT; ++it) {
-        const int idx = threadIdx.x + it * NT, r = idx / C, c = idx % C;
-        dst[c * ldd + r] = from_f32<D>(v[it]);
-    }
+        for (int e = 0; e < Vec<S>::N; ++e) dst[(c + e) * ldd + r] = from_f32<D>(v[e]);
+    });
 }
 
 // Transposing load with a per-source-row scale: dst[c][r] = w[r]·src[r·sld + c].
 template <int R, int C, typename D, typename S>
 __device__ __forceinline__ void load_cols_scaled(D* dst, int ldd, const S* src, int64_t sld, int rlim, int clim,
                                                  const float* w) {
-    static_assert(R * C % NT == 0, "tile not a multiple of the block");
-    constexpr int IT = R * C / NT;
-    float v[IT];
+    load_tile<R, C>(src, sld, rlim, clim, [&](int r, int c, const float* v) {
+        const float wr = w[r];
 #pragma unroll
-    for (int it = 0; it < IT; ++it) {
-        const int idx = threadIdx.x + it * NT, r = idx / C, c = idx % C;
-        v[it] = (r < rlim && c < clim) ? to_f32(src[r * sld + c]) : 0.f;
-    }
-#pragma unroll
-    for (int it = 0; it < IT; ++it) {
-        const int idx = threadIdx.x + it * NT, r = idx / C, c = idx % C;
-        dst[c * ldd + r] = from_f32<D>(w[r] * v[it]);
-    }
+        for (int e = 0; e < Vec<S>::N; ++e) dst[(c + e) * ldd + r] = from_f32<D>(wr * v[e]);
+    });
 }
 
 // Deterministic reductions over groups of 4 consecutive lanes.
