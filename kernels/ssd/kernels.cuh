@@ -29,19 +29,19 @@ namespace ssd {
 constexpr int MAXQ = 256;
 
 // Blocks of each tile kernel that must fit on one multiprocessor at once:
-// the compiler caps the kernel's registers at 65536 / (NT·blocks). With their
-// 64×64 tiles loaded and then multiplied, these kernels wait on memory most
-// of the time, and only other resident blocks hide that wait. Measured on an
-// H200 (docs/benchmarks.md, "SSD scan on the GPU") at 2, 3 and 4 blocks:
-// where a tighter cap spills registers, the spills can cost more than the
-// extra block gains (chunk_dbc), and chunk_dcb's three f32 tiles of shared
-// memory leave room for three blocks at most.
-constexpr int MINB_BMM = 3;
-constexpr int MINB_STATE = 3;
-constexpr int MINB_SCAN = 4;
-constexpr int MINB_DCB = 3;
-constexpr int MINB_DBC = 2;
-constexpr int MINB_DX = 4;
+// the compiler caps the kernel's registers at 65536 / (NT·MINB). The tile
+// kernels wait on memory much of the time, and other resident blocks hide
+// that wait. Measured on an H200 (docs/benchmarks.md, "SSD scan on the GPU")
+// at 2, 3 and 4 for every tile kernel: 3 was the fastest, or within 1% of
+// it, for each; 4 spills registers in chunk_dbc, chunk_dx and
+// chunk_scan_fwd. chunk_dcb's shared memory (two operand buffers, three f32
+// tiles) leaves room for three blocks anyway. Building with -DM2K_SSD_MINB=n sets it
+// to n, to measure again.
+#ifdef M2K_SSD_MINB
+constexpr int MINB = M2K_SSD_MINB;
+#else
+constexpr int MINB = 3;
+#endif
 
 // Heads of a group that one block of chunk_dcb or chunk_dbc handles. Their
 // outputs (dCB, and dB and dC) are sums over the group's heads; with more
@@ -64,22 +64,28 @@ struct Geo {
 
 __device__ __forceinline__ float softplus_f(float u) { return u > 20.f ? u : log1pf(expf(u)); }
 
-// Shared-memory layout of a kernel: A tile, B tile, nf f32 tiles, then extra floats.
+// Shared-memory layout of a kernel: two A tiles, two B tiles (mma_pipeline
+// fills one pair while the tensor cores read the other), nf f32 tiles, then
+// extra floats.
 template <typename T> struct Smem {
-    T* A;
-    T* B;
+    T* A[2];
+    T* B[2];
     float* F;  // nf consecutive f32 tiles of TM×LDC
     float* X;  // extra floats
     __device__ Smem(unsigned char* raw, int nf) {
-        A = reinterpret_cast<T*>(raw);
-        B = reinterpret_cast<T*>(raw + a_bytes<T>());
-        F = reinterpret_cast<float*>(raw + a_bytes<T>() + b_bytes<T>());
+        A[0] = reinterpret_cast<T*>(raw);
+        A[1] = reinterpret_cast<T*>(raw + a_bytes<T>());
+        B[0] = reinterpret_cast<T*>(raw + 2 * a_bytes<T>());
+        B[1] = reinterpret_cast<T*>(raw + 2 * a_bytes<T>() + b_bytes<T>());
+        F = reinterpret_cast<float*>(raw + 2 * (a_bytes<T>() + b_bytes<T>()));
         X = F + nf * TM * LDC;
     }
     static constexpr int bytes(int nf, int extra_floats) {
-        return a_bytes<T>() + b_bytes<T>() + nf * f_bytes() + extra_floats * 4;
+        return 2 * (a_bytes<T>() + b_bytes<T>()) + nf * f_bytes() + extra_floats * 4;
     }
 };
+
+constexpr __device__ int steps(int n) { return (n + TK - 1) / TK; }  // reduction steps of TK over n
 
 // ---------------------------------------------------------------- forward
 
@@ -124,7 +130,7 @@ __device__ __forceinline__ void tri_tile(int z, int& I, int& J) {
 // CB[i, j] = C_i · B_j for the tiles j ≤ i of chunk c of (b, group).
 // Grid (Bt·G, nc, nI(nI+1)/2).
 template <typename T>
-__global__ void __launch_bounds__(NT, MINB_BMM) bmm_chunk_kernel(Geo g, const T* __restrict__ B, const T* __restrict__ C,
+__global__ void __launch_bounds__(NT, MINB) bmm_chunk_kernel(Geo g, const T* __restrict__ B, const T* __restrict__ C,
                                                        float* __restrict__ cb) {
     extern __shared__ __align__(128) unsigned char smem_raw[];
     Smem<T> s(smem_raw, 1);
@@ -136,13 +142,18 @@ __global__ void __launch_bounds__(NT, MINB_BMM) bmm_chunk_kernel(Geo g, const T*
     const T* Bp = B + (int64_t(b) * g.L + t0 + J0) * g.bs + int64_t(grp) * g.N;
     Acc<T> acc;
     acc.zero();
-    for (int n0 = 0; n0 < g.N; n0 += TK) {
-        load_rows<TM, TK>(s.A, Ld<T>::A, Cp + n0, g.css, q - I0, g.N - n0);
-        load_cols<TN, TK>(s.B, Ld<T>::B, Bp + n0, g.bs, q - J0, g.N - n0);
-        __syncthreads();
-        acc.mma(s.A, s.B, TK);
-        __syncthreads();
-    }
+    Frag<TM, TK, T> fc;
+    Frag<TN, TK, T> fb;
+    mma_pipeline(
+        acc, s.A, s.B, steps(g.N),
+        [&](int k) {
+            fc.fetch(Cp + k * TK, g.css, q - I0, g.N - k * TK);
+            fb.fetch(Bp + k * TK, g.bs, q - J0, g.N - k * TK);
+        },
+        [&](int, T* A, T* B) {
+            put_to(fc, RowsTo<T>{A, Ld<T>::A});
+            put_to(fb, ColsTo<T>{B, Ld<T>::B});
+        });
     acc.store(s.F);
     __syncthreads();
     float* out = cb + (int64_t(bg) * g.nc + c) * g.Q * g.Q;
@@ -157,7 +168,7 @@ __global__ void __launch_bounds__(NT, MINB_BMM) bmm_chunk_kernel(Geo g, const T*
 //   DSTATE: X = dy, Y = C, w_j = exp(cs_j)           → gst[c] (dP_c of §4.6 B1)
 // Grid (Bt·H, nc, nPt·nNt).
 template <typename T, bool DSTATE>
-__global__ void __launch_bounds__(NT, MINB_STATE) chunk_state_kernel(Geo g, const T* __restrict__ X, int64_t xs,
+__global__ void __launch_bounds__(NT, MINB) chunk_state_kernel(Geo g, const T* __restrict__ X, int64_t xs,
                                                          const T* __restrict__ Y, int64_t ys,
                                                          const float* __restrict__ dt, const float* __restrict__ cs,
                                                          float* __restrict__ out) {
@@ -177,13 +188,19 @@ __global__ void __launch_bounds__(NT, MINB_STATE) chunk_state_kernel(Geo g, cons
     const T* Yp = Y + (int64_t(b) * g.L + t0) * ys + int64_t(grp) * g.N + n0;
     Acc<T> acc;
     acc.zero();
-    for (int j0 = 0; j0 < q; j0 += TK) {
-        load_cols_scaled<TK, TM>(s.A, Ld<T>::A, Xp + j0 * xs, xs, q - j0, g.P - p0, w + j0);
-        load_rows<TK, TN>(s.B, Ld<T>::B, Yp + j0 * ys, ys, q - j0, g.N - n0);
-        __syncthreads();
-        acc.mma(s.A, s.B, TK);
-        __syncthreads();
-    }
+    Frag<TK, TM, T> fx;
+    Frag<TK, TN, T> fy;
+    mma_pipeline(
+        acc, s.A, s.B, steps(q),
+        [&](int k) {
+            const int j0 = k * TK;
+            fx.fetch(Xp + j0 * xs, xs, q - j0, g.P - p0);
+            fy.fetch(Yp + j0 * ys, ys, q - j0, g.N - n0);
+        },
+        [&](int k, T* A, T* B) {
+            put_to(fx, ColsScaledTo<T>{A, Ld<T>::A, w + k * TK});
+            put_to(fy, RowsTo<T>{B, Ld<T>::B});
+        });
     acc.store(s.F);
     __syncthreads();
     float* o = out + (int64_t(bh) * (g.nc + 1) + c + (DSTATE ? 0 : 1)) * g.PN;
@@ -217,7 +234,7 @@ __global__ void __launch_bounds__(NT) state_passing_fwd_kernel(Geo g, const floa
 // (b, h): y_i = exp(cs_i)·Hin_c C_i + Σ_{j≤i} CB[i,j]·exp(cs_i − cs_j)·dt_j·x_j
 // + D·x_i. Grid (Bt·H, nc, nI·nPt).
 template <typename T>
-__global__ void __launch_bounds__(NT, MINB_SCAN) chunk_scan_fwd_kernel(Geo g, const T* __restrict__ x, const T* __restrict__ C,
+__global__ void __launch_bounds__(NT, MINB) chunk_scan_fwd_kernel(Geo g, const T* __restrict__ x, const T* __restrict__ C,
                                                             const float* __restrict__ D,
                                                             const float* __restrict__ dt, const float* __restrict__ cs,
                                                             const float* __restrict__ st,
@@ -239,12 +256,19 @@ __global__ void __launch_bounds__(NT, MINB_SCAN) chunk_scan_fwd_kernel(Geo g, co
     // Off-diagonal part: C_I (rows × N) · Hin_cᵀ (N × P).
     const T* Cp = C + (int64_t(b) * g.L + t0 + I0) * g.css + int64_t(grp) * g.N;
     const float* hin = st + (int64_t(bh) * (g.nc + 1) + c) * g.PN + int64_t(p0) * g.N;
-    for (int n0 = 0; n0 < g.N; n0 += TK) {
-        load_rows<TM, TK>(s.A, Ld<T>::A, Cp + n0, g.css, q - I0, g.N - n0);
-        load_cols<TN, TK>(s.B, Ld<T>::B, hin + n0, g.N, g.P - p0, g.N - n0);
-        __syncthreads();
-        acc.mma(s.A, s.B, TK);
-        __syncthreads();
+    {
+        Frag<TM, TK, T> fc;
+        Frag<TN, TK, float> fh;
+        mma_pipeline(
+            acc, s.A, s.B, steps(g.N),
+            [&](int k) {
+                fc.fetch(Cp + k * TK, g.css, q - I0, g.N - k * TK);
+                fh.fetch(hin + k * TK, g.N, g.P - p0, g.N - k * TK);
+            },
+            [&](int, T* A, T* B) {
+                put_to(fc, RowsTo<T>{A, Ld<T>::A});
+                put_to(fh, ColsTo<T>{B, Ld<T>::B});
+            });
     }
     acc.store(s.F);
     __syncthreads();
@@ -258,17 +282,30 @@ __global__ void __launch_bounds__(NT, MINB_SCAN) chunk_scan_fwd_kernel(Geo g, co
     const float* cbc = cb + ((int64_t(b) * g.G + grp) * g.nc + c) * g.Q * g.Q;
     const T* xp = x + (int64_t(b) * g.L + t0) * g.xs + int64_t(h) * g.P + p0;
     const int jend = min(I0 + TM, q);
-    for (int j0 = 0; j0 < jend; j0 += TK) {
-        for (int idx = threadIdx.x; idx < TM * TK; idx += NT) {
-            const int r = idx / TK, k = idx % TK, i = I0 + r, j = j0 + k;
-            float v = 0.f;
-            if (i < q && j <= i) v = cbc[int64_t(i) * g.Q + j] * expf(fminf(cs_s[i] - cs_s[j], 0.f)) * dt_s[j];
-            s.A[r * Ld<T>::A + k] = from_f32<T>(v);
-        }
-        load_rows<TK, TN>(s.B, Ld<T>::B, xp + j0 * g.xs, g.xs, q - j0, g.P - p0);
-        __syncthreads();
-        acc.mma(s.A, s.B, TK);
-        __syncthreads();
+    {
+        Frag<TM, TK, float> fm;
+        Frag<TK, TN, T> fx;
+        mma_pipeline(
+            acc, s.A, s.B, steps(jend),
+            [&](int k) {
+                const int j0 = k * TK;
+                fm.fetch(cbc + int64_t(I0) * g.Q + j0, g.Q, q - I0, jend - j0);
+                fx.fetch(xp + j0 * g.xs, g.xs, q - j0, g.P - p0);
+            },
+            [&](int k, T* A, T* B) {
+                const int j0 = k * TK;
+                fm.put([&](int r, int c, const float* v) {
+                    const int i = I0 + r;
+                    float o[Vec<float>::N];
+#pragma unroll
+                    for (int e = 0; e < Vec<float>::N; ++e) {
+                        const int j = j0 + c + e;
+                        o[e] = (i < q && j <= i) ? v[e] * expf(fminf(cs_s[i] - cs_s[j], 0.f)) * dt_s[j] : 0.f;
+                    }
+                    store_row<Vec<float>::N>(A + r * Ld<T>::A + c, o);
+                });
+                put_to(fx, RowsTo<T>{B, Ld<T>::B});
+            });
     }
     acc.store(s.F);
     __syncthreads();
@@ -326,7 +363,7 @@ __global__ void __launch_bounds__(NT) state_passing_bwd_kernel(Geo g, const floa
 // writes its partial sum to dcb_part (Bt·G, nc, nS, Q, Q) and
 // dcb_sum_kernel adds them.
 template <typename T>
-__global__ void __launch_bounds__(NT, MINB_DCB) chunk_dcb_kernel(Geo g, const T* __restrict__ x, const T* __restrict__ dy,
+__global__ void __launch_bounds__(NT, MINB) chunk_dcb_kernel(Geo g, const T* __restrict__ x, const T* __restrict__ dy,
                                                        const float* __restrict__ dt, const float* __restrict__ cs,
                                                        const float* __restrict__ cb, float* __restrict__ dcb,
                                                        float* __restrict__ dcb_part, float* __restrict__ da_part) {
@@ -363,13 +400,18 @@ __global__ void __launch_bounds__(NT, MINB_DCB) chunk_dcb_kernel(Geo g, const T*
         const T* xp = x + (int64_t(b) * g.L + t0 + J0) * g.xs + int64_t(h) * g.P;
         Acc<T> acc;
         acc.zero();
-        for (int p0 = 0; p0 < g.P; p0 += TK) {
-            load_rows<TM, TK>(s.A, Ld<T>::A, dyp + p0, g.ys, q - I0, g.P - p0);
-            load_cols<TN, TK>(s.B, Ld<T>::B, xp + p0, g.xs, q - J0, g.P - p0);
-            __syncthreads();
-            acc.mma(s.A, s.B, TK);
-            __syncthreads();
-        }
+        Frag<TM, TK, T> fd;
+        Frag<TN, TK, T> fx;
+        mma_pipeline(
+            acc, s.A, s.B, steps(g.P),
+            [&](int k) {
+                fd.fetch(dyp + k * TK, g.ys, q - I0, g.P - k * TK);
+                fx.fetch(xp + k * TK, g.xs, q - J0, g.P - k * TK);
+            },
+            [&](int, T* A, T* B) {
+                put_to(fd, RowsTo<T>{A, Ld<T>::A});
+                put_to(fx, ColsTo<T>{B, Ld<T>::B});
+            });
         acc.store(Ds);
         __syncthreads();
         for (int idx = threadIdx.x; idx < TM * TN; idx += NT) {
@@ -454,7 +496,7 @@ __global__ void __launch_bounds__(NT) dcb_sum_kernel(Geo g, const float* __restr
 // group part alone, each writing its tile to dbc_part (Bt·G, nc, 2, nS + 1,
 // Q, N), and dbc_sum_kernel adds the slots.
 template <typename T>
-__global__ void __launch_bounds__(NT, MINB_DBC) chunk_dbc_kernel(Geo g, const T* __restrict__ x, const T* __restrict__ dy,
+__global__ void __launch_bounds__(NT, MINB) chunk_dbc_kernel(Geo g, const T* __restrict__ x, const T* __restrict__ dy,
                                                        const T* __restrict__ B, const T* __restrict__ C,
                                                        const float* __restrict__ dt, const float* __restrict__ cs,
                                                        const float* __restrict__ st, const float* __restrict__ gst,
@@ -462,9 +504,10 @@ __global__ void __launch_bounds__(NT, MINB_DBC) chunk_dbc_kernel(Geo g, const T*
                                                        T* __restrict__ dC, float* __restrict__ dbc_part,
                                                        float* __restrict__ u_part, float* __restrict__ v_part) {
     extern __shared__ __align__(128) unsigned char smem_raw[];
-    Smem<T> s(smem_raw, 2);
+    Smem<T> s(smem_raw, 3);
     float* Ts = s.F;
-    float* Os = s.F + TM * LDC;  // the output tile
+    float* Os = s.F + TM * LDC;      // the output tile
+    float* Dv = s.F + 2 * TM * LDC;  // C (dC) or B (dB) of the output tile, for the decay terms
     float* cs_s = s.X;
     float* dt_s = s.X + MAXQ;
     const int bg = blockIdx.x, c = blockIdx.y, b = bg / g.G, grp = bg % g.G;
@@ -487,6 +530,7 @@ __global__ void __launch_bounds__(NT, MINB_DBC) chunk_dbc_kernel(Geo g, const T*
     float* part = which == 0 ? v_part : u_part;
     const int rr = threadIdx.x / 4, seg = threadIdx.x % 4;
     for (int idx = threadIdx.x; idx < TM * TN; idx += NT) Os[(idx / TN) * LDC + idx % TN] = 0.f;
+    if (h_lo < h_hi) load_rows<TM, TN>(Dv, LDC, dotv + int64_t(I0) * ds + n0, ds, q - I0, g.N - n0);
     Acc<T> acc;
     for (int hh = h_lo; hh < h_hi; ++hh) {
         const int h = grp * g.R + hh;
@@ -499,13 +543,19 @@ __global__ void __launch_bounds__(NT, MINB_DBC) chunk_dbc_kernel(Geo g, const T*
         const T* rp = rows + (row0 + I0) * rs + int64_t(h) * g.P;
         const float* mp = mats + (bh * (g.nc + 1) + c + which) * g.PN + n0;  // Hin_c or Gc_c = gst[c + 1]
         acc.zero();
-        for (int p0 = 0; p0 < g.P; p0 += TK) {
-            load_rows<TM, TK>(s.A, Ld<T>::A, rp + p0, rs, q - I0, g.P - p0);
-            load_rows<TK, TN>(s.B, Ld<T>::B, mp + int64_t(p0) * g.N, g.N, g.P - p0, g.N - n0);
-            __syncthreads();
-            acc.mma(s.A, s.B, TK);
-            __syncthreads();
-        }
+        Frag<TM, TK, T> fr;
+        Frag<TK, TN, float> fm;
+        mma_pipeline(
+            acc, s.A, s.B, steps(g.P),
+            [&](int k) {
+                const int p0 = k * TK;
+                fr.fetch(rp + p0, rs, q - I0, g.P - p0);
+                fm.fetch(mp + int64_t(p0) * g.N, g.N, g.P - p0, g.N - n0);
+            },
+            [&](int, T* A, T* B) {
+                put_to(fr, RowsTo<T>{A, Ld<T>::A});
+                put_to(fm, RowsTo<T>{B, Ld<T>::B});
+            });
         acc.store(Ts);
         __syncthreads();
         {
@@ -518,7 +568,7 @@ __global__ void __launch_bounds__(NT, MINB_DBC) chunk_dbc_kernel(Geo g, const T*
             for (int k = seg * 16; k < seg * 16 + 16; ++k) {
                 const float val = sc * Ts[rr * LDC + k];
                 Os[rr * LDC + k] += val;
-                if (i < q && n0 + k < g.N) acc_dot += val * to_f32(dotv[int64_t(i) * ds + n0 + k]);
+                acc_dot += val * Dv[rr * LDC + k];  // zero outside the tile's limits
             }
             acc_dot = sum4(acc_dot);
             if (seg == 0 && i < q) part[(bh * g.nNt + nt) * g.Lp + t0 + i] = acc_dot;
@@ -530,22 +580,33 @@ __global__ void __launch_bounds__(NT, MINB_DBC) chunk_dbc_kernel(Geo g, const T*
     if (!group_part) {
         // nothing: Ts stays zero
     } else if (which == 0) {
-        const int iend = min(I0 + TM, q);
-        for (int k0 = 0; k0 < iend; k0 += TK) {
-            load_rows<TM, TK>(s.A, Ld<T>::A, dcb + cbase + int64_t(I0) * g.Q + k0, g.Q, q - I0, q - k0);
-            load_rows<TK, TN>(s.B, Ld<T>::B, Bg + int64_t(k0) * g.bs + n0, g.bs, q - k0, g.N - n0);
-            __syncthreads();
-            acc.mma(s.A, s.B, TK);
-            __syncthreads();
-        }
+        Frag<TM, TK, float> fg;
+        Frag<TK, TN, T> fb;
+        mma_pipeline(
+            acc, s.A, s.B, steps(min(I0 + TM, q)),
+            [&](int k) {
+                const int k0 = k * TK;
+                fg.fetch(dcb + cbase + int64_t(I0) * g.Q + k0, g.Q, q - I0, q - k0);
+                fb.fetch(Bg + int64_t(k0) * g.bs + n0, g.bs, q - k0, g.N - n0);
+            },
+            [&](int, T* A, T* B) {
+                put_to(fg, RowsTo<T>{A, Ld<T>::A});
+                put_to(fb, RowsTo<T>{B, Ld<T>::B});
+            });
     } else {
-        for (int k0 = I0; k0 < q; k0 += TK) {
-            load_cols<TK, TM>(s.A, Ld<T>::A, dcb + cbase + int64_t(k0) * g.Q + I0, g.Q, q - k0, q - I0);
-            load_rows<TK, TN>(s.B, Ld<T>::B, Cg + int64_t(k0) * g.css + n0, g.css, q - k0, g.N - n0);
-            __syncthreads();
-            acc.mma(s.A, s.B, TK);
-            __syncthreads();
-        }
+        Frag<TK, TM, float> fg;
+        Frag<TK, TN, T> fc;
+        mma_pipeline(
+            acc, s.A, s.B, steps(q - I0),
+            [&](int k) {
+                const int k0 = I0 + k * TK;
+                fg.fetch(dcb + cbase + int64_t(k0) * g.Q + I0, g.Q, q - k0, q - I0);
+                fc.fetch(Cg + int64_t(k0) * g.css + n0, g.css, q - k0, g.N - n0);
+            },
+            [&](int, T* A, T* B) {
+                put_to(fg, ColsTo<T>{A, Ld<T>::A});
+                put_to(fc, RowsTo<T>{B, Ld<T>::B});
+            });
     }
     acc.store(Ts);
     __syncthreads();
@@ -591,7 +652,7 @@ __global__ void __launch_bounds__(NT) dbc_sum_kernel(Geo g, const float* __restr
 // and the partial Σ_j dY_j ∘ x_j of dD over the tile's rows.
 // Grid (Bt·H, nc, nI·nPt).
 template <typename T>
-__global__ void __launch_bounds__(NT, MINB_DX) chunk_dx_kernel(Geo g, const T* __restrict__ x, const T* __restrict__ dy,
+__global__ void __launch_bounds__(NT, MINB) chunk_dx_kernel(Geo g, const T* __restrict__ x, const T* __restrict__ dy,
                                                       const T* __restrict__ B, const float* __restrict__ D,
                                                       const float* __restrict__ dt, const float* __restrict__ cs,
                                                       const float* __restrict__ cb, const float* __restrict__ gst,
@@ -616,12 +677,19 @@ __global__ void __launch_bounds__(NT, MINB_DX) chunk_dx_kernel(Geo g, const T* _
     const float* gc = gst + (int64_t(bh) * (g.nc + 1) + c + 1) * g.PN + int64_t(p0) * g.N;
     Acc<T> acc;
     acc.zero();
-    for (int n0 = 0; n0 < g.N; n0 += TK) {
-        load_rows<TM, TK>(s.A, Ld<T>::A, Bp + n0, g.bs, q - J0, g.N - n0);
-        load_cols<TN, TK>(s.B, Ld<T>::B, gc + n0, g.N, g.P - p0, g.N - n0);
-        __syncthreads();
-        acc.mma(s.A, s.B, TK);
-        __syncthreads();
+    {
+        Frag<TM, TK, T> fb;
+        Frag<TN, TK, float> fg;
+        mma_pipeline(
+            acc, s.A, s.B, steps(g.N),
+            [&](int k) {
+                fb.fetch(Bp + k * TK, g.bs, q - J0, g.N - k * TK);
+                fg.fetch(gc + k * TK, g.N, g.P - p0, g.N - k * TK);
+            },
+            [&](int, T* A, T* B) {
+                put_to(fb, RowsTo<T>{A, Ld<T>::A});
+                put_to(fg, ColsTo<T>{B, Ld<T>::B});
+            });
     }
     acc.store(s.F);
     __syncthreads();
@@ -634,17 +702,30 @@ __global__ void __launch_bounds__(NT, MINB_DX) chunk_dx_kernel(Geo g, const T* _
     acc.load(s.F);
     // Intra-chunk part: M2ᵀ dY with M2[i, j] = exp(cs_i − cs_j)·CB[i, j], i ≥ j.
     const T* dyc = dy + row0 * g.ys + int64_t(h) * g.P + p0;
-    for (int k0 = J0; k0 < q; k0 += TK) {
-        for (int idx = threadIdx.x; idx < TM * TK; idx += NT) {
-            const int kk = idx / TM, r = idx % TM, i = k0 + kk, j = J0 + r;
-            float v = 0.f;
-            if (i < q && j <= i) v = cb[cbase + int64_t(i) * g.Q + j] * expf(fminf(cs_s[i] - cs_s[j], 0.f));
-            s.A[r * Ld<T>::A + kk] = from_f32<T>(v);
-        }
-        load_rows<TK, TN>(s.B, Ld<T>::B, dyc + int64_t(k0) * g.ys, g.ys, q - k0, g.P - p0);
-        __syncthreads();
-        acc.mma(s.A, s.B, TK);
-        __syncthreads();
+    {
+        Frag<TK, TM, float> fm;
+        Frag<TK, TN, T> fd;
+        mma_pipeline(
+            acc, s.A, s.B, steps(q - J0),
+            [&](int k) {
+                const int k0 = J0 + k * TK;
+                fm.fetch(cb + cbase + int64_t(k0) * g.Q + J0, g.Q, q - k0, q - J0);
+                fd.fetch(dyc + int64_t(k0) * g.ys, g.ys, q - k0, g.P - p0);
+            },
+            [&](int k, T* A, T* B) {
+                const int k0 = J0 + k * TK;
+                // A[r][kk] = M2[k0 + kk, J0 + r]: the fetched rows are i, its columns j.
+                fm.put([&](int kk, int c, const float* v) {
+                    const int i = k0 + kk;
+#pragma unroll
+                    for (int e = 0; e < Vec<float>::N; ++e) {
+                        const int j = J0 + c + e;
+                        const float m = (i < q && j <= i) ? v[e] * expf(fminf(cs_s[i] - cs_s[j], 0.f)) : 0.f;
+                        A[(c + e) * Ld<T>::A + kk] = from_f32<T>(m);
+                    }
+                });
+                put_to(fd, RowsTo<T>{B, Ld<T>::B});
+            });
     }
     acc.store(s.F);
     __syncthreads();

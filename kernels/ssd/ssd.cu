@@ -156,7 +156,7 @@ template <typename T> constexpr int smem_bmm() { return Smem<T>::bytes(1, 0); }
 template <typename T> constexpr int smem_state() { return Smem<T>::bytes(1, MAXQ); }
 template <typename T> constexpr int smem_scan() { return Smem<T>::bytes(1, 2 * MAXQ); }
 template <typename T> constexpr int smem_dcb() { return Smem<T>::bytes(3, 2 * MAXQ); }
-template <typename T> constexpr int smem_dbc() { return Smem<T>::bytes(2, 2 * MAXQ); }
+template <typename T> constexpr int smem_dbc() { return Smem<T>::bytes(3, 2 * MAXQ); }
 template <typename T> constexpr int smem_dx() { return Smem<T>::bytes(1, 2 * MAXQ); }
 
 // Steps (0)–(3) of the forward, shared by m2k_ssd_fwd and the backward's

@@ -122,13 +122,16 @@ template <> struct Acc<__nv_bfloat16> {
     }
 };
 
-// The loaders below stage an R×C tile of a global tensor (rows sld elements
-// apart) into shared memory, as zeros outside r < rlim, c < clim, converted
-// to D through f32 (exact for bf16 → f32 → bf16). They issue all their
-// global loads before the first shared store, so that each thread has all
-// its loads in flight at once. Where the tile's rows are 16-byte aligned
+// Tiles are staged in two steps, so that a kernel can issue the global loads
+// of its next tile before it multiplies the current one (mma_pipeline):
+// Frag::fetch loads this thread's part of an R×C tile of a global tensor
+// (rows sld elements apart; zeros outside r < rlim, c < clim) into
+// registers, and Frag::put hands it, converted to f32, to a writer that
+// stores it into shared memory (RowsTo, ColsTo, ColsScaledTo, or a kernel's
+// own, which may transform it). Where the tile's rows are 16-byte aligned
 // (the source pointer and the row stride), each load is one 16-byte vector
-// of consecutive columns (8 bf16 or 4 f32), else one element.
+// of consecutive columns (8 bf16 or 4 f32), else one element; the registers
+// hold the raw vectors, 4 per 16 bytes of tile.
 
 template <typename S> struct Vec {
     static constexpr int N = 16 / int(sizeof(S));  // elements per 16-byte vector
@@ -138,13 +141,34 @@ template <typename S> __device__ __forceinline__ bool vec_ok(const S* src, int64
     return reinterpret_cast<uintptr_t>(src) % 16 == 0 && sld % Vec<S>::N == 0;
 }
 
-__device__ __forceinline__ void unpack(const uint4& u, float* v) {  // 4 f32
+__device__ __forceinline__ unsigned raw_bits(float v) { return __float_as_uint(v); }
+__device__ __forceinline__ unsigned raw_bits(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+
+// The first n (≤ V) elements at p, element by element, the rest zero, as
+// one raw vector.
+template <typename S> __device__ __forceinline__ uint4 load_part(const S* p, int n) {
+    constexpr int V = Vec<S>::N;
+    unsigned w[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+        if (e < n) {
+            if constexpr (V == 8)
+                w[e / 2] |= raw_bits(p[e]) << (16 * (e % 2));
+            else
+                w[e] = raw_bits(p[e]);
+        }
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+template <typename S> __device__ __forceinline__ void unpack(const uint4& u, float* v);
+template <> __device__ __forceinline__ void unpack<float>(const uint4& u, float* v) {
     v[0] = __uint_as_float(u.x);
     v[1] = __uint_as_float(u.y);
     v[2] = __uint_as_float(u.z);
     v[3] = __uint_as_float(u.w);
 }
-__device__ __forceinline__ void unpack_bf16(const uint4& u, float* v) {  // 8 bf16
+template <> __device__ __forceinline__ void unpack<__nv_bfloat16>(const uint4& u, float* v) {
     const unsigned w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
@@ -153,43 +177,34 @@ __device__ __forceinline__ void unpack_bf16(const uint4& u, float* v) {  // 8 bf
     }
 }
 
-// Calls put(r, c, v) for each vector of V = Vec<S>::N consecutive columns
-// c … c + V − 1 of row r of the tile, v holding them as f32 (zeros outside
-// the limits). Every thread takes R·C / (V·NT) vectors.
-template <int R, int C, typename S, typename Put>
-__device__ __forceinline__ void load_tile(const S* src, int64_t sld, int rlim, int clim, Put put) {
-    constexpr int V = Vec<S>::N, CV = C / V, IT = R * CV / NT;
+template <int R, int C, typename S> struct Frag {
+    static constexpr int V = Vec<S>::N, CV = C / V, IT = R * CV / NT;
     static_assert(C % V == 0 && R * CV % NT == 0, "tile not a multiple of the block's vectors");
-    float v[IT][V];
-    if (vec_ok(src, sld)) {
+    uint4 u[IT];
+
+    __device__ __forceinline__ void fetch(const S* src, int64_t sld, int rlim, int clim) {
+        const bool vec = vec_ok(src, sld);
 #pragma unroll
         for (int it = 0; it < IT; ++it) {
             const int idx = threadIdx.x + it * NT, r = idx / CV, c = idx % CV * V;
-            if (r < rlim && c + V <= clim) {
-                const uint4 u = __ldg(reinterpret_cast<const uint4*>(src + r * sld + c));
-                if constexpr (V == 8)
-                    unpack_bf16(u, v[it]);
-                else
-                    unpack(u, v[it]);
-            } else {
-#pragma unroll
-                for (int e = 0; e < V; ++e) v[it][e] = (r < rlim && c + e < clim) ? to_f32(src[r * sld + c + e]) : 0.f;
-            }
+            const int n = r < rlim ? min(V, max(0, clim - c)) : 0;
+            if (vec && n == V)
+                u[it] = __ldg(reinterpret_cast<const uint4*>(src + r * sld + c));
+            else
+                u[it] = n > 0 ? load_part(src + r * sld + c, n) : make_uint4(0u, 0u, 0u, 0u);
         }
-    } else {
+    }
+    // put(r, c, v): v holds columns c … c + V − 1 of row r as f32.
+    template <typename Put> __device__ __forceinline__ void put(Put&& p) const {
 #pragma unroll
         for (int it = 0; it < IT; ++it) {
-            const int idx = threadIdx.x + it * NT, r = idx / CV, c = idx % CV * V;
-#pragma unroll
-            for (int e = 0; e < V; ++e) v[it][e] = (r < rlim && c + e < clim) ? to_f32(src[r * sld + c + e]) : 0.f;
+            const int idx = threadIdx.x + it * NT;
+            float v[V];
+            unpack<S>(u[it], v);
+            p(idx / CV, idx % CV * V, v);
         }
     }
-#pragma unroll
-    for (int it = 0; it < IT; ++it) {
-        const int idx = threadIdx.x + it * NT;
-        put(idx / CV, idx % CV * V, v[it]);
-    }
-}
+};
 
 // V f32 values as V bf16 in one 8- or 16-byte shared store (dst aligned to
 // that size: Ld<__nv_bfloat16> rows are multiples of 16 bytes).
@@ -206,38 +221,75 @@ template <int V> __device__ __forceinline__ void store_bf16(__nv_bfloat16* dst, 
         *reinterpret_cast<uint2*>(dst) = make_uint2(w[0], w[1]);
 }
 
-// dst[r][c] = src[r·sld + c].
-template <int R, int C, typename D, typename S>
-__device__ __forceinline__ void load_rows(D* dst, int ldd, const S* src, int64_t sld, int rlim, int clim) {
-    load_tile<R, C>(src, sld, rlim, clim, [&](int r, int c, const float* v) {
-        if constexpr (std::is_same<D, __nv_bfloat16>::value) {
-            store_bf16<Vec<S>::N>(dst + r * ldd + c, v);
-        } else {
+// V values of a row, dst[c … c + V − 1], as D.
+template <int V, typename D> __device__ __forceinline__ void store_row(D* dst, const float* v) {
+    if constexpr (std::is_same<D, __nv_bfloat16>::value) {
+        store_bf16<V>(dst, v);
+    } else {
 #pragma unroll
-            for (int e = 0; e < Vec<S>::N; ++e) dst[r * ldd + c + e] = from_f32<D>(v[e]);
-        }
-    });
+        for (int e = 0; e < V; ++e) dst[e] = from_f32<D>(v[e]);
+    }
 }
 
-// Transposing load: dst[c][r] = src[r·sld + c] (global reads stay coalesced
-// along c).
-template <int R, int C, typename D, typename S>
-__device__ __forceinline__ void load_cols(D* dst, int ldd, const S* src, int64_t sld, int rlim, int clim) {
-    load_tile<R, C>(src, sld, rlim, clim, [&](int r, int c, const float* v) {
+// Writers for Frag::put. dst[r][c] = v:
+template <typename D> struct RowsTo {
+    D* dst;
+    int ldd;
+    template <int V> __device__ __forceinline__ void at(int r, int c, const float* v) const {
+        store_row<V>(dst + r * ldd + c, v);
+    }
+};
+// Transposed, dst[c][r] = v (global reads stay coalesced along c):
+template <typename D> struct ColsTo {
+    D* dst;
+    int ldd;
+    template <int V> __device__ __forceinline__ void at(int r, int c, const float* v) const {
 #pragma unroll
-        for (int e = 0; e < Vec<S>::N; ++e) dst[(c + e) * ldd + r] = from_f32<D>(v[e]);
-    });
-}
-
-// Transposing load with a per-source-row scale: dst[c][r] = w[r]·src[r·sld + c].
-template <int R, int C, typename D, typename S>
-__device__ __forceinline__ void load_cols_scaled(D* dst, int ldd, const S* src, int64_t sld, int rlim, int clim,
-                                                 const float* w) {
-    load_tile<R, C>(src, sld, rlim, clim, [&](int r, int c, const float* v) {
+        for (int e = 0; e < V; ++e) dst[(c + e) * ldd + r] = from_f32<D>(v[e]);
+    }
+};
+// Transposed with a per-source-row scale, dst[c][r] = w[r]·v:
+template <typename D> struct ColsScaledTo {
+    D* dst;
+    int ldd;
+    const float* w;
+    template <int V> __device__ __forceinline__ void at(int r, int c, const float* v) const {
         const float wr = w[r];
 #pragma unroll
-        for (int e = 0; e < Vec<S>::N; ++e) dst[(c + e) * ldd + r] = from_f32<D>(wr * v[e]);
-    });
+        for (int e = 0; e < V; ++e) dst[(c + e) * ldd + r] = from_f32<D>(wr * v[e]);
+    }
+};
+
+template <int R, int C, typename S, typename W>
+__device__ __forceinline__ void put_to(const Frag<R, C, S>& f, const W& w) {
+    f.put([&](int r, int c, const float* v) { w.template at<Vec<S>::N>(r, c, v); });
+}
+
+// One-step loads: fetch, then store.
+template <int R, int C, typename D, typename S>
+__device__ __forceinline__ void load_rows(D* dst, int ldd, const S* src, int64_t sld, int rlim, int clim) {
+    Frag<R, C, S> f;
+    f.fetch(src, sld, rlim, clim);
+    put_to(f, RowsTo<D>{dst, ldd});
+}
+
+// acc += Σ_k A_k·B_k over n steps of TK: fetch(k) loads step k's operands
+// into registers (Frags the caller owns), put(k, A, B) stores them into the
+// shared tiles A, B. The loads of step k + 1 are issued before the product
+// of step k, into the other of two shared buffers, so one barrier per step
+// suffices. Ends with a barrier: the buffers are free again.
+template <typename T, typename Fetch, typename Put>
+__device__ __forceinline__ void mma_pipeline(Acc<T>& acc, T* const* A, T* const* B, int n, Fetch&& fetch,
+                                             Put&& put) {
+    if (n <= 0) return;
+    fetch(0);
+    for (int k = 0; k < n; ++k) {
+        put(k, A[k & 1], B[k & 1]);
+        __syncthreads();
+        if (k + 1 < n) fetch(k + 1);
+        acc.mma(A[k & 1], B[k & 1], TK);
+    }
+    __syncthreads();
 }
 
 // Deterministic reductions over groups of 4 consecutive lanes.
