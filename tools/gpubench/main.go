@@ -269,7 +269,10 @@ type report struct {
 	ActivationBytes int64 `json:"activation_bytes"`             // gpu.ActivationBytes of one micro-batch
 
 	LossFirst float64 `json:"loss_first,omitempty"` // loss of the first step (random tokens: about ln V)
-	LossLast  float64 `json:"loss_last,omitempty"`
+	LossLast  float64 `json:"loss_last,omitempty"`  // of the last of the warm-up and timed steps, as bench_step.py reports it
+	// LossBackToBack is the loss of the last back-to-back step, after
+	// as many steps more on the same batches.
+	LossBackToBack float64 `json:"loss_back_to_back,omitempty"`
 }
 
 func newReport(o options, cfg model.Config) *report {
@@ -477,7 +480,7 @@ func measure(ctx context.Context, lib *kernels.Lib, o options, cfg model.Config,
 		if err != nil {
 			return fmt.Errorf("back-to-back step %d: %w", i+1, err)
 		}
-		rep.LossLast = loss
+		rep.LossBackToBack = loss
 	}
 	if err := lib.Sync(0); err != nil {
 		return fmt.Errorf("back-to-back steps: %w", err)
@@ -655,8 +658,8 @@ func printReport(out io.Writer, r *report, measured bool) {
 		fmt.Fprintf(w, "step (%d back to back, wall clock)\t%.2f\t\t\n", r.Steps, r.BackToBackMs)
 		fmt.Fprintf(w, "tokens/s (back to back)\t%.0f\t\t\n", r.TokensBackToBack)
 		w.Flush()
-		fmt.Fprintf(out, "\nall timed steps (ms): %v\nfirst step (wall clock, allocations included): %.1f ms\nloss: first step %.4f, last step %.4f\n\n",
-			r.StepMsAll, r.FirstWallMs, r.LossFirst, r.LossLast)
+		fmt.Fprintf(out, "\nall timed steps (ms): %v\nfirst step (wall clock, allocations included): %.1f ms\nloss: first step %.4f, last step %.4f (after the back-to-back steps: %.4f)\n\n",
+			r.StepMsAll, r.FirstWallMs, r.LossFirst, r.LossLast, r.LossBackToBack)
 	} else {
 		fmt.Fprintln(out)
 	}
