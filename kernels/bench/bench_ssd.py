@@ -70,6 +70,17 @@ def timed(fn, warmup, reps):
     return statistics.median(times)
 
 
+def ssd_flops(Bt, L, H, P, N, G, Q):
+    """Matrix-product FLOPs of one SSD forward by the chunked algorithm, the
+    convention of our TFLOP/s figures: per chunk of Q positions and head, the
+    chunk state (x^T B: 2QPN), the state's contribution to y (C Hin: 2QPN)
+    and the causal half of (CB o decay) x (Q^2 P); per chunk and group the
+    causal half of C B^T (Q^2 N). Backward is counted as twice the forward
+    (the usual 1:2), its recomputation not at all."""
+    nc = -(-L // Q)
+    return nc * Bt * (H * (4 * Q * P * N + Q * Q * P) + G * Q * Q * N)
+
+
 def rel(a, b):
     a, b = a.float(), b.float()
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
@@ -89,6 +100,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--out", default="")
+    ap.add_argument("--json", default="", help="also write the times, the shape and the cross-check as JSON here")
     ap.add_argument("--profile", action="store_true", help="also print the time of each of our kernels")
     a = ap.parse_args()
 
@@ -192,6 +204,16 @@ def main():
                   prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)]
     text = "\n".join(lines)
     print(text)
+    if a.json:
+        import json
+        doc = dict(tool="bench_ssd", device=torch.cuda.get_device_name(), torch=torch.__version__,
+                   shape=dict(batch=Bt, seqlen=L, nheads=H, headdim=P, dstate=N, ngroups=G, chunk=Q, dtype="bf16"),
+                   warmup=a.warmup, reps=a.reps, flops_fwd=ssd_flops(Bt, L, H, P, N, G, Q),
+                   ours_fwd_ms=t["ours_fwd"], ours_fwdbwd_ms=t["ours_fwdbwd"],
+                   triton_fwd_ms=t["mamba_fwd"], triton_fwdbwd_ms=t["mamba_fwdbwd"],
+                   max_rel_diff={n: rel(o, m) for n, o, m in checks})
+        with open(a.json, "w") as f:
+            json.dump(doc, f, indent=1)
     if a.out:
         with open(a.out, "w") as f:
             f.write(text + "\n")

@@ -6,6 +6,12 @@
 # then a markdown table of tokens/s and peak memory with the ratios.
 #
 #   kernels/bench/step.sh [--no-build] [--steps N] [--warmup W] [--micro-batches K] [--budget S]
+#                         [--model "FLAGS"]
+#
+# --model passes FLAGS, any of --d-model, --n-layer, --vocab, --batch and
+# --seq-len, to both sides (their flags share these names), e.g. the 2.7B
+# shape: --model "--d-model 2560 --n-layer 64 --batch 2". The published
+# reference figure under the table is printed for the default model only.
 #
 # Run from the repository root on the GPU machine. It needs .devbin/gpubench
 # (`go build -o .devbin/gpubench ./tools/gpubench`, built anywhere: no cgo, no
@@ -18,7 +24,8 @@
 # --budget S (default 570) bounds the whole script in seconds: each run gets
 # what is left of it (gpubench at most 300 s, bench_step.py at most 420 s,
 # whose first step compiles and autotunes mamba_ssm's Triton kernels).
-# Environment: M2K_DIRS, M2K_NVCC_FLAGS (passed to kernels/build.sh).
+# Environment: M2K_DIRS, M2K_NVCC_FLAGS (passed to kernels/build.sh),
+# M2_COMMIT (the commit the table names; default git HEAD).
 set -uo pipefail
 
 steps=10
@@ -26,6 +33,7 @@ warmup=3
 micro=1
 build=1
 budget=570
+model=()
 while (($#)); do
     case "$1" in
     --no-build) build=0 ;;
@@ -33,7 +41,8 @@ while (($#)); do
     --warmup) warmup="$2"; shift ;;
     --micro-batches) micro="$2"; shift ;;
     --budget) budget="$2"; shift ;;
-    -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
+    --model) read -r -a model <<<"$2"; shift ;;
+    -h | --help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "step.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -65,7 +74,8 @@ status=0
     echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "- device: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)"
     echo "- nvcc: $(nvcc --version 2>/dev/null | tail -2 | head -1)"
-    echo "- commit: $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    echo "- commit: ${M2_COMMIT:-$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+    ((${#model[@]})) && echo "- model flags: ${model[*]}"
 } >"$dir/step-env.txt"
 cat "$dir/step-env.txt"
 
@@ -80,7 +90,9 @@ if ((build)) || [[ ! -f "$lib" ]]; then
     echo "built in $((SECONDS - t0)) s" >&2
 fi
 
-common=(--steps "$steps" --warmup "$warmup" --micro-batches "$micro")
+common=(--steps "$steps" --warmup "$warmup" --micro-batches "$micro" "${model[@]}")
+reference="PyTorch with mamba_ssm's CUDA kernels (causal_conv1d, fused path) on one H200: 121,800 tokens/s at 21.6 GiB"
+((${#model[@]})) && reference=""
 ours_status="not run"
 theirs_status="not run"
 
@@ -97,7 +109,7 @@ write_table() {
         echo
         python3 kernels/bench/bench_step.py --table --ours "$dir/step-ours.json" --theirs "$dir/step-torch.json" \
             --ours-status "$ours_status" --theirs-status "$theirs_status" \
-            --reference "PyTorch with mamba_ssm's CUDA kernels (causal_conv1d, fused path) on one H200: 121,800 tokens/s at 21.6 GiB" \
+            --reference "$reference" \
             2>/dev/null
     } >"$dir/step-bench.md"
 }
