@@ -87,6 +87,38 @@ template <typename T> struct Smem {
 
 constexpr __device__ int steps(int n) { return (n + TK - 1) / TK; }  // reduction steps of TK over n
 
+// How mma_a finds B in memory: NK, a TN-row tile of a row-major tensor
+// with k contiguous (the product is A·Bᵀ); KN, the first K rows of a
+// row-major tensor, a TN-wide tile of its columns (A·B).
+enum class BLayout { NK, KN };
+
+// acc += A·B over k < K, A the rows r < arows of a TM-row tile of a
+// row-major tensor (rows lda apart) with k contiguous, B as BL says (rows
+// ldb apart; blim: its valid rows for NK, columns for KN).
+template <BLayout BL, typename T, typename SA, typename SB>
+__device__ __forceinline__ void mma_a(Acc<T>& acc, const Smem<T>& s, const SA* a, int64_t lda, int arows,
+                                      const SB* b, int64_t ldb, int blim, int K) {
+    constexpr bool nk = BL == BLayout::NK;
+    Frag<TM, TK, SA> fa;
+    std::conditional_t<nk, Frag<TN, TK, SB>, Frag<TK, TN, SB>> fb;
+    mma_pipeline(
+        acc, s.A, s.B, steps(K),
+        [&](int k) {
+            fa.fetch(a + k * TK, lda, arows, K - k * TK);
+            if constexpr (nk)
+                fb.fetch(b + k * TK, ldb, blim, K - k * TK);
+            else
+                fb.fetch(b + int64_t(k) * TK * ldb, ldb, K - k * TK, blim);
+        },
+        [&](int, T* A, T* B) {
+            put_to(fa, RowsTo<T>{A, Ld<T>::A});
+            if constexpr (nk)
+                put_to(fb, ColsTo<T>{B, Ld<T>::B});
+            else
+                put_to(fb, RowsTo<T>{B, Ld<T>::B});
+        });
+}
+
 // ---------------------------------------------------------------- forward
 
 // dt, the per-chunk cumsum of dt·A, and the total log-decay per (b, h).
@@ -142,18 +174,7 @@ __global__ void __launch_bounds__(NT, MINB) bmm_chunk_kernel(Geo g, const T* __r
     const T* Bp = B + (int64_t(b) * g.L + t0 + J0) * g.bs + int64_t(grp) * g.N;
     Acc<T> acc;
     acc.zero();
-    Frag<TM, TK, T> fc;
-    Frag<TN, TK, T> fb;
-    mma_pipeline(
-        acc, s.A, s.B, steps(g.N),
-        [&](int k) {
-            fc.fetch(Cp + k * TK, g.css, q - I0, g.N - k * TK);
-            fb.fetch(Bp + k * TK, g.bs, q - J0, g.N - k * TK);
-        },
-        [&](int, T* A, T* B) {
-            put_to(fc, RowsTo<T>{A, Ld<T>::A});
-            put_to(fb, ColsTo<T>{B, Ld<T>::B});
-        });
+    mma_a<BLayout::NK>(acc, s, Cp, g.css, q - I0, Bp, g.bs, q - J0, g.N);
     acc.store(s.F);
     __syncthreads();
     float* out = cb + (int64_t(bg) * g.nc + c) * g.Q * g.Q;
@@ -256,20 +277,7 @@ __global__ void __launch_bounds__(NT, MINB) chunk_scan_fwd_kernel(Geo g, const T
     // Off-diagonal part: C_I (rows × N) · Hin_cᵀ (N × P).
     const T* Cp = C + (int64_t(b) * g.L + t0 + I0) * g.css + int64_t(grp) * g.N;
     const float* hin = st + (int64_t(bh) * (g.nc + 1) + c) * g.PN + int64_t(p0) * g.N;
-    {
-        Frag<TM, TK, T> fc;
-        Frag<TN, TK, float> fh;
-        mma_pipeline(
-            acc, s.A, s.B, steps(g.N),
-            [&](int k) {
-                fc.fetch(Cp + k * TK, g.css, q - I0, g.N - k * TK);
-                fh.fetch(hin + k * TK, g.N, g.P - p0, g.N - k * TK);
-            },
-            [&](int, T* A, T* B) {
-                put_to(fc, RowsTo<T>{A, Ld<T>::A});
-                put_to(fh, ColsTo<T>{B, Ld<T>::B});
-            });
-    }
+    mma_a<BLayout::NK>(acc, s, Cp, g.css, q - I0, hin, int64_t(g.N), g.P - p0, g.N);
     acc.store(s.F);
     __syncthreads();
     for (int idx = threadIdx.x; idx < TM * TN; idx += NT) {
@@ -400,18 +408,7 @@ __global__ void __launch_bounds__(NT, MINB) chunk_dcb_kernel(Geo g, const T* __r
         const T* xp = x + (int64_t(b) * g.L + t0 + J0) * g.xs + int64_t(h) * g.P;
         Acc<T> acc;
         acc.zero();
-        Frag<TM, TK, T> fd;
-        Frag<TN, TK, T> fx;
-        mma_pipeline(
-            acc, s.A, s.B, steps(g.P),
-            [&](int k) {
-                fd.fetch(dyp + k * TK, g.ys, q - I0, g.P - k * TK);
-                fx.fetch(xp + k * TK, g.xs, q - J0, g.P - k * TK);
-            },
-            [&](int, T* A, T* B) {
-                put_to(fd, RowsTo<T>{A, Ld<T>::A});
-                put_to(fx, ColsTo<T>{B, Ld<T>::B});
-            });
+        mma_a<BLayout::NK>(acc, s, dyp, g.ys, q - I0, xp, g.xs, q - J0, g.P);
         acc.store(Ds);
         __syncthreads();
         for (int idx = threadIdx.x; idx < TM * TN; idx += NT) {
@@ -543,19 +540,7 @@ __global__ void __launch_bounds__(NT, MINB) chunk_dbc_kernel(Geo g, const T* __r
         const T* rp = rows + (row0 + I0) * rs + int64_t(h) * g.P;
         const float* mp = mats + (bh * (g.nc + 1) + c + which) * g.PN + n0;  // Hin_c or Gc_c = gst[c + 1]
         acc.zero();
-        Frag<TM, TK, T> fr;
-        Frag<TK, TN, float> fm;
-        mma_pipeline(
-            acc, s.A, s.B, steps(g.P),
-            [&](int k) {
-                const int p0 = k * TK;
-                fr.fetch(rp + p0, rs, q - I0, g.P - p0);
-                fm.fetch(mp + int64_t(p0) * g.N, g.N, g.P - p0, g.N - n0);
-            },
-            [&](int, T* A, T* B) {
-                put_to(fr, RowsTo<T>{A, Ld<T>::A});
-                put_to(fm, RowsTo<T>{B, Ld<T>::B});
-            });
+        mma_a<BLayout::KN>(acc, s, rp, rs, q - I0, mp, int64_t(g.N), g.N - n0, g.P);
         acc.store(Ts);
         __syncthreads();
         {
@@ -580,19 +565,9 @@ __global__ void __launch_bounds__(NT, MINB) chunk_dbc_kernel(Geo g, const T* __r
     if (!group_part) {
         // nothing: Ts stays zero
     } else if (which == 0) {
-        Frag<TM, TK, float> fg;
-        Frag<TK, TN, T> fb;
-        mma_pipeline(
-            acc, s.A, s.B, steps(min(I0 + TM, q)),
-            [&](int k) {
-                const int k0 = k * TK;
-                fg.fetch(dcb + cbase + int64_t(I0) * g.Q + k0, g.Q, q - I0, q - k0);
-                fb.fetch(Bg + int64_t(k0) * g.bs + n0, g.bs, q - k0, g.N - n0);
-            },
-            [&](int, T* A, T* B) {
-                put_to(fg, RowsTo<T>{A, Ld<T>::A});
-                put_to(fb, RowsTo<T>{B, Ld<T>::B});
-            });
+        // Columns past the diagonal tile are not read: dCB is zero there.
+        mma_a<BLayout::KN>(acc, s, dcb + cbase + int64_t(I0) * g.Q, int64_t(g.Q), q - I0, Bg + n0, g.bs, g.N - n0,
+               min(I0 + TM, q));
     } else {
         Frag<TK, TM, float> fg;
         Frag<TK, TN, T> fc;
@@ -677,20 +652,7 @@ __global__ void __launch_bounds__(NT, MINB) chunk_dx_kernel(Geo g, const T* __re
     const float* gc = gst + (int64_t(bh) * (g.nc + 1) + c + 1) * g.PN + int64_t(p0) * g.N;
     Acc<T> acc;
     acc.zero();
-    {
-        Frag<TM, TK, T> fb;
-        Frag<TN, TK, float> fg;
-        mma_pipeline(
-            acc, s.A, s.B, steps(g.N),
-            [&](int k) {
-                fb.fetch(Bp + k * TK, g.bs, q - J0, g.N - k * TK);
-                fg.fetch(gc + k * TK, g.N, g.P - p0, g.N - k * TK);
-            },
-            [&](int, T* A, T* B) {
-                put_to(fb, RowsTo<T>{A, Ld<T>::A});
-                put_to(fg, ColsTo<T>{B, Ld<T>::B});
-            });
-    }
+    mma_a<BLayout::NK>(acc, s, Bp, g.bs, q - J0, gc, int64_t(g.N), g.P - p0, g.N);
     acc.store(s.F);
     __syncthreads();
     const float lam = cs_s[g.Q - 1];
