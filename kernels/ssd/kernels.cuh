@@ -730,9 +730,12 @@ __global__ void __launch_bounds__(NT, MINB) chunk_dx_kernel(Geo g, const T* __re
 }
 
 // The log-decay gradient per position (§4.6 B4) and the scalar chain of §4.4
-// per (b, h): da_k = intra_k + Σ_{j<k} u_j + Σ_{i≥k} v_i + dΛ_c,
-// ddt_raw = (ddt + A·da)·∂dt/∂dt_raw, and the (b, h) partial sums of the
-// parameter gradients, reduced in a fixed order. Grid Bt·H, block NT (≥ Q).
+// per (b, h) and chunk c: da_k = intra_k + Σ_{j<k} u_j + Σ_{i≥k} v_i + dΛ_c,
+// ddt_raw = (ddt + A·da)·∂dt/∂dt_raw, and the (b, h, c) partial sums of the
+// dt_bias and A_log gradients (bh_part (Bt·H, nc, 2)), each reduced in a
+// fixed order; the blocks of chunk 0 also sum dD's partials of (b, h) over
+// the chunks (dD_bh). Chunks are independent here, one block each.
+// Grid (Bt·H, nc), block NT (≥ Q).
 template <typename T>
 __global__ void __launch_bounds__(NT) chunk_da_kernel(Geo g, const T* __restrict__ dt_raw,
                                                       const float* __restrict__ dt_bias,
@@ -752,73 +755,72 @@ __global__ void __launch_bounds__(NT) chunk_da_kernel(Geo g, const T* __restrict
         typename Red::TempStorage red;
     } tmp;
     __shared__ double dlam_s;
-    const int bh = blockIdx.x, b = bh / g.H, h = bh % g.H, i = threadIdx.x;
+    const int bh = blockIdx.x, c = blockIdx.y, b = bh / g.H, h = bh % g.H, i = threadIdx.x;
     const int nTri = g.nI * (g.nI + 1) / 2, K = i / TM, kk = i % TM;
     const float bias = dt_bias[h], A = -expf(A_log[h]);
-    double acc_bias = 0, acc_A = 0;
-    for (int c = 0; c < g.nc; ++c) {
-        const int t0 = c * g.Q, q = min(g.Q, g.L - t0), t = t0 + i;
-        const bool valid = i < q;
-        double ddt = 0, u = 0, v = 0, intra = 0;
-        if (valid) {
-            for (int pt = 0; pt < g.nPt; ++pt) ddt += ddt_part[(int64_t(bh) * g.nPt + pt) * g.Lp + t];
-            for (int nt = 0; nt < g.nNt; ++nt) {
-                u += u_part[(int64_t(bh) * g.nNt + nt) * g.Lp + t];
-                v += v_part[(int64_t(bh) * g.nNt + nt) * g.Lp + t];
-            }
-            // Columns j of the block of k: tiles (I, K), I ≥ K.
-            for (int I = K; I * TM < q; ++I)
-                intra += da_part[((int64_t(bh) * g.nc + c) * nTri + I * (I + 1) / 2 + K) * (2 * TM) + kk];
+    double term_bias = 0, term_A = 0;  // this position's terms of the dt_bias and A_log gradients
+    const int t0 = c * g.Q, q = min(g.Q, g.L - t0), t = t0 + i;
+    const bool valid = i < q;
+    double ddt = 0, u = 0, v = 0, intra = 0;
+    if (valid) {
+        for (int pt = 0; pt < g.nPt; ++pt) ddt += ddt_part[(int64_t(bh) * g.nPt + pt) * g.Lp + t];
+        for (int nt = 0; nt < g.nNt; ++nt) {
+            u += u_part[(int64_t(bh) * g.nNt + nt) * g.Lp + t];
+            v += v_part[(int64_t(bh) * g.nNt + nt) * g.Lp + t];
         }
-        // Columns j of earlier blocks J < K: Σ_{m ≥ k} Σ_{J<K} rowsum_J(m),
-        // a suffix sum over the chunk for each block index K.
-        for (int KB = 1; KB * TM < q; ++KB) {
-            double f = 0;
-            if (valid && K >= KB)
-                for (int J = 0; J < KB; ++J)
-                    f += da_part[((int64_t(bh) * g.nc + c) * nTri + K * (K + 1) / 2 + J) * (2 * TM) + TM + kk];
-            double pre, tot;
-            Scan(tmp.scan).ExclusiveSum(f, pre, tot);
-            __syncthreads();
-            if (K == KB) intra += tot - pre;
-        }
-        if (i == 0) {
-            double sdot = 0;
-            for (int blk = 0; blk < g.nEb; ++blk) sdot += dlam_part[(int64_t(bh) * g.nc + c) * g.nEb + blk];
-            const float lam = cs[int64_t(bh) * g.Lp + t0 + g.Q - 1];
-            dlam_s = double(expf(fminf(lam, 0.f))) * sdot;
-        }
-        double upre, vpre, vtot;
-        Scan(tmp.scan).ExclusiveSum(u, upre);
-        __syncthreads();
-        Scan(tmp.scan).ExclusiveSum(v, vpre, vtot);
-        __syncthreads();
-        if (valid) {
-            const double da = intra + upre + (vtot - vpre) + dlam_s;
-            const float uu = to_f32(dt_raw[(int64_t(b) * g.L + t) * g.dts + h]) + bias;
-            const float sp = softplus_f(uu);
-            float grad = 0.f;
-            if (sp >= g.dt_lo && sp <= g.dt_hi) grad = uu > 20.f ? 1.f : 1.f / (1.f + expf(-uu));
-            const double dtv = dt[int64_t(bh) * g.Lp + t];
-            const double gr = (ddt + double(A) * da) * double(grad);
-            ddt_raw[(int64_t(b) * g.L + t) * g.dts + h] = from_f32<T>(float(gr));
-            acc_bias += gr;
-            acc_A += dtv * da;
-        }
-        __syncthreads();
+        // Columns j of the block of k: tiles (I, K), I ≥ K.
+        for (int I = K; I * TM < q; ++I)
+            intra += da_part[((int64_t(bh) * g.nc + c) * nTri + I * (I + 1) / 2 + K) * (2 * TM) + kk];
     }
-    const double sb = Red(tmp.red).Sum(acc_bias);
-    __syncthreads();
-    const double sa = Red(tmp.red).Sum(acc_A);
+    // Columns j of earlier blocks J < K: Σ_{m ≥ k} Σ_{J<K} rowsum_J(m),
+    // a suffix sum over the chunk for each block index K.
+    for (int KB = 1; KB * TM < q; ++KB) {
+        double f = 0;
+        if (valid && K >= KB)
+            for (int J = 0; J < KB; ++J)
+                f += da_part[((int64_t(bh) * g.nc + c) * nTri + K * (K + 1) / 2 + J) * (2 * TM) + TM + kk];
+        double pre, tot;
+        Scan(tmp.scan).ExclusiveSum(f, pre, tot);
+        __syncthreads();
+        if (K == KB) intra += tot - pre;
+    }
     if (i == 0) {
-        bh_part[2 * int64_t(bh)] = sb;
-        bh_part[2 * int64_t(bh) + 1] = sa;
+        double sdot = 0;
+        for (int blk = 0; blk < g.nEb; ++blk) sdot += dlam_part[(int64_t(bh) * g.nc + c) * g.nEb + blk];
+        const float lam = cs[int64_t(bh) * g.Lp + t0 + g.Q - 1];
+        dlam_s = double(expf(fminf(lam, 0.f))) * sdot;
     }
+    double upre, vpre, vtot;
+    Scan(tmp.scan).ExclusiveSum(u, upre);
+    __syncthreads();
+    Scan(tmp.scan).ExclusiveSum(v, vpre, vtot);
+    __syncthreads();
+    if (valid) {
+        const double da = intra + upre + (vtot - vpre) + dlam_s;
+        const float uu = to_f32(dt_raw[(int64_t(b) * g.L + t) * g.dts + h]) + bias;
+        const float sp = softplus_f(uu);
+        float grad = 0.f;
+        if (sp >= g.dt_lo && sp <= g.dt_hi) grad = uu > 20.f ? 1.f : 1.f / (1.f + expf(-uu));
+        const double dtv = dt[int64_t(bh) * g.Lp + t];
+        const double gr = (ddt + double(A) * da) * double(grad);
+        ddt_raw[(int64_t(b) * g.L + t) * g.dts + h] = from_f32<T>(float(gr));
+        term_bias = gr;
+        term_A = dtv * da;
+    }
+    __syncthreads();
+    const double sb = Red(tmp.red).Sum(term_bias);
+    __syncthreads();
+    const double sa = Red(tmp.red).Sum(term_A);
+    if (i == 0) {
+        bh_part[2 * (int64_t(bh) * g.nc + c)] = sb;
+        bh_part[2 * (int64_t(bh) * g.nc + c) + 1] = sa;
+    }
+    if (c != 0) return;
     for (int p = i; p < g.P; p += NT) {
         double sum = 0;
-        for (int c = 0; c < g.nc; ++c) {
-            const int q = min(g.Q, g.L - c * g.Q);
-            for (int J = 0; J * TM < q; ++J) sum += dD_part[((int64_t(bh) * g.nc + c) * g.nI + J) * g.P + p];
+        for (int cc = 0; cc < g.nc; ++cc) {
+            const int qc = min(g.Q, g.L - cc * g.Q);
+            for (int J = 0; J * TM < qc; ++J) sum += dD_part[((int64_t(bh) * g.nc + cc) * g.nI + J) * g.P + p];
         }
         dD_bh[int64_t(bh) * g.P + p] = sum;
     }
@@ -842,11 +844,12 @@ __device__ __forceinline__ double add_lanes_in_order(double acc, double v, int n
     return acc;
 }
 
-// Parameter gradients: sums over the batch, in batch order, of the (b, h)
-// partials. Warp h sums head h's (the values in the order of one loop over
-// b, and for D per head over (b, p), fetched 32 at a time by the warp's
-// lanes); with D per channel, thread h·P + p sums D[h, p] over b. Grid:
-// max(32·H, H·P with D per channel) threads in blocks of NT.
+// Parameter gradients: sums over the batch and the chunks, in that order, of
+// the (b, h, c) partials of dt_bias and A_log, and over the batch of the
+// (b, h) partials of D. Warp h sums head h's (the values in the order of one
+// loop over b and c, and for D per head over (b, p), fetched 32 at a time by
+// the warp's lanes); with D per channel, thread h·P + p sums D[h, p] over b.
+// Grid: max(32·H, H·P with D per channel) threads in blocks of NT.
 __global__ void __launch_bounds__(NT) ssd_params_kernel(Geo g, const float* __restrict__ A_log,
                                                         const double* __restrict__ bh_part,
                                                         const double* __restrict__ dD_bh,
@@ -858,14 +861,16 @@ __global__ void __launch_bounds__(NT) ssd_params_kernel(Geo g, const float* __re
     // takes this branch or none of it.
     if (h < g.H) {
         double sb = 0, sa = 0, sd = 0;
-        for (int b0 = 0; b0 < g.Bt; b0 += 32) {
-            const int b = b0 + lane;
+        const int64_t nbc = int64_t(g.Bt) * g.nc;
+        for (int64_t k0 = 0; k0 < nbc; k0 += 32) {
+            const int64_t k = k0 + lane;  // = b·nc + c
             double vb = 0, va = 0;
-            if (b < g.Bt) {
-                vb = bh_part[2 * (int64_t(b) * g.H + h)];
-                va = bh_part[2 * (int64_t(b) * g.H + h) + 1];
+            if (k < nbc) {
+                const int64_t at = 2 * (((k / g.nc) * g.H + h) * g.nc + k % g.nc);
+                vb = bh_part[at];
+                va = bh_part[at + 1];
             }
-            const int n = g.Bt - b0 < 32 ? g.Bt - b0 : 32;
+            const int n = nbc - k0 < 32 ? int(nbc - k0) : 32;
             sb = add_lanes_in_order(sb, vb, n);
             sa = add_lanes_in_order(sa, va, n);
         }

@@ -50,7 +50,7 @@ int64_t carve(const Geo& g, void* base, bool backward, Ws* w) {
         w->u_part = cv.take<float>(BH * g.nNt * g.Lp);
         w->v_part = cv.take<float>(BH * g.nNt * g.Lp);
         w->dD_part = cv.take<float>(BH * g.nc * g.nI * g.P);
-        w->bh_part = cv.take<double>(BH * 2);
+        w->bh_part = cv.take<double>(BH * g.nc * 2);
         w->dD_bh = cv.take<double>(BH * g.P);
     }
     return cv.used;
@@ -226,7 +226,7 @@ template <typename T> int backward(const Geo& g, const Ws& w, const m2k_ssd_bwd_
     chunk_dx_kernel<T><<<dim3(BH, g.nc, g.nI * g.nPt), NT, smem_dx<T>(), st>>>(
         g, x, dy, B, static_cast<const float*>(a->D), w.dt, w.cs, w.cb, w.gst, static_cast<T*>(a->dx), w.ddt_part,
         w.dD_part);
-    chunk_da_kernel<T><<<BH, NT, 0, st>>>(g, static_cast<const T*>(a->dt_raw), static_cast<const float*>(a->dt_bias),
+    chunk_da_kernel<T><<<dim3(BH, g.nc), NT, 0, st>>>(g, static_cast<const T*>(a->dt_raw), static_cast<const float*>(a->dt_bias),
                                           static_cast<const float*>(a->A_log), w.dt, w.cs, w.dlam_part, w.da_part,
                                           w.ddt_part, w.u_part, w.v_part, w.dD_part, static_cast<T*>(a->ddt_raw),
                                           w.bh_part, w.dD_bh);
