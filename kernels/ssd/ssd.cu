@@ -226,10 +226,10 @@ template <typename T> int backward(const Geo& g, const Ws& w, const m2k_ssd_bwd_
     chunk_dx_kernel<T><<<dim3(BH, g.nc, g.nI * g.nPt), NT, smem_dx<T>(), st>>>(
         g, x, dy, B, static_cast<const float*>(a->D), w.dt, w.cs, w.cb, w.gst, static_cast<T*>(a->dx), w.ddt_part,
         w.dD_part);
-    chunk_da_kernel<T><<<dim3(BH, g.nc), NT, 0, st>>>(g, static_cast<const T*>(a->dt_raw), static_cast<const float*>(a->dt_bias),
-                                          static_cast<const float*>(a->A_log), w.dt, w.cs, w.dlam_part, w.da_part,
-                                          w.ddt_part, w.u_part, w.v_part, w.dD_part, static_cast<T*>(a->ddt_raw),
-                                          w.bh_part, w.dD_bh);
+    chunk_da_kernel<T><<<dim3(BH, g.nc), NT, 0, st>>>(
+        g, static_cast<const T*>(a->dt_raw), static_cast<const float*>(a->dt_bias),
+        static_cast<const float*>(a->A_log), w.dt, w.cs, w.dlam_part, w.da_part, w.ddt_part, w.u_part, w.v_part,
+        w.dD_part, static_cast<T*>(a->ddt_raw), w.bh_part, w.dD_bh);
     const int np = g.d_hdim && g.P > 32 ? g.H * g.P : 32 * g.H;  // warps of heads, or threads of D[h, p]
     ssd_params_kernel<<<int(ceil_div(np, NT)), NT, 0, st>>>(g, static_cast<const float*>(a->A_log), w.bh_part,
                                                            w.dD_bh, static_cast<float*>(a->ddt_bias),
