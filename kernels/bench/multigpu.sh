@@ -34,6 +34,10 @@
 # Environment: M2K_DIRS, M2K_NVCC_FLAGS (passed to kernels/build.sh); M2_COMMIT names the
 # commit in the table where the checkout has no git metadata.
 set -uo pipefail
+# shellcheck source=kernels/bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+BENCH_TOOL=multigpu.sh
+BENCH_KILL_AFTER=20
 
 steps=3
 build=1
@@ -204,28 +208,12 @@ write_table() {
     } >"$dir/multigpu.md"
 }
 
-# bench NAME STATUSVAR LIMIT CMD...: runs CMD under timeout, logs to
-# $dir/NAME.log and sets STATUSVAR to what the table says if it fails.
+# bench NAME STATUSVAR LIMIT CMD...: CMD through bench_run, logged to
+# $dir/NAME.log.
 bench() {
-    local name="$1" var="$2" limit="$3" rc
+    local name="$1" var="$2" limit="$3"
     shift 3
-    if ((limit < 30)); then
-        printf -v "$var" '%s' "skipped: budget spent"
-        echo "multigpu.sh: no time left for $name" >&2
-        status=1
-        return
-    fi
-    timeout --kill-after=20 "$limit" "$@" 2>&1 | tee "$dir/$name.log"
-    rc=${PIPESTATUS[0]}
-    case "$rc" in
-    0) printf -v "$var" '%s' "" ;;
-    124 | 137) printf -v "$var" '%s' "timed out after $limit s (see $name.log)" ;;
-    *) printf -v "$var" '%s' "failed (exit $rc, see $name.log)" ;;
-    esac
-    if ((rc != 0)); then
-        echo "multigpu.sh: $name ${!var} (log: $dir/$name.log)" >&2
-        status=1
-    fi
+    bench_run "$name" "$var" "$limit" "$dir/$name.log" "$@"
 }
 
 keep_torch=$((torch && ${#sizes} > 0 ? budget * 35 / 100 : 0))

@@ -27,6 +27,9 @@
 # would start with less than 30 s left is skipped and shows as not run.
 # Environment: M2_COMMIT (the commit the table names; default git HEAD).
 set -uo pipefail
+# shellcheck source=kernels/bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+BENCH_TOOL=perf.sh
 
 parts="gemm ssd step130m step2.7b"
 rounds=2
@@ -75,23 +78,13 @@ fi
 
 left() { echo $((budget - SECONDS)); }
 
-# run NAME LIMIT CMD...: CMD under timeout, its output in $dir/NAME.log.
+# run NAME LIMIT CMD...: CMD through bench_run, logged to $dir/NAME.log.
 run() {
-    local name="$1" limit="$2" rc
+    # shellcheck disable=SC2034 # set by bench_run; the table shows a missing part as not run
+    local name="$1" limit="$2" part_status
     shift 2
-    if ((limit < 30)); then
-        echo "perf.sh: no time left for $name" >&2
-        status=1
-        return 1
-    fi
     echo "== $name" >&2
-    timeout "$limit" "$@" >"$dir/$name.log" 2>&1
-    rc=$?
-    if ((rc != 0)); then
-        echo "perf.sh: $name failed (exit $rc; log: $dir/$name.log)" >&2
-        status=1
-    fi
-    return "$rc"
+    bench_run "$name" part_status "$limit" "$dir/$name.log" "$@"
 }
 
 declare -A ssd_flags=(

@@ -27,6 +27,9 @@
 # Environment: M2K_DIRS, M2K_NVCC_FLAGS (passed to kernels/build.sh),
 # M2_COMMIT (the commit the table names; default git HEAD).
 set -uo pipefail
+# shellcheck source=kernels/bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+BENCH_TOOL=step.sh
 
 steps=10
 warmup=3
@@ -114,28 +117,12 @@ write_table() {
     } >"$dir/step-bench.md"
 }
 
-# bench NAME STATUSVAR LIMIT CMD...: runs CMD under timeout, logs to
-# $dir/step-NAME.log and sets STATUSVAR to what the table says if it fails.
+# bench NAME STATUSVAR LIMIT CMD...: CMD through bench_run, logged to
+# $dir/step-NAME.log.
 bench() {
-    local name="$1" var="$2" limit="$3" rc
+    local name="$1" var="$2" limit="$3"
     shift 3
-    if ((limit < 30)); then
-        printf -v "$var" '%s' "skipped: budget spent"
-        echo "step.sh: no time left for $name" >&2
-        status=1
-        return
-    fi
-    timeout "$limit" "$@" 2>&1 | tee "$dir/step-$name.log"
-    rc=${PIPESTATUS[0]}
-    case "$rc" in
-    0) printf -v "$var" '%s' "" ;;
-    124) printf -v "$var" '%s' "timed out after $limit s" ;;
-    *) printf -v "$var" '%s' "failed (exit $rc)" ;;
-    esac
-    if ((rc != 0)); then
-        echo "step.sh: $name ${!var} (log: $dir/step-$name.log)" >&2
-        status=1
-    fi
+    bench_run "$name" "$var" "$limit" "$dir/step-$name.log" "$@"
 }
 
 rm -f "$dir/step-ours.json" "$dir/step-torch.json"
