@@ -560,15 +560,14 @@ __global__ void __launch_bounds__(NT, MINB) chunk_dbc_kernel(Geo g, const T* __r
         }
     }
     __syncthreads();
-    // Group part: dC += Σ_{j ≤ i} dCB[i, j] B_j, or dB += Σ_{i ≥ j} dCB[i, j] C_i.
+    // Group part: dC += Σ_{j ≤ i} dCB[i, j] B_j, or dB += Σ_{i ≥ j} dCB[i, j] C_i
+    // (zero in the head slots of a split).
     acc.zero();
-    if (!group_part) {
-        // nothing: Ts stays zero
-    } else if (which == 0) {
+    if (group_part && which == 0) {
         // Columns past the diagonal tile are not read: dCB is zero there.
         mma_a<BLayout::KN>(acc, s, dcb + cbase + int64_t(I0) * g.Q, int64_t(g.Q), q - I0, Bg + n0, g.bs, g.N - n0,
                min(I0 + TM, q));
-    } else {
+    } else if (group_part) {
         Frag<TK, TM, float> fg;
         Frag<TK, TN, T> fc;
         mma_pipeline(
