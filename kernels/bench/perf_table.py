@@ -15,7 +15,6 @@ Needs only the standard library, so the table can be rebuilt anywhere.
 import glob
 import json
 import os
-import re
 import statistics
 import sys
 
@@ -43,13 +42,8 @@ def load(path):
 
 
 def ssd_rounds(d, name):
-    out = []
-    for p in sorted(glob.glob(os.path.join(d, f"ssd-{name}-r*.json"))):
-        if re.search(r"-r\d+\.json$", p):
-            r = load(p)
-            if r:
-                out.append(r)
-    return out
+    rounds = (load(p) for p in sorted(glob.glob(os.path.join(d, f"ssd-{name}-r*.json"))))
+    return [r for r in rounds if r]
 
 
 def fmt_ms(v):
