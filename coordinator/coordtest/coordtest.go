@@ -59,6 +59,11 @@ type Replica struct {
 	GRPC   *grpc.Server
 	etcd   *clientv3.Client
 	served chan struct{}
+
+	// Listeners that hold the replica's ports from Start until its first
+	// start takes them, so that no other socket of a busy machine (the
+	// other replicas' raft dials among them) gets a port in between.
+	raftHold, apiHold net.Listener
 }
 
 // Cluster is a running set of replicas.
@@ -84,17 +89,19 @@ func Start(opts Options) (*Cluster, error) {
 		c.opts.Dir, c.ownDir = d, true
 	}
 	for i := range opts.Replicas {
-		raftAddr, err := FreeAddr()
-		if err != nil {
-			return nil, err
-		}
-		apiAddr, err := FreeAddr()
-		if err != nil {
-			return nil, err
-		}
 		id := fmt.Sprintf("c%d", i)
-		c.peers = append(c.peers, node.Peer{ID: id, Addr: raftAddr})
-		c.replicas = append(c.replicas, &Replica{ID: id, Dir: filepath.Join(c.opts.Dir, id), RaftAddr: raftAddr, APIAddr: apiAddr})
+		r := &Replica{ID: id, Dir: filepath.Join(c.opts.Dir, id)}
+		c.replicas = append(c.replicas, r)
+		var err error
+		if r.raftHold, err = net.Listen("tcp", "127.0.0.1:0"); err == nil {
+			r.apiHold, err = net.Listen("tcp", "127.0.0.1:0")
+		}
+		if err != nil {
+			c.Close()
+			return nil, err
+		}
+		r.RaftAddr, r.APIAddr = r.raftHold.Addr().String(), r.apiHold.Addr().String()
+		c.peers = append(c.peers, node.Peer{ID: id, Addr: r.RaftAddr})
 	}
 	for i := range c.replicas {
 		if err := c.Restart(i); err != nil {
@@ -170,6 +177,11 @@ func (c *Cluster) Restart(i int) error {
 	if c.opts.Node != nil {
 		c.opts.Node(&cfg)
 	}
+	if r.raftHold != nil {
+		// The node listens on the address itself: free the port just before.
+		r.raftHold.Close()
+		r.raftHold = nil
+	}
 	n, err := node.Start(cfg)
 	if err != nil {
 		return err
@@ -190,10 +202,13 @@ func (c *Cluster) Restart(i int) error {
 		n.Close()
 		return err
 	}
-	lis, err := listenRetry(r.APIAddr)
-	if err != nil {
-		n.Close()
-		return err
+	lis := r.apiHold
+	r.apiHold = nil
+	if lis == nil {
+		if lis, err = listenRetry(r.APIAddr); err != nil {
+			n.Close()
+			return err
+		}
 	}
 	g := srv.GRPCServer(nil)
 	served := make(chan struct{})
@@ -228,6 +243,15 @@ func (c *Cluster) Kill(i int) error {
 }
 
 func (c *Cluster) kill(r *Replica) error {
+	// A replica that never started still holds its ports.
+	if r.raftHold != nil {
+		r.raftHold.Close()
+		r.raftHold = nil
+	}
+	if r.apiHold != nil {
+		r.apiHold.Close()
+		r.apiHold = nil
+	}
 	if r.Node == nil {
 		return nil
 	}
