@@ -38,7 +38,11 @@ class FwdArgs(ctypes.Structure):
 class BwdArgs(ctypes.Structure):
     _fields_ = [(n, _P) for n in ("x", "dt_raw", "dt_bias", "A_log", "B", "C", "D", "init_state", "dy",
                                   "dfinal_state", "dx", "ddt_raw", "dB", "dC", "ddt_bias", "dA_log", "dD",
-                                  "dinit_state", "workspace")] + [("workspace_bytes", ctypes.c_int64)]
+                                  "dinit_state", "workspace")] + [("workspace_bytes", ctypes.c_int64)] + \
+               [("fwd_workspace", _P), ("fwd_workspace_bytes", ctypes.c_int64)]
+
+
+WS_FWD, WS_BWD, WS_BWD_SAVED = 0, 1, 2  # m2k_ssd_workspace_size kinds
 
 
 def ptr(t):
@@ -86,6 +90,36 @@ def rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
+def report(a, lines, ours_fwdbwd, t, baseline):
+    """Prints lines (with --profile, a per-kernel table of ours after them)
+    and writes them to --out, and our times t to --json with the baseline's
+    fields (None with --ours-only)."""
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                ours_fwdbwd()
+            torch.cuda.synchronize()
+        lines += ["", "per-kernel time of 10 x (our forward + backward):",
+                  prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)]
+    text = "\n".join(lines)
+    print(text)
+    if a.json:
+        import json
+        Bt, L, H, P, N, G, Q = a.batch, a.seqlen, a.nheads, a.headdim, a.dstate, a.ngroups, a.chunk
+        doc = dict(tool="bench_ssd", device=torch.cuda.get_device_name(), torch=torch.__version__,
+                   shape=dict(batch=Bt, seqlen=L, nheads=H, headdim=P, dstate=N, ngroups=G, chunk=Q, dtype="bf16"),
+                   warmup=a.warmup, reps=a.reps, flops_fwd=ssd_flops(Bt, L, H, P, N, G, Q),
+                   recompute=a.recompute,
+                   ours_fwd_ms=t["ours_fwd"], ours_fwdbwd_ms=t["ours_fwdbwd"])
+        doc.update(baseline or {})
+        with open(a.json, "w") as f:
+            json.dump(doc, f, indent=1)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text + "\n")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lib", default="kernels/build/libm2kernels.so")
@@ -102,6 +136,11 @@ def main():
     ap.add_argument("--out", default="")
     ap.add_argument("--json", default="", help="also write the times, the shape and the cross-check as JSON here")
     ap.add_argument("--profile", action="store_true", help="also print the time of each of our kernels")
+    ap.add_argument("--recompute", action="store_true",
+                    help="our backward recomputes the forward's intermediates instead of reading the forward's "
+                         "workspace (Options.RecomputeSSD of the trainer)")
+    ap.add_argument("--ours-only", action="store_true",
+                    help="time our kernels alone (no mamba_ssm: no baseline, no cross-check), to compare builds")
     a = ap.parse_args()
 
     lib = ctypes.CDLL(os.path.abspath(a.lib))
@@ -129,8 +168,9 @@ def main():
 
     shape = Shape(batch=Bt, seqlen=L, nheads=H, headdim=P, dstate=N, ngroups=G, chunk=Q, dtype=BF16)
     nfwd, nbwd = ctypes.c_int64(), ctypes.c_int64()
-    check(lib.m2k_ssd_workspace_size(ctypes.byref(shape), 0, ctypes.byref(nfwd)), "workspace")
-    check(lib.m2k_ssd_workspace_size(ctypes.byref(shape), 1, ctypes.byref(nbwd)), "workspace")
+    check(lib.m2k_ssd_workspace_size(ctypes.byref(shape), WS_FWD, ctypes.byref(nfwd)), "workspace")
+    check(lib.m2k_ssd_workspace_size(ctypes.byref(shape), WS_BWD if a.recompute else WS_BWD_SAVED,
+                                     ctypes.byref(nbwd)), "workspace")
     ws_f = torch.empty(nfwd.value, dtype=torch.uint8, device=dev)
     ws_b = torch.empty(nbwd.value, dtype=torch.uint8, device=dev)
     y = torch.empty_like(x)
@@ -142,6 +182,8 @@ def main():
                  dy=ptr(dy), dx=ptr(g["x"]), ddt_raw=ptr(g["dt"]), dB=ptr(g["B"]), dC=ptr(g["C"]),
                  ddt_bias=ptr(g["dt_bias"]), dA_log=ptr(g["A_log"]), dD=ptr(g["D"]), workspace=ptr(ws_b),
                  workspace_bytes=nbwd.value)
+    if not a.recompute:  # the backward reads what the forward left in its workspace
+        ba.fwd_workspace, ba.fwd_workspace_bytes = ptr(ws_f), nfwd.value
 
     def ours_fwd():
         s = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
@@ -152,6 +194,16 @@ def main():
         s = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
         check(lib.m2k_ssd_bwd(ctypes.byref(shape), ctypes.byref(ba), s), "m2k_ssd_bwd")
 
+    if a.ours_only:
+        t = {"ours_fwd": timed(ours_fwd, a.warmup, a.reps), "ours_fwdbwd": timed(ours_fwdbwd, a.warmup, a.reps)}
+        lines = [f"device: {torch.cuda.get_device_name()}, library {a.lib}",
+                 f"shape: batch {Bt}, L {L}, heads {H}, headdim {P}, d_state {N}, groups {G}, chunk {Q}, bf16; "
+                 f"median of {a.reps} reps after {a.warmup} warm-up, CUDA events; our backward "
+                 f"{'recomputes the forward' if a.recompute else 'reads the forward workspace'}",
+                 "", "| pass | libm2kernels (ms) |", "|---|---|",
+                 f"| forward | {t['ours_fwd']:.3f} |", f"| forward + backward | {t['ours_fwdbwd']:.3f} |"]
+        report(a, lines, ours_fwdbwd, t, None)
+        return
     scan = import_mamba(a.mamba)
     A = -torch.exp(A_log)
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, dt_raw, A, B, C, D, dt_bias)]
@@ -185,7 +237,8 @@ def main():
     }
     lines = [f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}",
              f"shape: batch {Bt}, L {L}, heads {H}, headdim {P}, d_state {N}, groups {G}, chunk {Q}, bf16; "
-             f"median of {a.reps} reps after {a.warmup} warm-up, CUDA events",
+             f"median of {a.reps} reps after {a.warmup} warm-up, CUDA events; our backward "
+                 f"{'recomputes the forward' if a.recompute else 'reads the forward workspace'}",
              "",
              "| pass | mamba_ssm Triton (ms) | libm2kernels (ms) | ours / Triton |",
              "|---|---|---|---|",
@@ -194,29 +247,9 @@ def main():
              f"{t['ours_fwdbwd'] / t['mamba_fwdbwd']:.2f} |",
              "",
              "max|ours − mamba_ssm| / max|mamba_ssm|: " + ", ".join(f"{n} {rel(o, m):.2e}" for n, o, m in checks)]
-    if a.profile:
-        from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(10):
-                ours_fwdbwd()
-            torch.cuda.synchronize()
-        lines += ["", "per-kernel time of 10 x (our forward + backward):",
-                  prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)]
-    text = "\n".join(lines)
-    print(text)
-    if a.json:
-        import json
-        doc = dict(tool="bench_ssd", device=torch.cuda.get_device_name(), torch=torch.__version__,
-                   shape=dict(batch=Bt, seqlen=L, nheads=H, headdim=P, dstate=N, ngroups=G, chunk=Q, dtype="bf16"),
-                   warmup=a.warmup, reps=a.reps, flops_fwd=ssd_flops(Bt, L, H, P, N, G, Q),
-                   ours_fwd_ms=t["ours_fwd"], ours_fwdbwd_ms=t["ours_fwdbwd"],
-                   triton_fwd_ms=t["mamba_fwd"], triton_fwdbwd_ms=t["mamba_fwdbwd"],
-                   max_rel_diff={n: rel(o, m) for n, o, m in checks})
-        with open(a.json, "w") as f:
-            json.dump(doc, f, indent=1)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
+    doc = dict(triton_fwd_ms=t["mamba_fwd"], triton_fwdbwd_ms=t["mamba_fwdbwd"],
+               max_rel_diff={n: rel(o, m) for n, o, m in checks})
+    report(a, lines, ours_fwdbwd, t, doc)
 
 
 if __name__ == "__main__":

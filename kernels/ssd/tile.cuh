@@ -23,7 +23,15 @@ namespace ssd {
 constexpr int NT = 256;  // threads per block
 constexpr int TM = 64;   // tile rows
 constexpr int TN = 64;   // tile columns
-constexpr int TK = 32;   // reduction step staged in shared memory
+// Reduction step staged in shared memory: one step of mma_pipeline loads a
+// TM×TK and a TK×TN operand tile. Building with -DM2K_SSD_TK=n sets it to n
+// (a multiple of 16), to measure other steps.
+#ifdef M2K_SSD_TK
+constexpr int TK = M2K_SSD_TK;
+#else
+constexpr int TK = 32;
+#endif
+static_assert(TK % 16 == 0, "TK must be a multiple of 16 (the tensor-core k step)");
 constexpr int LDC = TN + 4;  // leading dimension of f32 tiles in shared memory
 
 // Leading dimensions of the operand tiles: multiples of 8 elements for wmma
