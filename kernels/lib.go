@@ -14,7 +14,7 @@ import (
 
 // ABIVersion is the M2K_ABI_VERSION of the m2kernels.h these bindings were
 // written against; Open refuses a library reporting another.
-const ABIVersion = 2
+const ABIVersion = 3
 
 // LibName is the file name of the library.
 const LibName = "libm2kernels.so"

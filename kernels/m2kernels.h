@@ -29,7 +29,7 @@ extern "C" {
 /* ==== common ==== */
 
 /* ABI version; bumped whenever a signature or struct layout in this file changes. */
-#define M2K_ABI_VERSION 2
+#define M2K_ABI_VERSION 3
 
 /* Activation dtypes. */
 #define M2K_F32 0
@@ -197,15 +197,30 @@ typedef struct m2k_ssd_bwd_args {
     void* dinit_state;       /* f32 (Bt,H,P,N); NULL to skip */
     void* workspace;
     int64_t workspace_bytes;
+    /* The workspace of the m2k_ssd_fwd call whose gradients these are (same
+     * shape, same x, dt_raw, dt_bias, A_log, B, C and init_state), untouched
+     * since: the backward reads the forward's intermediates (dt, the decay
+     * cumsums, the chunk states, C·Bᵀ) from it instead of recomputing them,
+     * and its own workspace then needs M2K_SSD_WS_BWD_SAVED bytes. NULL:
+     * recompute (workspace of M2K_SSD_WS_BWD bytes). Read only. */
+    const void* fwd_workspace;
+    int64_t fwd_workspace_bytes;
 } m2k_ssd_bwd_args;
 
-/* Bytes of workspace that m2k_ssd_fwd (backward = 0) or m2k_ssd_bwd (backward = 1)
- * needs for this shape. */
-int m2k_ssd_workspace_size(const m2k_ssd_shape* shape, int backward, int64_t* bytes);
+/* What an SSD workspace is for (m2k_ssd_workspace_size). */
+enum {
+    M2K_SSD_WS_FWD = 0,       /* m2k_ssd_fwd; also what fwd_workspace must hold */
+    M2K_SSD_WS_BWD = 1,       /* m2k_ssd_bwd without fwd_workspace */
+    M2K_SSD_WS_BWD_SAVED = 2  /* m2k_ssd_bwd given fwd_workspace */
+};
+
+/* Bytes of workspace that the use `kind` (M2K_SSD_WS_*) needs for this shape. */
+int m2k_ssd_workspace_size(const m2k_ssd_shape* shape, int kind, int64_t* bytes);
 /* Forward scan: y, final_state, log_decay. */
 int m2k_ssd_fwd(const m2k_ssd_shape* shape, const m2k_ssd_fwd_args* args, void* stream);
 /* Backward scan: every gradient of the forward, given dy and dfinal_state;
- * recomputes the forward quantities it needs from the inputs. */
+ * takes the forward quantities it needs from fwd_workspace, or recomputes
+ * them from the inputs. */
 int m2k_ssd_bwd(const m2k_ssd_shape* shape, const m2k_ssd_bwd_args* args, void* stream);
 
 /* ==== ops ==== */

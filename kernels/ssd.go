@@ -1,6 +1,7 @@
 package kernels
 
 import (
+	"fmt"
 	"math"
 )
 
@@ -132,7 +133,7 @@ func (s SSDShape) c() cSSDShape {
 // X, DTRaw, B, C and Y hold the activation dtype; DTBias, ALog, D and the
 // states and LogDecay are f32. InitState 0 means zeros; FinalState or
 // LogDecay 0 skips that output. The workspace must hold at least
-// SSDWorkspaceBytes(shape, false) bytes.
+// SSDWorkspaceBytes(shape, SSDForwardWorkspace) bytes.
 type SSDForwardArgs struct {
 	X, DTRaw, DTBias, ALog, B, C, D, InitState uintptr
 	Y, FinalState, LogDecay                    uintptr
@@ -146,6 +147,13 @@ type SSDForwardArgs struct {
 // DX, DDTRaw, DB, DC in the activation dtype and the layout of their
 // tensors; DDTBias, DALog, DD and DInitState in f32 (DInitState 0 skips it).
 // Parameter gradients are sums over batch and time of this call.
+//
+// FwdWorkspace, when not 0, is the workspace of the SSDForward call whose
+// gradients these are (same shape and inputs), untouched since: the
+// backward reads the forward's intermediates (chunk states, C·Bᵀ, dt and
+// the decay cumsums) from it instead of recomputing them, and Workspace
+// then needs SSDWorkspaceBytes(shape, SSDBackwardSavedWorkspace) bytes;
+// with 0 it needs SSDWorkspaceBytes(shape, SSDBackwardWorkspace).
 type SSDBackwardArgs struct {
 	X, DTRaw, DTBias, ALog, B, C, D, InitState uintptr
 	DY, DFinalState                            uintptr
@@ -153,10 +161,40 @@ type SSDBackwardArgs struct {
 	DDTBias, DALog, DD, DInitState             uintptr
 	Workspace                                  uintptr
 	WorkspaceBytes                             int64
+	FwdWorkspace                               uintptr
+	FwdWorkspaceBytes                          int64
+}
+
+// SSDWorkspace names what an SSD workspace serves (m2k_ssd_workspace_size's
+// kind).
+type SSDWorkspace int32
+
+const (
+	// SSDForwardWorkspace is the forward's workspace; after the forward it
+	// holds what SSDBackwardArgs.FwdWorkspace passes to the backward.
+	SSDForwardWorkspace SSDWorkspace = 0
+	// SSDBackwardWorkspace is the workspace of a backward that recomputes
+	// the forward's intermediates.
+	SSDBackwardWorkspace SSDWorkspace = 1
+	// SSDBackwardSavedWorkspace is the workspace of a backward given the
+	// forward's workspace.
+	SSDBackwardSavedWorkspace SSDWorkspace = 2
+)
+
+func (k SSDWorkspace) String() string {
+	switch k {
+	case SSDForwardWorkspace:
+		return "forward"
+	case SSDBackwardWorkspace:
+		return "backward"
+	case SSDBackwardSavedWorkspace:
+		return "backward given the forward's workspace"
+	}
+	return fmt.Sprintf("SSDWorkspace(%d)", int32(k))
 }
 
 type ssdFuncs struct {
-	workspaceSize func(shape *cSSDShape, backward int32, bytes *int64) int32
+	workspaceSize func(shape *cSSDShape, kind int32, bytes *int64) int32
 	fwd           func(shape *cSSDShape, args *SSDForwardArgs, stream uintptr) int32
 	bwd           func(shape *cSSDShape, args *SSDBackwardArgs, stream uintptr) int32
 }
@@ -169,22 +207,21 @@ func (f *ssdFuncs) bind(h uintptr) error {
 	})
 }
 
-// SSDWorkspaceBytes returns the workspace size the forward (backward false)
-// or backward scan needs for shape s.
-func (l *Lib) SSDWorkspaceBytes(s SSDShape, backward bool) (int64, error) {
+// SSDWorkspaceBytes returns the bytes of workspace that use kind of the scan
+// needs for shape s.
+func (l *Lib) SSDWorkspaceBytes(s SSDShape, kind SSDWorkspace) (int64, error) {
 	if l.ssdErr != nil {
 		return 0, l.ssdErr
 	}
 	if err := s.Validate(); err != nil {
 		return 0, err
 	}
-	cs := s.c()
-	var bw int32
-	if backward {
-		bw = 1
+	if kind < SSDForwardWorkspace || kind > SSDBackwardSavedWorkspace {
+		return 0, invalid("SSDWorkspaceBytes: kind must be SSDForwardWorkspace, SSDBackwardWorkspace or SSDBackwardSavedWorkspace, got %d", int32(kind))
 	}
+	cs := s.c()
 	var n int64
-	err := l.Call("m2k_ssd_workspace_size", func() int32 { return l.ssd.workspaceSize(&cs, bw, &n) })
+	err := l.Call("m2k_ssd_workspace_size", func() int32 { return l.ssd.workspaceSize(&cs, int32(kind), &n) })
 	return n, err
 }
 

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"strings"
 	"testing"
 
 	"github.com/m2train/m2train/model/ssd"
@@ -282,6 +283,10 @@ type ssdRun struct {
 	dxbc, ddt, dBias, dALog *Buffer
 	dD, dInit               *Buffer
 	xOff, bOff, cOff        int // element offsets of x, B, C in xbc
+	// The latest forward's workspace, which backwardSaved hands to the
+	// backward.
+	fwdWS  uintptr
+	fwdLen int64
 }
 
 func newSSDRun(t *testing.T, l *Lib, p *ssdProblem) *ssdRun {
@@ -342,8 +347,8 @@ func ptr(b *Buffer) uintptr {
 	return b.Ptr
 }
 
-func (r *ssdRun) workspace(backward bool) (uintptr, int64) {
-	n, err := r.l.SSDWorkspaceBytes(r.s, backward)
+func (r *ssdRun) workspace(kind SSDWorkspace) (uintptr, int64) {
+	n, err := r.l.SSDWorkspaceBytes(r.s, kind)
 	if err != nil {
 		r.t.Fatal(err)
 	}
@@ -356,7 +361,7 @@ func (r *ssdRun) workspace(backward bool) (uintptr, int64) {
 }
 
 func (r *ssdRun) forward() {
-	ws, n := r.workspace(false)
+	ws, n := r.workspace(SSDForwardWorkspace)
 	a := &SSDForwardArgs{
 		X: r.xbc.Offset(r.xOff), DTRaw: r.dt.Ptr, DTBias: r.dtBias.Ptr, ALog: r.aLog.Ptr,
 		B: r.xbc.Offset(r.bOff), C: r.xbc.Offset(r.cOff), D: r.d.Ptr, InitState: ptr(r.init),
@@ -368,11 +373,13 @@ func (r *ssdRun) forward() {
 	if err := r.l.Sync(0); err != nil {
 		r.t.Fatal(err)
 	}
+	r.fwdWS, r.fwdLen = ws, n
 }
 
-func (r *ssdRun) backward() {
-	ws, n := r.workspace(true)
-	a := &SSDBackwardArgs{
+// backwardArgs are the backward's arguments, with a fresh workspace of kind.
+func (r *ssdRun) backwardArgs(kind SSDWorkspace) *SSDBackwardArgs {
+	ws, n := r.workspace(kind)
+	return &SSDBackwardArgs{
 		X: r.xbc.Offset(r.xOff), DTRaw: r.dt.Ptr, DTBias: r.dtBias.Ptr, ALog: r.aLog.Ptr,
 		B: r.xbc.Offset(r.bOff), C: r.xbc.Offset(r.cOff), D: r.d.Ptr, InitState: ptr(r.init),
 		DY: r.dy.Ptr, DFinalState: ptr(r.dfin),
@@ -380,11 +387,44 @@ func (r *ssdRun) backward() {
 		DDTBias: r.dBias.Ptr, DALog: r.dALog.Ptr, DD: r.dD.Ptr, DInitState: r.dInit.Ptr,
 		Workspace: ws, WorkspaceBytes: n,
 	}
+}
+
+func (r *ssdRun) runBackward(a *SSDBackwardArgs) {
 	if err := r.l.SSDBackward(r.s, a, 0); err != nil {
 		r.t.Fatal(err)
 	}
 	if err := r.l.Sync(0); err != nil {
 		r.t.Fatal(err)
+	}
+}
+
+// backward recomputes the forward's intermediates.
+func (r *ssdRun) backward() { r.runBackward(r.backwardArgs(SSDBackwardWorkspace)) }
+
+// backwardSaved takes them from the latest forward's workspace.
+func (r *ssdRun) backwardSaved() {
+	if r.fwdWS == 0 {
+		r.t.Fatal("backwardSaved before forward")
+	}
+	a := r.backwardArgs(SSDBackwardSavedWorkspace)
+	a.FwdWorkspace, a.FwdWorkspaceBytes = r.fwdWS, r.fwdLen
+	r.runBackward(a)
+}
+
+// grads downloads every gradient the backward writes.
+func (r *ssdRun) grads() [][]float32 {
+	return [][]float32{r.get(r.dxbc), r.get(r.ddt), r.get(r.dBias), r.get(r.dALog), r.get(r.dD), r.get(r.dInit)}
+}
+
+// sameBits fails unless a and b hold the same bits.
+func sameBits(t *testing.T, what string, a, b [][]float32) {
+	t.Helper()
+	for i := range a {
+		for j := range a[i] {
+			if math.Float32bits(a[i][j]) != math.Float32bits(b[i][j]) {
+				t.Fatalf("%s: output %d element %d differs: %g vs %g", what, i, j, a[i][j], b[i][j])
+			}
+		}
 	}
 }
 
@@ -489,17 +529,33 @@ func testSSDBackwardDeterministic(t *testing.T, l *Lib, c ssdCase) {
 		p := newSSDProblem(c, dt, 7)
 		r := newSSDRun(t, l, p)
 		r.backward()
-		first := [][]float32{r.get(r.dxbc), r.get(r.ddt), r.get(r.dBias), r.get(r.dALog), r.get(r.dD), r.get(r.dInit)}
+		first := r.grads()
 		r.backward()
-		second := [][]float32{r.get(r.dxbc), r.get(r.ddt), r.get(r.dBias), r.get(r.dALog), r.get(r.dD), r.get(r.dInit)}
-		for i := range first {
-			for j := range first[i] {
-				if math.Float32bits(first[i][j]) != math.Float32bits(second[i][j]) {
-					t.Fatalf("%s/%s: output %d element %d differs between runs: %g vs %g", c.name, dt, i, j, first[i][j], second[i][j])
-				}
-			}
-		}
+		sameBits(t, fmt.Sprintf("%s/%s: two runs", c.name, dt), first, r.grads())
 		r.free()
+	}
+}
+
+// A backward given the forward's workspace computes what one that
+// recomputes the forward's intermediates does, bit for bit: the same
+// kernels produce them either way.
+func TestSSDBackwardSavedForward(t *testing.T) {
+	l := openLib(t)
+	for ci, c := range ssdCases {
+		if testing.Short() && ci > 2 {
+			break
+		}
+		for _, dt := range []DType{F32, BF16} {
+			t.Run(fmt.Sprintf("%s/%s", c.name, dt), func(t *testing.T) {
+				r := newSSDRun(t, l, newSSDProblem(c, dt, uint64(300+ci)))
+				defer r.free()
+				r.forward()
+				r.backward()
+				recomputed := r.grads()
+				r.backwardSaved()
+				sameBits(t, "saved vs recomputed", recomputed, r.grads())
+			})
+		}
 	}
 }
 
@@ -510,7 +566,7 @@ func TestSSDArgumentErrors(t *testing.T) {
 	p := newSSDProblem(ssdCases[0], F32, 1)
 	r := newSSDRun(t, l, p)
 	defer r.free()
-	ws, n := r.workspace(false)
+	ws, n := r.workspace(SSDForwardWorkspace)
 	a := &SSDForwardArgs{X: r.xbc.Ptr, DTRaw: r.dt.Ptr, DTBias: r.dtBias.Ptr, ALog: r.aLog.Ptr,
 		B: r.xbc.Offset(r.bOff), C: r.xbc.Offset(r.cOff), D: r.d.Ptr, Y: r.y.Ptr, Workspace: ws, WorkspaceBytes: n - 1}
 	err := l.SSDForward(r.s, a, 0)
@@ -521,5 +577,23 @@ func TestSSDArgumentErrors(t *testing.T) {
 	a.Workspace = ws + 8
 	if err := l.SSDForward(r.s, a, 0); !errors.Is(err, ErrInvalidArg) {
 		t.Fatalf("misaligned workspace: got %v, want ErrInvalidArg", err)
+	}
+	if _, err := l.SSDWorkspaceBytes(r.s, SSDWorkspace(3)); !errors.Is(err, ErrInvalidArg) {
+		t.Fatalf("workspace kind 3: got %v, want ErrInvalidArg", err)
+	}
+
+	// The backward given the forward's workspace checks that workspace's
+	// size, and without it needs the larger workspace of a recomputing
+	// backward.
+	r.forward()
+	b := r.backwardArgs(SSDBackwardSavedWorkspace)
+	b.FwdWorkspace, b.FwdWorkspaceBytes = r.fwdWS, r.fwdLen-1
+	err = l.SSDBackward(r.s, b, 0)
+	if !errors.Is(err, ErrWorkspace) || !strings.Contains(err.Error(), "fwd_workspace_bytes") {
+		t.Fatalf("short forward workspace: got %v, want ErrWorkspace naming fwd_workspace_bytes", err)
+	}
+	b.FwdWorkspace, b.FwdWorkspaceBytes = 0, 0
+	if err := l.SSDBackward(r.s, b, 0); !errors.Is(err, ErrWorkspace) {
+		t.Fatalf("saved-size workspace without the forward's: got %v, want ErrWorkspace", err)
 	}
 }

@@ -102,7 +102,7 @@ func New(lib *kernels.Lib, cfg model.Config, o Options) (*Model, error) {
 	// A library built without the SSD kernels still opens; find out now.
 	probe := kernels.SSDShape{Batch: 1, L: 1, H: cfg.NHeads, P: cfg.HeadDim, N: cfg.DState, G: cfg.NGroups,
 		Chunk: cfg.ChunkSize, DType: o.Precision.dtype(), DHasHdim: cfg.DHasHdim, DTLimit: cfg.DTLimit}
-	if _, err := lib.SSDWorkspaceBytes(probe, false); err != nil {
+	if _, err := lib.SSDWorkspaceBytes(probe, kernels.SSDForwardWorkspace); err != nil {
 		if errors.Is(err, kernels.ErrABI) {
 			return nil, fmt.Errorf("%w: %w", ErrUnavailable, err)
 		}
@@ -334,7 +334,7 @@ func (m *Model) freeWorkspace() error {
 		return nil
 	}
 	m.ws = nil
-	errs := []error{ws.free(ws.slots(m.cfg, m.act, m.block)), ws.free(ws.spSlots(m.cfg, m.act))}
+	errs := []error{ws.free(ws.slots(m.cfg, m.act, m.block)), ws.free(ws.spSlots(m.cfg, m.act)), ws.freeSSD()}
 	if ws.scratch != nil {
 		errs = append(errs, ws.scratch.Free())
 	}
@@ -355,6 +355,11 @@ func (m *Model) workspace(bt, l int, boundary bool) (*workspace, error) {
 			return nil, err
 		}
 		m.ws = ws
+		if !m.opts.RecomputeSSD {
+			if err := m.allocSSD(ws); err != nil {
+				return nil, err
+			}
+		}
 		need, err := m.scratchBytes(bt, l)
 		if err != nil {
 			return nil, err
@@ -372,6 +377,21 @@ func (m *Model) workspace(bt, l int, boundary bool) (*workspace, error) {
 	return m.ws, nil
 }
 
+// allocSSD allocates each layer's forward workspace of the scan, which the
+// layer's backward reads.
+func (m *Model) allocSSD(ws *workspace) error {
+	need, err := m.lib.SSDWorkspaceBytes(m.ssdShape(ws.bt, ws.l), kernels.SSDForwardWorkspace)
+	if err != nil {
+		return err
+	}
+	for i := range ws.acts {
+		if ws.acts[i].ssd, err = allocBytes(m.lib, need); err != nil {
+			return fmt.Errorf("gpu: allocating layer %d's scan forward workspace (%d bytes): %w", i, need, err)
+		}
+	}
+	return nil
+}
+
 // scratchBytes is the largest workspace any operation of a (bt, l) pass
 // needs; the operations run one after another on one stream, so they share
 // it.
@@ -385,13 +405,16 @@ func (m *Model) scratchBytes(bt, l int) (int64, error) {
 	}
 	sh := m.ssdShape(bt, l)
 	errs := []error{
-		take(m.lib.SSDWorkspaceBytes(sh, false)),
-		take(m.lib.SSDWorkspaceBytes(sh, true)),
+		take(m.lib.SSDWorkspaceBytes(sh, kernels.SSDBackwardSavedWorkspace)),
 		take(m.ops.RMSNormBackwardWorkspace(n, c.DModel)),
 		take(m.ops.ColumnSumWorkspace(1, c.NHeads)),
 		take(m.ops.ColumnSumWorkspace(1, c.DSize())),
 		take(m.ops.ConvBackwardWorkspace(m.convShape(bt, l))),
 		take(m.ops.EmbeddingBackwardWorkspace(n, c.VocabSize)),
+	}
+	if m.opts.RecomputeSSD {
+		errs = append(errs, take(m.lib.SSDWorkspaceBytes(sh, kernels.SSDForwardWorkspace)),
+			take(m.lib.SSDWorkspaceBytes(sh, kernels.SSDBackwardWorkspace)))
 	}
 	if c.Bias {
 		errs = append(errs, take(m.ops.ColumnSumWorkspace(n, c.InProjDim())), take(m.ops.ColumnSumWorkspace(n, c.DModel)))

@@ -200,6 +200,36 @@ func TestMicroBatchesAndHeadBlocks(t *testing.T) {
 	}
 }
 
+// TestRecomputeSSD checks that keeping the scan's forward workspace per
+// layer for the backward (the default) and recomputing it
+// (Options.RecomputeSSD) give the same loss and gradients bit for bit, over
+// micro-batches of two shapes (so the kept workspaces are reallocated
+// between them).
+func TestRecomputeSSD(t *testing.T) {
+	cfg := smallConfig()
+	params := noisyParams(t, cfg, 17)
+	b1, b2 := randomBatch(cfg, 2, 10, 21), randomBatch(cfg, 1, 13, 22)
+	count := b1.Counted() + b2.Counted()
+	for _, p := range precisions {
+		t.Run(p.String(), func(t *testing.T) {
+			run := func(recompute bool) (float64, []float32) {
+				m := newGPUWith(t, cfg, Options{Precision: p, ExplicitSync: true, RecomputeSSD: recompute}, params)
+				return accumulate(t, m, count, b1, b2), gradsOf(t, m)
+			}
+			keptSum, kept := run(false)
+			recSum, rec := run(true)
+			if math.Float64bits(keptSum) != math.Float64bits(recSum) {
+				t.Fatalf("loss sum: kept %v, recomputed %v", keptSum, recSum)
+			}
+			for i := range kept {
+				if math.Float32bits(kept[i]) != math.Float32bits(rec[i]) {
+					t.Fatalf("gradient %d: kept %v, recomputed %v", i, kept[i], rec[i])
+				}
+			}
+		})
+	}
+}
+
 // TestPackedHead runs the LM head over the counted positions alone (the
 // default when some targets are negative and no logits are kept) and over
 // every position (Options.DenseHead), with a head block smaller than the

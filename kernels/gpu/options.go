@@ -67,6 +67,14 @@ type Options struct {
 	// the sums changes. The MQAR task counts a quarter of the positions.
 	// For comparisons and tests.
 	DenseHead bool
+	// RecomputeSSD makes the backward pass of each layer recompute the
+	// scan's forward intermediates (the chunk states, C·Bᵀ, dt and the
+	// decay cumsums) instead of keeping them from the forward pass. Kept,
+	// they take 4·(Batch·H·(2·L' + (L'/Q + 1)·P·N) + Batch·G·L'·Q) bytes per
+	// layer (L' the length rounded up to the chunk Q): 1.8 GB over the 24
+	// layers of the 130M model at 8 × 2048. Recomputing saves that memory
+	// and costs about a sixth of the scan's backward time.
+	RecomputeSSD bool
 }
 
 // Validate names the first field that breaks a rule.

@@ -350,6 +350,9 @@ func (m *Model) layerForward(ctx context.Context, i int, bd model.Boundary) erro
 		DTBias: m.pv(lt.DTBias).Ptr, ALog: m.pv(lt.ALog).Ptr, D: m.pv(lt.D).Ptr,
 		Y: a.y.Ptr, Workspace: ws.scratch.Ptr, WorkspaceBytes: ws.scratch.Bytes(),
 	}
+	if a.ssd != nil {
+		fa.Workspace, fa.WorkspaceBytes = a.ssd.Ptr, a.ssd.Bytes()
+	}
 	if a.hasState {
 		fa.InitState = a.state.Ptr
 	}
@@ -433,6 +436,9 @@ func (m *Model) layerBackward(ctx context.Context, i int, bd model.Boundary) err
 		DX: ws.dxbc.Offset(0), DB: ws.dxbc.Offset(E), DC: ws.dxbc.Offset(E + GN), DDTRaw: ws.dz.Offset(E + Cd),
 		DDTBias: ws.dssd.Offset(0), DALog: ws.dssd.Offset(H), DD: ws.dssd.Offset(2 * H),
 		Workspace: ws.scratch.Ptr, WorkspaceBytes: ws.scratch.Bytes(),
+	}
+	if a.ssd != nil {
+		ba.FwdWorkspace, ba.FwdWorkspaceBytes = a.ssd.Ptr, a.ssd.Bytes()
 	}
 	if a.hasState {
 		ba.InitState = a.state.Ptr

@@ -19,6 +19,10 @@ type layerActs struct {
 	y      *kernels.Buffer // act (n, E): SSD output
 	o      *kernels.Buffer // act (n, E): gated-norm output, the out_proj operand
 	grstd  *kernels.Buffer // f32 (n, norm groups): gated-norm statistic (with the gated norm)
+	// The scan's forward workspace, kept for the backward (bytes, sized by
+	// the library; nil with Options.RecomputeSSD, when the forward runs in
+	// the shared scratch and the backward recomputes it).
+	ssd *kernels.Buffer
 
 	// Received from the previous sequence shard in the forward pass
 	// (allocated with the boundary buffers; has* say whether they hold
@@ -175,8 +179,10 @@ func (ws *workspace) spSlots(cfg model.Config, act kernels.DType) []slot {
 // a Model with options o allocates for micro-batches of batch sequences of
 // seqLen positions (boundary: with the buffers of sequence parallelism).
 // It excludes the parameters, gradients, moments and bf16 weight copies
-// (see ParameterBytes) and the operations' scratch, whose size the library
-// decides (a few times the largest activation at most).
+// (see ParameterBytes), and the buffers whose size the library decides: the
+// operations' scratch (a few times the largest activation at most) and the
+// scan's forward workspace each layer keeps for its backward (see
+// Options.RecomputeSSD).
 func ActivationBytes(cfg model.Config, batch, seqLen int, boundary bool, o Options) int64 {
 	ws := newWorkspace(cfg, batch, seqLen)
 	act := o.Precision.dtype()
@@ -226,6 +232,18 @@ func (ws *workspace) alloc(lib *kernels.Lib, slots []slot) error {
 		*s.dst = b
 	}
 	return nil
+}
+
+// freeSSD releases the layers' scan forward workspaces.
+func (ws *workspace) freeSSD() error {
+	var errs []error
+	for i := range ws.acts {
+		if b := ws.acts[i].ssd; b != nil {
+			errs = append(errs, b.Free())
+			ws.acts[i].ssd = nil
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // free releases the slots' buffers that are allocated and clears them.

@@ -11,8 +11,9 @@ namespace m2k {
 namespace ssd {
 namespace {
 
-// The workspace, carved in this order by carve(); the backward buffers only
-// when asked for.
+// The workspace, carved in this order by carve(): the forward's part (dt to
+// cb), then the backward's. A backward given the forward's workspace carves
+// its own part alone and takes the forward's from that workspace.
 struct Ws {
     float* dt;
     float* cs;
@@ -32,14 +33,18 @@ struct Ws {
     double* dD_bh;
 };
 
-int64_t carve(const Geo& g, void* base, bool backward, Ws* w) {
+// Carves the parts of kind (M2K_SSD_WS_*) from base (nullptr: sizes only)
+// and returns the bytes used.
+int64_t carve(const Geo& g, void* base, int kind, Ws* w) {
     Carver cv(base);
     const int64_t BH = int64_t(g.Bt) * g.H, BG = int64_t(g.Bt) * g.G;
-    w->dt = cv.take<float>(BH * g.Lp);
-    w->cs = cv.take<float>(BH * g.Lp);
-    w->st = cv.take<float>(BH * (g.nc + 1) * g.PN);
-    w->cb = cv.take<float>(BG * g.nc * g.Q * g.Q);
-    if (backward) {
+    if (kind != M2K_SSD_WS_BWD_SAVED) {
+        w->dt = cv.take<float>(BH * g.Lp);
+        w->cs = cv.take<float>(BH * g.Lp);
+        w->st = cv.take<float>(BH * (g.nc + 1) * g.PN);
+        w->cb = cv.take<float>(BG * g.nc * g.Q * g.Q);
+    }
+    if (kind != M2K_SSD_WS_FWD) {
         w->gst = cv.take<float>(BH * (g.nc + 1) * g.PN);
         w->dcb = cv.take<float>(BG * g.nc * g.Q * g.Q);
         w->dcb_part = g.nS > 1 ? cv.take<float>(BG * g.nc * g.nS * g.Q * g.Q) : nullptr;
@@ -198,8 +203,11 @@ template <typename T> int backward(const Geo& g, const Ws& w, const m2k_ssd_bwd_
     const T* C = static_cast<const T*>(a->C);
     const T* dy = static_cast<const T*>(a->dy);
     const int BH = g.Bt * g.H, BG = g.Bt * g.G;
-    if (int e = forward_states<T>(g, w, x, a->dt_raw, a->dt_bias, a->A_log, B, C, a->init_state, nullptr, nullptr, st))
-        return e;
+    if (!a->fwd_workspace) {
+        if (int e = forward_states<T>(g, w, x, a->dt_raw, a->dt_bias, a->A_log, B, C, a->init_state, nullptr, nullptr,
+                                      st))
+            return e;
+    }
     // B1: dP_c into gst[c].
     if (int e = allow_smem(chunk_state_kernel<T, true>, smem_state<T>())) return e;
     chunk_state_kernel<T, true><<<dim3(BH, g.nc, g.nPt * g.nNt), NT, smem_state<T>(), st>>>(g, dy, g.ys, C, g.css,
@@ -237,15 +245,17 @@ template <typename T> int backward(const Geo& g, const Ws& w, const m2k_ssd_bwd_
     return launch_status();
 }
 
-int workspace(const Geo& g, void* base, int64_t bytes, bool backward, Ws* w) {
-    const int64_t need = carve(g, nullptr, backward, w);
-    if (!base) return fail(M2K_ERR_INVALID_ARG, "ssd: args.workspace is NULL");
+// Checks a workspace of kind (M2K_SSD_WS_*) given as base, bytes (what
+// names it in errors) and carves it into w.
+int workspace(const Geo& g, const char* what, const void* base, int64_t bytes, int kind, Ws* w) {
+    const int64_t need = carve(g, nullptr, kind, w);
+    if (!base) return fail(M2K_ERR_INVALID_ARG, "ssd: args.%s is NULL", what);
     if (reinterpret_cast<uintptr_t>(base) % 256 != 0)
-        return fail(M2K_ERR_INVALID_ARG, "ssd: args.workspace must be 256-byte aligned");
+        return fail(M2K_ERR_INVALID_ARG, "ssd: args.%s must be 256-byte aligned", what);
     if (bytes < need)
-        return fail(M2K_ERR_WORKSPACE, "ssd: args.workspace_bytes = %lld, need %lld", (long long)bytes,
+        return fail(M2K_ERR_WORKSPACE, "ssd: args.%s_bytes = %lld, need %lld", what, (long long)bytes,
                     (long long)need);
-    carve(g, base, backward, w);
+    carve(g, const_cast<void*>(base), kind, w);
     return M2K_OK;
 }
 
@@ -258,13 +268,18 @@ using namespace m2k::ssd;
 
 extern "C" {
 
-int m2k_ssd_workspace_size(const m2k_ssd_shape* shape, int backward, int64_t* bytes) {
+int m2k_ssd_workspace_size(const m2k_ssd_shape* shape, int kind, int64_t* bytes) {
     clear_detail();
     if (!bytes) return fail(M2K_ERR_INVALID_ARG, "m2k_ssd_workspace_size: bytes is NULL");
+    if (kind != M2K_SSD_WS_FWD && kind != M2K_SSD_WS_BWD && kind != M2K_SSD_WS_BWD_SAVED)
+        return fail(M2K_ERR_INVALID_ARG,
+                    "m2k_ssd_workspace_size: kind must be M2K_SSD_WS_FWD (0), M2K_SSD_WS_BWD (1) or "
+                    "M2K_SSD_WS_BWD_SAVED (2), got %d",
+                    kind);
     Geo g;
     if (int e = make_geo(shape, &g)) return e;
     Ws w;
-    *bytes = carve(g, nullptr, backward != 0, &w);
+    *bytes = carve(g, nullptr, kind, &w);
     return M2K_OK;
 }
 
@@ -277,7 +292,7 @@ int m2k_ssd_fwd(const m2k_ssd_shape* shape, const m2k_ssd_fwd_args* a, void* str
                          {"B", a->B}, {"C", a->C}, {"D", a->D}, {"y", a->y}}))
         return e;
     Ws w;
-    if (int e = workspace(g, a->workspace, a->workspace_bytes, false, &w)) return e;
+    if (int e = workspace(g, "workspace", a->workspace, a->workspace_bytes, M2K_SSD_WS_FWD, &w)) return e;
     cudaStream_t st = as_stream(stream);
     return shape->dtype == M2K_BF16 ? forward<__nv_bfloat16>(g, w, a, st) : forward<float>(g, w, a, st);
 }
@@ -293,7 +308,13 @@ int m2k_ssd_bwd(const m2k_ssd_shape* shape, const m2k_ssd_bwd_args* a, void* str
                          {"dD", a->dD}}))
         return e;
     Ws w;
-    if (int e = workspace(g, a->workspace, a->workspace_bytes, true, &w)) return e;
+    if (a->fwd_workspace) {
+        if (int e = workspace(g, "fwd_workspace", a->fwd_workspace, a->fwd_workspace_bytes, M2K_SSD_WS_FWD, &w))
+            return e;
+        if (int e = workspace(g, "workspace", a->workspace, a->workspace_bytes, M2K_SSD_WS_BWD_SAVED, &w)) return e;
+    } else if (int e = workspace(g, "workspace", a->workspace, a->workspace_bytes, M2K_SSD_WS_BWD, &w)) {
+        return e;
+    }
     cudaStream_t st = as_stream(stream);
     return shape->dtype == M2K_BF16 ? backward<__nv_bfloat16>(g, w, a, st) : backward<float>(g, w, a, st);
 }
