@@ -91,6 +91,7 @@ type options struct {
 	loop                  string
 	cpuProfile            string
 	denseHead, noPrefetch bool
+	recomputeSSD          bool
 }
 
 // parseFlags reads args (without the program name). A request for help
@@ -121,6 +122,7 @@ func parseFlags(args []string, out io.Writer) (options, error) {
 	fs.StringVar(&o.loop, "loop", "model", "what drives a step: model (the backend's calls, timed per phase) or trainer (worker/train's TrainStep on the built-in MQAR task, as m2ctl train runs it)")
 	fs.StringVar(&o.cpuProfile, "cpuprofile", "", "write a Go CPU profile of the timed steps to this file")
 	fs.BoolVar(&o.denseHead, "dense-head", false, "run the LM head over every position, counted or not (gpu.Options.DenseHead); for comparison")
+	fs.BoolVar(&o.recomputeSSD, "recompute-ssd", false, "recompute the scan's forward intermediates in the backward instead of keeping them per layer (gpu.Options.RecomputeSSD); for comparison")
 	fs.BoolVar(&o.noPrefetch, "no-prefetch", false, "with --loop trainer, read each step's batches when it starts (train.Options.NoPrefetch); for comparison")
 	fs.Usage = func() {
 		fmt.Fprintf(out, "Usage: gpubench [flags]\n\nTimes full training steps (forward, backward, gradient norm, AdamW) of the Mamba-2\nmodel on the CUDA backend; the defaults are mamba2-130m at batch 8 × 2048 tokens.\n\nFlags:\n")
@@ -209,19 +211,20 @@ func (o options) config() (model.Config, error) {
 }
 
 func (o options) gpuOptions() gpu.Options {
-	return gpu.Options{Precision: o.precision, ExplicitSync: true, DenseHead: o.denseHead}
+	return gpu.Options{Precision: o.precision, ExplicitSync: true, DenseHead: o.denseHead, RecomputeSSD: o.recomputeSSD}
 }
 
 // report is the JSON result (and the source of the printed table).
 type report struct {
-	Tool       string `json:"tool"`
-	Preset     string `json:"preset"`
-	Loop       string `json:"loop"`
-	DenseHead  bool   `json:"dense_head"`
-	NoPrefetch bool   `json:"no_prefetch"`
-	Device     string `json:"device,omitempty"`
-	Library    string `json:"library,omitempty"`
-	Precision  string `json:"precision"`
+	Tool         string `json:"tool"`
+	Preset       string `json:"preset"`
+	Loop         string `json:"loop"`
+	DenseHead    bool   `json:"dense_head"`
+	NoPrefetch   bool   `json:"no_prefetch"`
+	RecomputeSSD bool   `json:"recompute_ssd"`
+	Device       string `json:"device,omitempty"`
+	Library      string `json:"library,omitempty"`
+	Precision    string `json:"precision"`
 
 	DModel     int  `json:"d_model"`
 	NLayer     int  `json:"n_layer"`
@@ -279,8 +282,9 @@ func newReport(o options, cfg model.Config) *report {
 	gopts := o.gpuOptions()
 	return &report{
 		Tool: "gpubench", Preset: o.preset, Loop: o.loop, DenseHead: o.denseHead, NoPrefetch: o.noPrefetch,
-		Precision: o.precision.String(),
-		DModel:    cfg.DModel, NLayer: cfg.NLayer, Vocab: cfg.VocabSize, DState: cfg.DState, HeadDim: cfg.HeadDim,
+		RecomputeSSD: o.recomputeSSD,
+		Precision:    o.precision.String(),
+		DModel:       cfg.DModel, NLayer: cfg.NLayer, Vocab: cfg.VocabSize, DState: cfg.DState, HeadDim: cfg.HeadDim,
 		NHeads: cfg.NHeads, NGroups: cfg.NGroups, Chunk: cfg.ChunkSize, DConv: cfg.DConv, Tied: cfg.TieEmbeddings,
 		Parameters: model.NewLayout(cfg).Total,
 		Batch:      o.batch, SeqLen: o.seqLen, MicroBatches: o.microBatches, TokensPerStep: o.batch * o.seqLen,
@@ -671,6 +675,6 @@ func printReport(out io.Writer, r *report, measured bool) {
 	}
 	fmt.Fprintf(w, "arithmetic: parameters, gradients, moments, bf16 copies\t%.2f\t\n", gib(r.ParameterBytes))
 	fmt.Fprintf(w, "arithmetic: activations of one micro-batch\t%.2f\t\n", gib(r.ActivationBytes))
-	fmt.Fprintf(w, "arithmetic: sum (kernel scratch and cuBLASLt not included)\t%.2f\t\n", gib(r.ParameterBytes+r.ActivationBytes))
+	fmt.Fprintf(w, "arithmetic: sum (kernel scratch, the scan's kept forward workspaces and cuBLASLt not included)\t%.2f\t\n", gib(r.ParameterBytes+r.ActivationBytes))
 	w.Flush()
 }
