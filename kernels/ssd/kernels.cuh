@@ -231,6 +231,15 @@ __global__ void __launch_bounds__(NT, MINB) chunk_state_kernel(Geo g, const T* _
     }
 }
 
+// Chunks whose loads a thread of the forward state passing issues together
+// before it runs the recurrence over them: the loads do not depend on the
+// recurrence, and one at a time each would wait out the memory latency
+// alone (measured: 68 → 32 µs per call at batch 8, L 2048, H 24). The
+// backward's recurrence has a block reduction per chunk, and batching its
+// loads the same way made it slower (63 → 77 µs), so it loads one chunk at
+// a time.
+constexpr int SP_BATCH = 8;
+
 // State passing (step 3), in place: st[0] = initial state, st[c + 1] =
 // exp(Λ_c)·st[c] + S_c; the final state is st[nc]. Grid (Bt·H, nEb).
 __global__ void __launch_bounds__(NT) state_passing_fwd_kernel(Geo g, const float* __restrict__ cs,
@@ -241,12 +250,25 @@ __global__ void __launch_bounds__(NT) state_passing_fwd_kernel(Geo g, const floa
     const int64_t e = int64_t(blockIdx.y) * NT + threadIdx.x;
     if (e >= g.PN) return;
     float* base = st + int64_t(bh) * (g.nc + 1) * g.PN + e;
+    const float* lam = cs + int64_t(bh) * g.Lp + g.Q - 1;  // Λ_c = lam[c·Q]
     float s = init ? init[int64_t(bh) * g.PN + e] : 0.f;
     base[0] = s;
-    for (int c = 0; c < g.nc; ++c) {
-        const float lam = cs[int64_t(bh) * g.Lp + int64_t(c) * g.Q + g.Q - 1];
-        s = expf(fminf(lam, 0.f)) * s + base[int64_t(c + 1) * g.PN];
-        base[int64_t(c + 1) * g.PN] = s;
+    for (int c0 = 0; c0 < g.nc; c0 += SP_BATCH) {
+        float v[SP_BATCH], dec[SP_BATCH];
+#pragma unroll
+        for (int k = 0; k < SP_BATCH; ++k) {
+            if (c0 + k < g.nc) {
+                v[k] = base[int64_t(c0 + k + 1) * g.PN];
+                dec[k] = expf(fminf(lam[int64_t(c0 + k) * g.Q], 0.f));
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < SP_BATCH; ++k) {
+            if (c0 + k < g.nc) {
+                s = dec[k] * s + v[k];
+                base[int64_t(c0 + k + 1) * g.PN] = s;
+            }
+        }
     }
     if (final_state) final_state[int64_t(bh) * g.PN + e] = s;
 }
