@@ -99,9 +99,10 @@ template <BLayout BL, typename T, typename SA, typename SB>
 __device__ __forceinline__ void mma_a(Acc<T>& acc, const Smem<T>& s, const SA* a, int64_t lda, int arows,
                                       const SB* b, int64_t ldb, int blim, int K) {
     constexpr bool nk = BL == BLayout::NK;
+    constexpr Lay LB = nk ? Lay::Col : Lay::Row;  // an NK tile arrives as Bᵀ
     Frag<TM, TK, SA> fa;
     std::conditional_t<nk, Frag<TN, TK, SB>, Frag<TK, TN, SB>> fb;
-    mma_pipeline(
+    mma_pipeline<Lay::Row, LB>(
         acc, s.A, s.B, steps(K),
         [&](int k) {
             fa.fetch(a + k * TK, lda, arows, K - k * TK);
@@ -112,10 +113,7 @@ __device__ __forceinline__ void mma_a(Acc<T>& acc, const Smem<T>& s, const SA* a
         },
         [&](int, T* A, T* B) {
             put_to(fa, RowsTo<T>{A, Ld<T>::A});
-            if constexpr (nk)
-                put_to(fb, ColsTo<T>{B, Ld<T>::B});
-            else
-                put_to(fb, RowsTo<T>{B, Ld<T>::B});
+            put_to(fb, RowsTo<T>{B, nk ? Ld<T>::Bc : Ld<T>::B});
         });
 }
 
@@ -209,9 +207,9 @@ __global__ void __launch_bounds__(NT, MINB) chunk_state_kernel(Geo g, const T* _
     const T* Yp = Y + (int64_t(b) * g.L + t0) * ys + int64_t(grp) * g.N + n0;
     Acc<T> acc;
     acc.zero();
-    Frag<TK, TM, T> fx;
+    Frag<TK, TM, T> fx;  // rows j of x: the A operand (w·x)ᵀ, stored Col
     Frag<TK, TN, T> fy;
-    mma_pipeline(
+    mma_pipeline<Lay::Col, Lay::Row>(
         acc, s.A, s.B, steps(q),
         [&](int k) {
             const int j0 = k * TK;
@@ -219,7 +217,7 @@ __global__ void __launch_bounds__(NT, MINB) chunk_state_kernel(Geo g, const T* _
             fy.fetch(Yp + j0 * ys, ys, q - j0, g.N - n0);
         },
         [&](int k, T* A, T* B) {
-            put_to(fx, ColsScaledTo<T>{A, Ld<T>::A, w + k * TK});
+            put_to(fx, RowsScaledTo<T>{A, Ld<T>::Ac, w + k * TK});
             put_to(fy, RowsTo<T>{B, Ld<T>::B});
         });
     acc.store(s.F);
@@ -315,7 +313,7 @@ __global__ void __launch_bounds__(NT, MINB) chunk_scan_fwd_kernel(Geo g, const T
     {
         Frag<TM, TK, float> fm;
         Frag<TK, TN, T> fx;
-        mma_pipeline(
+        mma_pipeline<Lay::Row, Lay::Row>(
             acc, s.A, s.B, steps(jend),
             [&](int k) {
                 const int j0 = k * TK;
@@ -590,9 +588,9 @@ __global__ void __launch_bounds__(NT, MINB) chunk_dbc_kernel(Geo g, const T* __r
         mma_a<BLayout::KN>(acc, s, dcb + cbase + int64_t(I0) * g.Q, int64_t(g.Q), q - I0, Bg + n0, g.bs, g.N - n0,
                min(I0 + TM, q));
     } else if (group_part) {
-        Frag<TK, TM, float> fg;
+        Frag<TK, TM, float> fg;  // rows i of dCB: the A operand dCBᵀ, stored Col
         Frag<TK, TN, T> fc;
-        mma_pipeline(
+        mma_pipeline<Lay::Col, Lay::Row>(
             acc, s.A, s.B, steps(q - I0),
             [&](int k) {
                 const int k0 = I0 + k * TK;
@@ -600,7 +598,7 @@ __global__ void __launch_bounds__(NT, MINB) chunk_dbc_kernel(Geo g, const T* __r
                 fc.fetch(Cg + int64_t(k0) * g.css + n0, g.css, q - k0, g.N - n0);
             },
             [&](int, T* A, T* B) {
-                put_to(fg, ColsTo<T>{A, Ld<T>::A});
+                put_to(fg, RowsTo<T>{A, Ld<T>::Ac});
                 put_to(fc, RowsTo<T>{B, Ld<T>::B});
             });
     }
@@ -686,9 +684,9 @@ __global__ void __launch_bounds__(NT, MINB) chunk_dx_kernel(Geo g, const T* __re
     // Intra-chunk part: M2ᵀ dY with M2[i, j] = exp(cs_i − cs_j)·CB[i, j], i ≥ j.
     const T* dyc = dy + row0 * g.ys + int64_t(h) * g.P + p0;
     {
-        Frag<TK, TM, float> fm;
+        Frag<TK, TM, float> fm;  // rows i of CB: the A operand M2ᵀ, stored Col
         Frag<TK, TN, T> fd;
-        mma_pipeline(
+        mma_pipeline<Lay::Col, Lay::Row>(
             acc, s.A, s.B, steps(q - J0),
             [&](int k) {
                 const int k0 = J0 + k * TK;
@@ -697,15 +695,16 @@ __global__ void __launch_bounds__(NT, MINB) chunk_dx_kernel(Geo g, const T* __re
             },
             [&](int k, T* A, T* B) {
                 const int k0 = J0 + k * TK;
-                // A[r][kk] = M2[k0 + kk, J0 + r]: the fetched rows are i, its columns j.
+                // A(r, kk) = M2[k0 + kk, J0 + r], at A[kk][r]: the fetched rows are i, its columns j.
                 fm.put([&](int kk, int c, const float* v) {
                     const int i = k0 + kk;
+                    float m[Vec<float>::N];
 #pragma unroll
                     for (int e = 0; e < Vec<float>::N; ++e) {
                         const int j = J0 + c + e;
-                        const float m = (i < q && j <= i) ? v[e] * expf(fminf(cs_s[i] - cs_s[j], 0.f)) : 0.f;
-                        A[(c + e) * Ld<T>::A + kk] = from_f32<T>(m);
+                        m[e] = (i < q && j <= i) ? v[e] * expf(fminf(cs_s[i] - cs_s[j], 0.f)) : 0.f;
                     }
+                    store_row<Vec<float>::N>(A + kk * Ld<T>::Ac + c, m);
                 });
                 put_to(fd, RowsTo<T>{B, Ld<T>::B});
             });

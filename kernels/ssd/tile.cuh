@@ -7,8 +7,9 @@
 //     each of the 8 warps owns a 16×32 slice of the tile.
 //   - float operands: plain f32 FMA (no TF32), each thread owning a 4×4
 //     block, so that the f32 path stays a true f32 computation.
-// Operands are always staged as A[m][k] (row-major, lda) and B[k][n]
-// (row-major, ldb); the loaders transpose on the way in where needed.
+// Operands are staged row by row as they arrive from global memory: A as
+// [m][k] or [k][m], B as [k][n] or [n][k] (Lay), never transposed on the
+// way in.
 #pragma once
 
 #include <mma.h>
@@ -34,23 +35,40 @@ constexpr int TK = 32;
 static_assert(TK % 16 == 0, "TK must be a multiple of 16 (the tensor-core k step)");
 constexpr int LDC = TN + 4;  // leading dimension of f32 tiles in shared memory
 
-// Leading dimensions of the operand tiles: multiples of 8 elements for wmma
-// (16-byte rows, 32-byte aligned fragments), odd-ish padding for the FMA path
-// to keep its column reads free of bank conflicts.
+// How an operand tile lies in shared memory. Row: A as [m][k], B as [k][n].
+// Col: A as [k][m], B as [n][k], i.e. the tile's transpose stored row by
+// row. A tile whose source is the transpose of the operand (x for xᵀ·B, a
+// row-major tensor read as the B of A·Bᵀ) is stored Col as it arrives: with
+// 16-byte vector stores instead of the scattered 2-byte stores of a
+// transpose, which conflicted 8-way on the shared-memory banks.
+enum class Lay { Row, Col };
+
+// Leading dimensions of the operand tiles (Ac, Bc: of the Col layouts):
+// multiples of 8 elements for wmma (16-byte rows, 32-byte aligned
+// fragments), odd-ish padding for the FMA path to keep its column reads
+// free of bank conflicts.
 template <typename T> struct Ld;
 template <> struct Ld<float> {
-    static constexpr int A = TK + 1;
-    static constexpr int B = TN + 4;
+    static constexpr int A = TK + 1, Ac = TM + 4;
+    static constexpr int B = TN + 4, Bc = TK + 1;
 };
 template <> struct Ld<__nv_bfloat16> {
-    static constexpr int A = TK + 8;
-    static constexpr int B = TN + 8;
+    static constexpr int A = TK + 8, Ac = TM + 8;
+    static constexpr int B = TN + 8, Bc = TK + 8;
 };
+template <typename T, Lay L> __host__ __device__ constexpr int lda() { return L == Lay::Row ? Ld<T>::A : Ld<T>::Ac; }
+template <typename T, Lay L> __host__ __device__ constexpr int ldb() { return L == Lay::Row ? Ld<T>::B : Ld<T>::Bc; }
 
-// Bytes of shared memory of one A tile (TM×TK), one B tile (TK×TN) and one f32
-// tile (TM×TN), each rounded up to 128 bytes.
-template <typename T> __host__ __device__ constexpr int a_bytes() { return ((TM * Ld<T>::A * int(sizeof(T)) + 127) / 128) * 128; }
-template <typename T> __host__ __device__ constexpr int b_bytes() { return ((TK * Ld<T>::B * int(sizeof(T)) + 127) / 128) * 128; }
+// Bytes of shared memory of one A tile (TM×TK), one B tile (TK×TN), in
+// either layout, and one f32 tile (TM×TN), each rounded up to 128 bytes.
+__host__ __device__ constexpr int round128(int b) { return (b + 127) / 128 * 128; }
+__host__ __device__ constexpr int imax(int a, int b) { return a > b ? a : b; }
+template <typename T> __host__ __device__ constexpr int a_bytes() {
+    return round128(imax(TM * Ld<T>::A, TK * Ld<T>::Ac) * int(sizeof(T)));
+}
+template <typename T> __host__ __device__ constexpr int b_bytes() {
+    return round128(imax(TK * Ld<T>::B, TN * Ld<T>::Bc) * int(sizeof(T)));
+}
 __host__ __device__ constexpr int f_bytes() { return TM * LDC * 4; }
 
 template <typename T> struct Acc;
@@ -65,16 +83,18 @@ template <> struct Acc<float> {
 #pragma unroll
             for (int q = 0; q < 4; ++q) c[r][q] = 0.f;
     }
-    // c += A(64×kk) · B(kk×64); kk a multiple of 16.
-    __device__ __forceinline__ void mma(const float* As, const float* Bs, int kk) {
+    // c += A(64×kk) · B(kk×64); kk a multiple of 16; A and B laid out as LA, LB say.
+    template <Lay LA, Lay LB> __device__ __forceinline__ void mma(const float* As, const float* Bs, int kk) {
         const int r0 = ty() * 4, c0 = tx();
 #pragma unroll 4
         for (int k = 0; k < kk; ++k) {
             float a[4], b[4];
 #pragma unroll
-            for (int r = 0; r < 4; ++r) a[r] = As[(r0 + r) * Ld<float>::A + k];
+            for (int r = 0; r < 4; ++r)
+                a[r] = LA == Lay::Row ? As[(r0 + r) * Ld<float>::A + k] : As[k * Ld<float>::Ac + r0 + r];
 #pragma unroll
-            for (int q = 0; q < 4; ++q) b[q] = Bs[k * Ld<float>::B + c0 + 16 * q];
+            for (int q = 0; q < 4; ++q)
+                b[q] = LB == Lay::Row ? Bs[k * Ld<float>::B + c0 + 16 * q] : Bs[(c0 + 16 * q) * Ld<float>::Bc + k];
 #pragma unroll
             for (int r = 0; r < 4; ++r)
 #pragma unroll
@@ -97,6 +117,14 @@ template <> struct Acc<float> {
     }
 };
 
+template <Lay L> struct WmmaLayout;
+template <> struct WmmaLayout<Lay::Row> {
+    using type = nvcuda::wmma::row_major;
+};
+template <> struct WmmaLayout<Lay::Col> {
+    using type = nvcuda::wmma::col_major;
+};
+
 template <> struct Acc<__nv_bfloat16> {
     nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> c[2];
     __device__ __forceinline__ int wr() const { return (threadIdx.x / 32 % 4) * 16; }
@@ -105,15 +133,23 @@ template <> struct Acc<__nv_bfloat16> {
         nvcuda::wmma::fill_fragment(c[0], 0.f);
         nvcuda::wmma::fill_fragment(c[1], 0.f);
     }
+    template <Lay LA, Lay LB>
     __device__ __forceinline__ void mma(const __nv_bfloat16* As, const __nv_bfloat16* Bs, int kk) {
         using namespace nvcuda;
+        using BF = __nv_bfloat16;
+        constexpr int la = lda<BF, LA>(), lb = ldb<BF, LB>();
         const int r0 = wr(), c0 = wc();
         for (int k = 0; k < kk; k += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> b0, b1;
-            wmma::load_matrix_sync(a, As + r0 * Ld<__nv_bfloat16>::A + k, Ld<__nv_bfloat16>::A);
-            wmma::load_matrix_sync(b0, Bs + k * Ld<__nv_bfloat16>::B + c0, Ld<__nv_bfloat16>::B);
-            wmma::load_matrix_sync(b1, Bs + k * Ld<__nv_bfloat16>::B + c0 + 16, Ld<__nv_bfloat16>::B);
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, BF, typename WmmaLayout<LA>::type> a;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, BF, typename WmmaLayout<LB>::type> b0, b1;
+            wmma::load_matrix_sync(a, LA == Lay::Row ? As + r0 * la + k : As + k * la + r0, la);
+            if constexpr (LB == Lay::Row) {
+                wmma::load_matrix_sync(b0, Bs + k * lb + c0, lb);
+                wmma::load_matrix_sync(b1, Bs + k * lb + c0 + 16, lb);
+            } else {
+                wmma::load_matrix_sync(b0, Bs + c0 * lb + k, lb);
+                wmma::load_matrix_sync(b1, Bs + (c0 + 16) * lb + k, lb);
+            }
             wmma::mma_sync(c[0], a, b0, c[0]);
             wmma::mma_sync(c[1], a, b1, c[1]);
         }
@@ -135,7 +171,7 @@ template <> struct Acc<__nv_bfloat16> {
 // Frag::fetch loads this thread's part of an R×C tile of a global tensor
 // (rows sld elements apart; zeros outside r < rlim, c < clim) into
 // registers, and Frag::put hands it, converted to f32, to a writer that
-// stores it into shared memory (RowsTo, ColsTo, ColsScaledTo, or a kernel's
+// stores it into shared memory (RowsTo, RowsScaledTo, or a kernel's
 // own, which may transform it). Where the tile's rows are 16-byte aligned
 // (the source pointer and the row stride), each load is one 16-byte vector
 // of consecutive columns (8 bf16 or 4 f32), else one element; the registers
@@ -247,24 +283,17 @@ template <typename D> struct RowsTo {
         store_row<V>(dst + r * ldd + c, v);
     }
 };
-// Transposed, dst[c][r] = v (global reads stay coalesced along c):
-template <typename D> struct ColsTo {
-    D* dst;
-    int ldd;
-    template <int V> __device__ __forceinline__ void at(int r, int c, const float* v) const {
-#pragma unroll
-        for (int e = 0; e < V; ++e) dst[(c + e) * ldd + r] = from_f32<D>(v[e]);
-    }
-};
-// Transposed with a per-source-row scale, dst[c][r] = w[r]·v:
-template <typename D> struct ColsScaledTo {
+// With a per-row scale, dst[r][c] = w[r]·v:
+template <typename D> struct RowsScaledTo {
     D* dst;
     int ldd;
     const float* w;
     template <int V> __device__ __forceinline__ void at(int r, int c, const float* v) const {
         const float wr = w[r];
+        float o[V];
 #pragma unroll
-        for (int e = 0; e < V; ++e) dst[(c + e) * ldd + r] = from_f32<D>(wr * v[e]);
+        for (int e = 0; e < V; ++e) o[e] = wr * v[e];
+        store_row<V>(dst + r * ldd + c, o);
     }
 };
 
@@ -286,7 +315,8 @@ __device__ __forceinline__ void load_rows(D* dst, int ldd, const S* src, int64_t
 // shared tiles A, B. The loads of step k + 1 are issued before the product
 // of step k, into the other of two shared buffers, so one barrier per step
 // suffices. Ends with a barrier: the buffers are free again.
-template <typename T, typename Fetch, typename Put>
+// The shared tiles are laid out as LA and LB say.
+template <Lay LA, Lay LB, typename T, typename Fetch, typename Put>
 __device__ __forceinline__ void mma_pipeline(Acc<T>& acc, T* const* A, T* const* B, int n, Fetch&& fetch,
                                              Put&& put) {
     if (n <= 0) return;
@@ -295,7 +325,7 @@ __device__ __forceinline__ void mma_pipeline(Acc<T>& acc, T* const* A, T* const*
         put(k, A[k & 1], B[k & 1]);
         __syncthreads();
         if (k + 1 < n) fetch(k + 1);
-        acc.mma(A[k & 1], B[k & 1], TK);
+        acc.template mma<LA, LB>(A[k & 1], B[k & 1], TK);
     }
     __syncthreads();
 }
