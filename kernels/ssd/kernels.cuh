@@ -336,14 +336,33 @@ __global__ void __launch_bounds__(NT, MINB) chunk_scan_fwd_kernel(Geo g, const T
             });
     }
     acc.store(s.F);
+    // y = the tile + D·x, V consecutive columns of a row per thread and
+    // step, x read and y written as vectors where aligned.
+    Frag<TM, TN, T> fxe;
+    const int64_t row0 = int64_t(b) * g.L + t0 + I0;
+    fxe.fetch(x + row0 * g.xs + int64_t(h) * g.P + p0, g.xs, q - I0, g.P - p0);
     __syncthreads();
-    for (int idx = threadIdx.x; idx < TM * TN; idx += NT) {
-        const int r = idx / TN, k = idx % TN, i = I0 + r, p = p0 + k;
-        if (i >= q || p >= g.P) continue;
-        const int64_t row = int64_t(b) * g.L + t0 + i;
-        const float d = g.d_hdim ? D[h * g.P + p] : D[h];
-        const float xv = to_f32(x[row * g.xs + int64_t(h) * g.P + p]);
-        y[row * g.ys + int64_t(h) * g.P + p] = from_f32<T>(s.F[r * LDC + k] + d * xv);
+    constexpr int V = Vec<T>::N, CV = TN / V;
+    T* yp = y + row0 * g.ys + int64_t(h) * g.P + p0;
+    const bool vec = vec_ok(yp, g.ys);
+#pragma unroll
+    for (int it = 0; it < Frag<TM, TN, T>::IT; ++it) {
+        const int idx = threadIdx.x + it * NT, r = idx / CV, cc = idx % CV * V;
+        if (I0 + r >= q) continue;
+        float xv[V], o[V];
+        unpack<T>(fxe.u[it], xv);
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+            const int p = p0 + cc + e;
+            const float d = p < g.P ? (g.d_hdim ? D[h * g.P + p] : D[h]) : 0.f;
+            o[e] = s.F[r * LDC + cc + e] + d * xv[e];
+        }
+        const int n = min(V, g.P - p0 - cc);
+        if (vec && n == V) {
+            store_row<V>(yp + int64_t(r) * g.ys + cc, o);
+        } else {
+            for (int e = 0; e < n; ++e) yp[int64_t(r) * g.ys + cc + e] = from_f32<T>(o[e]);
+        }
     }
 }
 
@@ -710,40 +729,57 @@ __global__ void __launch_bounds__(NT, MINB) chunk_dx_kernel(Geo g, const T* __re
             });
     }
     acc.store(s.F);
+    // The epilogue reads x and dY of the tile once, as vectors: a thread
+    // takes V consecutive columns p of one row j per step of the fragment.
+    // The operand buffers are free now; they hold dY∘x for dD's column sums.
+    Frag<TM, TN, T> fxe, fde;
+    fxe.fetch(x + (row0 + J0) * g.xs + int64_t(h) * g.P + p0, g.xs, q - J0, g.P - p0);
+    fde.fetch(dy + (row0 + J0) * g.ys + int64_t(h) * g.P + p0, g.ys, q - J0, g.P - p0);
+    static_assert(2 * (a_bytes<T>() + b_bytes<T>()) >= f_bytes(), "the operand buffers must hold an f32 tile");
+    float* prod = reinterpret_cast<float*>(s.A[0]);
     __syncthreads();
-    const int rr = threadIdx.x / 4, seg = threadIdx.x % 4;
     {
-        const int j = J0 + rr;
-        float ddt = 0.f;
-        if (j < q) {
-            const int64_t row = row0 + j;
-#pragma unroll 4
-            for (int k = seg * 16; k < seg * 16 + 16; ++k) {
-                const int p = p0 + k;
-                if (p >= g.P) break;
-                const float br = s.F[rr * LDC + k];
-                const float xv = to_f32(x[row * g.xs + int64_t(h) * g.P + p]);
-                const float dyv = to_f32(dy[row * g.ys + int64_t(h) * g.P + p]);
-                const float d = g.d_hdim ? D[h * g.P + p] : D[h];
-                dx[row * g.xs + int64_t(h) * g.P + p] = from_f32<T>(dt_s[j] * br + d * dyv);
-                ddt += xv * br;
+        constexpr int V = Vec<T>::N, CV = TN / V;
+        T* dxp = dx + (row0 + J0) * g.xs + int64_t(h) * g.P + p0;
+        const bool vec = vec_ok(dxp, g.xs);
+#pragma unroll
+        for (int it = 0; it < Frag<TM, TN, T>::IT; ++it) {
+            const int idx = threadIdx.x + it * NT, r = idx / CV, cc = idx % CV * V, j = J0 + r;
+            float xv[V], dv[V], o[V];
+            unpack<T>(fxe.u[it], xv);
+            unpack<T>(fde.u[it], dv);
+            const float dtj = j < q ? dt_s[j] : 0.f;
+            float ddt = 0.f;
+#pragma unroll
+            for (int e = 0; e < V; ++e) {
+                const int p = p0 + cc + e;
+                const float br = s.F[r * LDC + cc + e];
+                const float d = p < g.P ? (g.d_hdim ? D[h * g.P + p] : D[h]) : 0.f;
+                o[e] = dtj * br + d * dv[e];
+                ddt += xv[e] * br;
+                prod[r * LDC + cc + e] = dv[e] * xv[e];  // zero outside the tile's limits
+            }
+            // The row's CV threads are consecutive lanes: add their parts.
+#pragma unroll
+            for (int m = 1; m < CV; m *= 2) ddt += __shfl_xor_sync(0xffffffffu, ddt, m);
+            if (j < q) {
+                const int n = min(V, g.P - p0 - cc);
+                if (vec && n == V) {
+                    store_row<V>(dxp + int64_t(r) * g.xs + cc, o);
+                } else {
+                    for (int e = 0; e < n; ++e) dxp[int64_t(r) * g.xs + cc + e] = from_f32<T>(o[e]);
+                }
+                if (cc == 0) ddt_part[(int64_t(bh) * g.nPt + pt) * g.Lp + t0 + j] = ddt;
             }
         }
-        ddt = sum4(ddt);
-        if (seg == 0 && j < q) ddt_part[(int64_t(bh) * g.nPt + pt) * g.Lp + t0 + j] = ddt;
     }
+    __syncthreads();
     {
+        const int rr = threadIdx.x / 4, seg = threadIdx.x % 4;  // column rr, rows seg·16 … seg·16 + 15
         const int p = p0 + rr;
         float sum = 0.f;
-        if (p < g.P) {
 #pragma unroll 4
-            for (int r = seg * 16; r < seg * 16 + 16; ++r) {
-                const int j = J0 + r;
-                if (j >= q) break;
-                const int64_t row = row0 + j;
-                sum += to_f32(dy[row * g.ys + int64_t(h) * g.P + p]) * to_f32(x[row * g.xs + int64_t(h) * g.P + p]);
-            }
-        }
+        for (int r = seg * 16; r < seg * 16 + 16; ++r) sum += prod[r * LDC + rr];
         sum = sum4(sum);
         if (seg == 0 && p < g.P) dD_part[((int64_t(bh) * g.nc + c) * g.nI + J) * g.P + p] = sum;
     }
