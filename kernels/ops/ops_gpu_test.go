@@ -193,10 +193,32 @@ func workspace(t *testing.T) func(int64, error) *kernels.Buffer {
 	}
 }
 
+// subBuffers maps each buffer made by subBuffer to the allocation it lies
+// in and its element offset there, so that download can read it (a view
+// made by hand has no library to copy with).
+var subBuffers = map[*kernels.Buffer]struct {
+	all *kernels.Buffer
+	off int
+}{}
+
+// subBuffer is elements [off, off+n) of all, e.g. to hand a kernel a tensor
+// that starts off its allocation's alignment.
+func subBuffer(all *kernels.Buffer, off, n int) *kernels.Buffer {
+	b := view(all, off, n)
+	subBuffers[b] = struct {
+		all *kernels.Buffer
+		off int
+	}{all, off}
+	return b
+}
+
 func download(t *testing.T, b *kernels.Buffer) []float32 {
 	t.Helper()
 	if err := gpuLib.Sync(0); err != nil {
 		t.Fatal(err)
+	}
+	if sb, ok := subBuffers[b]; ok {
+		return download(t, sb.all)[sb.off : sb.off+b.Len]
 	}
 	v, err := b.GetF32()
 	if err != nil {
@@ -262,85 +284,118 @@ func TestEmbeddingGPU(t *testing.T) {
 }
 
 func TestAddRMSNormGPU(t *testing.T) {
-	const n, d, eps = 257, 200, 1e-5
+	const n, eps = 257, 1e-5
+	// The widths reach each launch of the row kernels: four columns per
+	// access with one group a thread (200, and 768 of the 130M model), four
+	// (2560, the 2.7B model) and eight (6000); one column per access (203, and
+	// 200 with the activation tensors starting actOff elements into their
+	// allocations); the wide kernels (8300).
+	shapes := []struct {
+		name      string
+		d, actOff int
+	}{
+		{"", 200, 0},
+		{"_d203", 203, 0},
+		{"_d768", 768, 0},
+		{"_d2560", 2560, 0},
+		{"_d6000", 6000, 0},
+		{"_d8300", 8300, 0},
+		{"_unaligned", 200, 1},
+	}
 	for _, dt := range dtypes {
-		rng := rand.New(rand.NewPCG(2, uint64(dt)))
-		w := randF32(rng, d, 0.1)
-		for i := range w {
-			w[i] += 1
-		}
-		wBuf := upload(t, kernels.F32, w)
-		for _, tc := range []struct {
-			name         string
-			x, bias      bool
-			inPlace      bool
-			residualNone bool
-		}{
-			{name: "add_rmsnorm_fwd", x: true, bias: true},
-			{name: "add_rmsnorm_fwd_inplace", inPlace: true},
-			{name: "add_rmsnorm_fwd_first", x: true, residualNone: true},
-		} {
-			residual := randF32(rng, n*d, 1)
-			x := act(rng, dt, n*d, 1)
-			bias := randF32(rng, d, 0.5)
-			sum := make([]float64, n*d)
-			a := &AddRMSNormArgs{Out: zeros(t, dt, n*d), Rstd: zeros(t, kernels.F32, n), W: wBuf, N: n, D: d, Eps: eps}
-			if !tc.residualNone {
-				a.Residual = upload(t, kernels.F32, residual)
-				for i := range sum {
-					sum[i] = float64(residual[i])
+		for si, shp := range shapes {
+			d, off := shp.d, shp.actOff
+			// actBuf uploads vals to an activation buffer starting off
+			// elements into its allocation.
+			actBuf := func(vals []float32) *kernels.Buffer {
+				return subBuffer(upload(t, dt, append(make([]float32, off), vals...)), off, len(vals))
+			}
+			rng := rand.New(rand.NewPCG(2, uint64(10*si)+uint64(dt)))
+			w := randF32(rng, d, 0.1)
+			for i := range w {
+				w[i] += 1
+			}
+			wBuf := upload(t, kernels.F32, w)
+			for _, tc := range []struct {
+				name         string
+				x, bias      bool
+				inPlace      bool
+				residualNone bool
+			}{
+				{name: "add_rmsnorm_fwd", x: true, bias: true},
+				{name: "add_rmsnorm_fwd_inplace", inPlace: true},
+				{name: "add_rmsnorm_fwd_first", x: true, residualNone: true},
+			} {
+				name := tc.name + shp.name
+				residual := randF32(rng, n*d, 1)
+				x := act(rng, dt, n*d, 1)
+				bias := randF32(rng, d, 0.5)
+				sum := make([]float64, n*d)
+				a := &AddRMSNormArgs{Out: actBuf(make([]float32, n*d)), Rstd: zeros(t, kernels.F32, n), W: wBuf, N: n, D: d, Eps: eps}
+				if !tc.residualNone {
+					a.Residual = upload(t, kernels.F32, residual)
+					for i := range sum {
+						sum[i] = float64(residual[i])
+					}
 				}
-			}
-			if tc.x {
-				a.X = upload(t, dt, x)
-				for i := range sum {
-					sum[i] += float64(x[i])
+				if tc.x {
+					a.X = actBuf(x)
+					for i := range sum {
+						sum[i] += float64(x[i])
+					}
 				}
-			}
-			if tc.bias {
-				a.Bias = upload(t, kernels.F32, bias)
-				for i := range sum {
-					sum[i] += float64(bias[i%d])
+				if tc.bias {
+					a.Bias = upload(t, kernels.F32, bias)
+					for i := range sum {
+						sum[i] += float64(bias[i%d])
+					}
 				}
+				a.ResOut = zeros(t, kernels.F32, n*d)
+				if tc.inPlace {
+					a.ResOut = a.Residual
+				}
+				must(t, gpuOps.AddRMSNormForward(dt, a, 0))
+				out, rstd := make([]float64, n*d), make([]float64, n)
+				ref.RMSNormForward(out, rstd, sum, f64(w), n, d, eps)
+				report(t, name, dt.String(), download(t, a.Out), out, tolAct(dt))
+				report(t, name+"_residual", dt.String(), download(t, a.ResOut), sum, tolF32)
+				report(t, name+"_rstd", dt.String(), download(t, a.Rstd), rstd, tolF32)
 			}
-			a.ResOut = zeros(t, kernels.F32, n*d)
-			if tc.inPlace {
-				a.ResOut = a.Residual
-			}
-			must(t, gpuOps.AddRMSNormForward(dt, a, 0))
-			out, rstd := make([]float64, n*d), make([]float64, n)
-			ref.RMSNormForward(out, rstd, sum, f64(w), n, d, eps)
-			report(t, tc.name, dt.String(), download(t, a.Out), out, tolAct(dt))
-			report(t, tc.name+"_residual", dt.String(), download(t, a.ResOut), sum, tolF32)
-			report(t, tc.name+"_rstd", dt.String(), download(t, a.Rstd), rstd, tolF32)
-		}
 
-		// Backward, on a residual and its own rstd (rounded to f32 for both).
-		res := randF32(rng, n*d, 1)
-		rstd64 := make([]float64, n)
-		ref.RMSNormForward(make([]float64, n*d), rstd64, f64(res), f64(w), n, d, eps)
-		rstd := f32(rstd64)
-		dout := act(rng, dt, n*d, 1)
-		dresInit := randF32(rng, n*d, 1)
-		dwInit := randF32(rng, d, 1)
-		ws := workspace(t)(gpuOps.RMSNormBackwardWorkspace(n, d))
-		a := &RMSNormBackwardArgs{DRes: upload(t, kernels.F32, dresInit), DX: zeros(t, dt, n*d), DW: upload(t, kernels.F32, dwInit),
-			Dout: upload(t, dt, dout), Res: upload(t, kernels.F32, res), Rstd: upload(t, kernels.F32, rstd), W: wBuf,
-			N: n, D: d, Accumulate: true, Workspace: ws}
-		must(t, gpuOps.RMSNormBackward(dt, a, 0))
-		wantDRes, wantDW := f64(dresInit), f64(dwInit)
-		ref.RMSNormBackward(wantDRes, wantDW, f64(dout), f64(res), f64(rstd), f64(w), n, d)
-		report(t, "rmsnorm_bwd_dres", dt.String(), download(t, a.DRes), wantDRes, tolF32)
-		report(t, "rmsnorm_bwd_dx", dt.String(), download(t, a.DX), wantDRes, tolAct(dt))
-		report(t, "rmsnorm_bwd_dw", dt.String(), download(t, a.DW), wantDW, tolF32)
+			// Backward, on a residual and its own rstd (rounded to f32 for both).
+			res := randF32(rng, n*d, 1)
+			rstd64 := make([]float64, n)
+			ref.RMSNormForward(make([]float64, n*d), rstd64, f64(res), f64(w), n, d, eps)
+			rstd := f32(rstd64)
+			dout := act(rng, dt, n*d, 1)
+			dresInit := randF32(rng, n*d, 1)
+			dwInit := randF32(rng, d, 1)
+			ws := workspace(t)(gpuOps.RMSNormBackwardWorkspace(n, d))
+			a := &RMSNormBackwardArgs{DRes: upload(t, kernels.F32, dresInit), DX: actBuf(make([]float32, n*d)), DW: upload(t, kernels.F32, dwInit),
+				Dout: actBuf(dout), Res: upload(t, kernels.F32, res), Rstd: upload(t, kernels.F32, rstd), W: wBuf,
+				N: n, D: d, Accumulate: true, Workspace: ws}
+			must(t, gpuOps.RMSNormBackward(dt, a, 0))
+			wantDRes, wantDW := f64(dresInit), f64(dwInit)
+			ref.RMSNormBackward(wantDRes, wantDW, f64(dout), f64(res), f64(rstd), f64(w), n, d)
+			gotDW := download(t, a.DW)
+			report(t, "rmsnorm_bwd_dres"+shp.name, dt.String(), download(t, a.DRes), wantDRes, tolF32)
+			report(t, "rmsnorm_bwd_dx"+shp.name, dt.String(), download(t, a.DX), wantDRes, tolAct(dt))
+			report(t, "rmsnorm_bwd_dw"+shp.name, dt.String(), gotDW, wantDW, tolF32)
 
-		// Overwrite mode, no weight gradient.
-		a2 := *a
-		a2.DRes, a2.DX, a2.DW, a2.Accumulate, a2.Workspace = upload(t, kernels.F32, dresInit), nil, nil, false, nil
-		must(t, gpuOps.RMSNormBackward(dt, &a2, 0))
-		want2 := make([]float64, n*d)
-		ref.RMSNormBackward(want2, make([]float64, d), f64(dout), f64(res), f64(rstd), f64(w), n, d)
-		report(t, "rmsnorm_bwd_overwrite", dt.String(), download(t, a2.DRes), want2, tolF32)
+			// The same call again gives the same bits of dw.
+			again := *a
+			again.DRes, again.DW = upload(t, kernels.F32, dresInit), upload(t, kernels.F32, dwInit)
+			must(t, gpuOps.RMSNormBackward(dt, &again, 0))
+			reportBits(t, "rmsnorm_bwd_dw_repeat"+shp.name, dt.String(), download(t, again.DW), gotDW)
+
+			// Overwrite mode, no weight gradient.
+			a2 := *a
+			a2.DRes, a2.DX, a2.DW, a2.Accumulate, a2.Workspace = upload(t, kernels.F32, dresInit), nil, nil, false, nil
+			must(t, gpuOps.RMSNormBackward(dt, &a2, 0))
+			want2 := make([]float64, n*d)
+			ref.RMSNormBackward(want2, make([]float64, d), f64(dout), f64(res), f64(rstd), f64(w), n, d)
+			report(t, "rmsnorm_bwd_overwrite"+shp.name, dt.String(), download(t, a2.DRes), want2, tolF32)
+		}
 	}
 }
 
@@ -375,26 +430,53 @@ func TestColumnSumAndBiasGPU(t *testing.T) {
 }
 
 func TestConvGPU(t *testing.T) {
+	// ldAct 0 means Channels. The cases reach both launches of the kernels:
+	// four channels a thread where LD, Off, LDAct and the pointers allow it
+	// ("conv", "conv_w8", "conv_model"), one channel a thread otherwise
+	// ("conv_short", "conv_nohalo"; "conv_unaligned" has Src and DSrc start
+	// ptrOff elements into their allocations), and both for one shape
+	// ("conv_tail": 17 groups of four, then the last two channels).
 	cases := []struct {
 		name              string
 		bt, l, cd, w, off int
 		ld                int
 		halo, bias        bool
+		ldAct, ptrOff     int
 	}{
-		{"conv", 2, 150, 72, 4, 24, 112, true, true},
+		{"conv", 2, 150, 72, 4, 24, 112, true, true, 0, 0},
 		// The shortest shard the model allows: L = W−1, every input a
 		// neighbour of the halo.
-		{"conv_short", 3, 3, 5, 4, 0, 5, true, false},
-		{"conv_nohalo", 1, 70, 130, 3, 0, 130, false, true},
+		{"conv_short", 3, 3, 5, 4, 0, 5, true, false, 0, 0},
+		{"conv_nohalo", 1, 70, 130, 3, 0, 130, false, true, 0, 0},
+		{"conv_tail", 2, 130, 70, 4, 8, 84, true, true, 76, 0},
+		{"conv_unaligned", 2, 150, 72, 4, 24, 112, true, true, 0, 1},
+		{"conv_w8", 1, 200, 16, 8, 4, 24, true, false, 20, 0},
+		// The 130M model's conv (Channels 1792 at column 1536 of the
+		// in_proj output), on fewer positions.
+		{"conv_model", 2, 256, 1792, 4, 1536, 3352, true, true, 0, 0},
 	}
 	for _, dt := range dtypes {
 		for ci, tc := range cases {
 			rng := rand.New(rand.NewPCG(4, uint64(10*ci)+uint64(dt)))
-			sh := ConvShape{Batch: tc.bt, L: tc.l, Channels: tc.cd, Width: tc.w, LD: tc.ld, Off: tc.off, LDAct: tc.cd}
+			ldAct := tc.ldAct
+			if ldAct == 0 {
+				ldAct = tc.cd
+			}
+			sh := ConvShape{Batch: tc.bt, L: tc.l, Channels: tc.cd, Width: tc.w, LD: tc.ld, Off: tc.off, LDAct: ldAct}
 			rs := ref.ConvShape{Batch: tc.bt, L: tc.l, Channels: tc.cd, Width: tc.w, LD: tc.ld, Off: tc.off}
 			n := tc.bt * tc.l
 			srcLen := (n-1)*tc.ld + tc.off + tc.cd
-			src := act(rng, dt, srcLen, 1)
+			actLen := (n-1)*ldAct + tc.cd
+			// rows takes the n×cd values out of a matrix with row stride ldAct.
+			rows := func(v []float32) []float32 {
+				out := make([]float32, 0, n*tc.cd)
+				for r := 0; r < n; r++ {
+					out = append(out, v[r*ldAct:r*ldAct+tc.cd]...)
+				}
+				return out
+			}
+			srcAll := act(rng, dt, tc.ptrOff+srcLen, 1)
+			src := srcAll[tc.ptrOff:]
 			weight := randF32(rng, tc.cd*tc.w, 0.5)
 			var halo, bias []float32
 			var haloBuf, biasBuf *kernels.Buffer
@@ -406,17 +488,27 @@ func TestConvGPU(t *testing.T) {
 				bias = randF32(rng, tc.cd, 0.5)
 				biasBuf = upload(t, kernels.F32, bias)
 			}
-			srcBuf, wBuf := upload(t, dt, src), upload(t, kernels.F32, weight)
-			fa := &ConvForwardArgs{Act: zeros(t, dt, n*tc.cd), Src: srcBuf, Halo: haloBuf, Weight: wBuf, Bias: biasBuf}
+			srcBuf, wBuf := subBuffer(upload(t, dt, srcAll), tc.ptrOff, srcLen), upload(t, kernels.F32, weight)
+			fa := &ConvForwardArgs{Act: zeros(t, dt, actLen), Src: srcBuf, Halo: haloBuf, Weight: wBuf, Bias: biasBuf}
 			must(t, gpuOps.ConvForward(dt, sh, fa, 0))
 			pre, actv := make([]float64, n*tc.cd), make([]float64, n*tc.cd)
 			ref.ConvForward(rs, pre, actv, f64(src), f64(halo), f64(weight), f64(bias))
-			report(t, tc.name+"_fwd", dt.String(), download(t, fa.Act), actv, tolAct(dt))
+			report(t, tc.name+"_fwd", dt.String(), rows(download(t, fa.Act)), actv, tolAct(dt))
 
+			// dact's columns past cd hold NaN: a kernel that read them
+			// would fail the comparison.
 			dact := act(rng, dt, n*tc.cd, 1)
+			dactStrided := make([]float32, actLen)
+			for i := range dactStrided {
+				dactStrided[i] = float32(math.NaN())
+			}
+			for r := 0; r < n; r++ {
+				copy(dactStrided[r*ldAct:r*ldAct+tc.cd], dact[r*tc.cd:(r+1)*tc.cd])
+			}
 			dwInit := randF32(rng, tc.cd*tc.w, 1)
-			ba := &ConvBackwardArgs{DSrc: zeros(t, dt, srcLen), DW: upload(t, kernels.F32, dwInit),
-				DAct: upload(t, dt, dact), Src: srcBuf, Halo: haloBuf, Weight: wBuf, Bias: biasBuf,
+			dsrcAll := zeros(t, dt, tc.ptrOff+srcLen)
+			ba := &ConvBackwardArgs{DSrc: subBuffer(dsrcAll, tc.ptrOff, srcLen), DW: upload(t, kernels.F32, dwInit),
+				DAct: upload(t, dt, dactStrided), Src: srcBuf, Halo: haloBuf, Weight: wBuf, Bias: biasBuf,
 				Workspace: workspace(t)(gpuOps.ConvBackwardWorkspace(sh))}
 			var dbInit []float32
 			wantDB, wantDHalo := []float64(nil), []float64(nil)
@@ -432,43 +524,67 @@ func TestConvGPU(t *testing.T) {
 			must(t, gpuOps.ConvBackward(dt, sh, ba, 0))
 			wantDSrc, wantDW := make([]float64, srcLen), f64(dwInit)
 			ref.ConvBackward(rs, wantDSrc, wantDW, wantDB, wantDHalo, f64(dact), pre, f64(src), f64(halo), f64(weight))
-			report(t, tc.name+"_bwd_dx", dt.String(), download(t, ba.DSrc), wantDSrc, tolAct(dt))
-			report(t, tc.name+"_bwd_dw", dt.String(), download(t, ba.DW), wantDW, tolF32)
+			gotDW := download(t, ba.DW)
+			report(t, tc.name+"_bwd_dx", dt.String(), download(t, dsrcAll)[tc.ptrOff:], wantDSrc, tolAct(dt))
+			report(t, tc.name+"_bwd_dw", dt.String(), gotDW, wantDW, tolF32)
 			if tc.bias {
 				report(t, tc.name+"_bwd_dbias", dt.String(), download(t, ba.DBias), wantDB, tolF32)
 			}
 			if tc.halo {
 				report(t, tc.name+"_bwd_dhalo", dt.String(), download(t, ba.DHalo), wantDHalo, tolF32)
 			}
+
+			// The same call again gives the same bits of dw.
+			again := *ba
+			again.DW = upload(t, kernels.F32, dwInit)
+			must(t, gpuOps.ConvBackward(dt, sh, &again, 0))
+			reportBits(t, tc.name+"_bwd_dw_repeat", dt.String(), download(t, again.DW), gotDW)
 		}
 	}
 }
 
 func TestGatedNormGPU(t *testing.T) {
-	const n, e, eps = 130, 256, 1e-5
-	const ldz = e + 64
+	const eps = 1e-5
+	// The first four are the reference shapes (n 130, e 256, ldz 320). The
+	// others reach each launch plan of the kernels: k = 8 (teams of one
+	// lane), k = 12 (a short last chunk: element-wise accesses), k = 1536
+	// with the 130M model's z stride (a block per row), k = 5120 (two chunks
+	// a thread), k = 8264 (the wide kernels), z starting off 16-byte
+	// alignment (zOff elements into its buffer), and the no-norm kernels on
+	// an odd width.
 	cases := []struct {
 		name            string
+		n, e, ldz, zOff int
 		groups          int
 		before, enabled bool
 	}{
-		{"gated_norm_g1", 1, false, true},
-		{"gated_norm_g4", 4, false, true},
-		{"gated_norm_g4_before", 4, true, true},
-		{"gated_norm_off", 1, false, false},
+		{"gated_norm_g1", 130, 256, 320, 0, 1, false, true},
+		{"gated_norm_g4", 130, 256, 320, 0, 4, false, true},
+		{"gated_norm_g4_before", 130, 256, 320, 0, 4, true, true},
+		{"gated_norm_off", 130, 256, 320, 0, 1, false, false},
+		{"gated_norm_k8_g8", 100, 64, 64, 0, 8, false, true},
+		{"gated_norm_k12_g3_before", 70, 36, 41, 0, 3, true, true},
+		{"gated_norm_k1536", 70, 1536, 3352, 0, 1, false, true},
+		{"gated_norm_k5120_before", 40, 5120, 5128, 0, 1, true, true},
+		{"gated_norm_k8264", 33, 8264, 8264, 0, 1, false, true},
+		{"gated_norm_zoff", 130, 256, 320, 1, 2, false, true},
+		{"gated_norm_off_odd", 50, 37, 40, 3, 1, false, false},
 	}
 	for _, dt := range dtypes {
 		for ci, tc := range cases {
+			n, e, ldz := tc.n, tc.e, tc.ldz
 			rng := rand.New(rand.NewPCG(5, uint64(10*ci)+uint64(dt)))
 			g := GatedNormShape{N: n, E: e, Groups: tc.groups, LDZ: ldz, Eps: eps, BeforeGate: tc.before, Enabled: tc.enabled}
 			rg := ref.GatedNormShape{N: n, E: e, Groups: tc.groups, LDZ: ldz, Eps: eps, BeforeGate: tc.before, Enabled: tc.enabled}
 			zLen := (n-1)*ldz + e
-			y, z := act(rng, dt, n*e, 1), act(rng, dt, zLen, 1.5)
+			y, zAll := act(rng, dt, n*e, 1), act(rng, dt, tc.zOff+zLen, 1.5)
+			z := zAll[tc.zOff:]
 			w := randF32(rng, e, 0.1)
 			for i := range w {
 				w[i] += 1
 			}
-			yBuf, zBuf, wBuf := upload(t, dt, y), upload(t, dt, z), upload(t, kernels.F32, w)
+			yBuf, zAllBuf, wBuf := upload(t, dt, y), upload(t, dt, zAll), upload(t, kernels.F32, w)
+			zBuf := subBuffer(zAllBuf, tc.zOff, zLen)
 			fa := &GatedNormForwardArgs{Out: zeros(t, dt, n*e), Rstd: zeros(t, kernels.F32, n*tc.groups), Y: yBuf, Z: zBuf, W: wBuf}
 			must(t, gpuOps.GatedNormForward(dt, g, fa, 0))
 			out, rstd := make([]float64, n*e), make([]float64, n*tc.groups)
@@ -481,7 +597,8 @@ func TestGatedNormGPU(t *testing.T) {
 			rstd32 := f32(rstd)
 			dout := act(rng, dt, n*e, 1)
 			dwInit := randF32(rng, e, 1)
-			ba := &GatedNormBackwardArgs{DY: zeros(t, dt, n*e), DZ: zeros(t, dt, zLen), Dout: upload(t, dt, dout),
+			dzAll := zeros(t, dt, tc.zOff+zLen)
+			ba := &GatedNormBackwardArgs{DY: zeros(t, dt, n*e), DZ: subBuffer(dzAll, tc.zOff, zLen), Dout: upload(t, dt, dout),
 				Rstd: upload(t, kernels.F32, rstd32), Y: yBuf, Z: zBuf, W: wBuf}
 			if tc.enabled {
 				ba.DW = upload(t, kernels.F32, dwInit)
@@ -491,9 +608,14 @@ func TestGatedNormGPU(t *testing.T) {
 			dy, dz, dw := make([]float64, n*e), make([]float64, zLen), f64(dwInit)
 			ref.GatedNormBackward(rg, dy, dz, dw, f64(dout), f64(rstd32), f64(y), f64(z), f64(w))
 			report(t, tc.name+"_bwd_dy", dt.String(), download(t, ba.DY), dy, tolAct(dt))
-			report(t, tc.name+"_bwd_dz", dt.String(), download(t, ba.DZ), dz, tolAct(dt))
+			report(t, tc.name+"_bwd_dz", dt.String(), download(t, dzAll)[tc.zOff:], dz, tolAct(dt))
 			if tc.enabled {
-				report(t, tc.name+"_bwd_dw", dt.String(), download(t, ba.DW), dw, tolF32)
+				gotDW := download(t, ba.DW)
+				report(t, tc.name+"_bwd_dw", dt.String(), gotDW, dw, tolF32)
+				// The weight gradient again from the same start: the same bits.
+				must(t, ba.DW.SetF32(dwInit))
+				must(t, gpuOps.GatedNormBackward(dt, g, ba, 0))
+				reportBits(t, tc.name+"_bwd_dw_repeat", dt.String(), gotDW, download(t, ba.DW))
 			}
 		}
 	}
@@ -514,53 +636,143 @@ func targetsWithIgnored(rng *rand.Rand, n, vocab int) ([]int32, int) {
 }
 
 func TestCrossEntropyGPU(t *testing.T) {
-	const n, vocab, ld = 70, 1000, 1008
-	for _, dt := range dtypes {
-		rng := rand.New(rand.NewPCG(6, uint64(dt)))
-		targets, count := targetsWithIgnored(rng, n, vocab)
-		logits := act(rng, dt, (n-1)*ld+vocab, 4)
-		// The reference: the LM head with the identity as head matrix, so
-		// that its logits are the rows themselves and dhf is dlogits.
-		dense := make([]float64, n*vocab)
-		for r := 0; r < n; r++ {
-			for j := 0; j < vocab; j++ {
-				dense[r*vocab+j] = float64(logits[r*ld+j])
+	// vocab 1000, ld 1008: the reference shape; 999/1003: rows off 16-byte
+	// alignment and a short last chunk; 5003/5008 one element into the
+	// buffer: a misaligned pointer; 50280: the GPT-NeoX vocabulary (the row
+	// kept in shared memory); 70000: rows too long for shared memory, read
+	// twice.
+	cases := []struct {
+		name              string
+		n, vocab, ld, off int
+	}{
+		{"cross_entropy", 70, 1000, 1008, 0},
+		{"cross_entropy_odd", 40, 999, 1003, 0},
+		{"cross_entropy_ptroff", 30, 5003, 5008, 1},
+		{"cross_entropy_v50280", 8, 50280, 50280, 0},
+		{"cross_entropy_v70000", 4, 70000, 70000, 0},
+	}
+	for ci, tc := range cases {
+		for _, dt := range dtypes {
+			n, vocab, ld := tc.n, tc.vocab, tc.ld
+			rng := rand.New(rand.NewPCG(6, uint64(10*ci)+uint64(dt)))
+			targets, count := targetsWithIgnored(rng, n, vocab)
+			if count == 0 {
+				targets[0], count = int32(rng.IntN(vocab)), 1
 			}
-		}
-		eye := make([]float64, vocab*vocab)
-		for j := 0; j < vocab; j++ {
-			eye[j*vocab+j] = 1
-		}
-		dlogits := make([]float64, n*vocab)
-		wantLoss := ref.LMHeadLoss(dense, eye, targets, n, vocab, vocab, count, dlogits, make([]float64, vocab*vocab))
-
-		tg := int32Buf(t, targets)
-		for _, grad := range []bool{false, true} {
-			lg := upload(t, dt, logits)
-			rowLoss := zeros(t, kernels.F32, n)
-			sum, err := AllocFloat64(gpuLib, 1)
-			must(t, err)
-			t.Cleanup(func() { sum.Free() })
-			must(t, WriteFloat64(sum, []float64{0}))
-			must(t, gpuOps.CrossEntropy(dt, &CrossEntropyArgs{Logits: lg, LD: ld, Targets: tg, N: n, Vocab: vocab,
-				GradScale: float32(1 / float64(count)), ComputeGrad: grad, RowLoss: rowLoss, LossSum: sum}, 0))
-			must(t, gpuLib.Sync(0))
-			got, err := ReadFloat64(sum)
-			must(t, err)
-			name := "cross_entropy_loss"
-			if !grad {
-				name = "cross_entropy_loss_nograd"
-			}
-			report(t, name, dt.String(), []float32{float32(got[0])}, []float64{wantLoss}, tolF32)
-			if !grad {
-				continue
-			}
-			out := download(t, lg)
-			gotD := make([]float32, n*vocab)
+			all := act(rng, dt, tc.off+(n-1)*ld+vocab, 4)
+			logits := all[tc.off:]
+			scale := 1 / float64(count)
+			// The reference in float64: loss = logsumexp − logit[target],
+			// dlogits = (softmax − onehot)·scale, zero for a negative target.
+			wantLoss, dlogits := 0.0, make([]float64, n*vocab)
 			for r := 0; r < n; r++ {
-				copy(gotD[r*vocab:(r+1)*vocab], out[r*ld:r*ld+vocab])
+				if targets[r] < 0 {
+					continue
+				}
+				row := logits[r*ld : r*ld+vocab]
+				m := math.Inf(-1)
+				for _, v := range row {
+					m = math.Max(m, float64(v))
+				}
+				sum := 0.0
+				for _, v := range row {
+					sum += math.Exp(float64(v) - m)
+				}
+				lse := m + math.Log(sum)
+				wantLoss += lse - float64(row[targets[r]])
+				for j, v := range row {
+					dlogits[r*vocab+j] = math.Exp(float64(v)-lse) * scale
+				}
+				dlogits[r*vocab+int(targets[r])] -= scale
 			}
-			report(t, "cross_entropy_dlogits", dt.String(), gotD, dlogits, tolAct(dt))
+			if ci == 0 {
+				// The formula above against model/ref's LM head with the
+				// identity as head matrix (its logits are the rows themselves
+				// and dhf is dlogits).
+				dense := make([]float64, n*vocab)
+				for r := 0; r < n; r++ {
+					for j := 0; j < vocab; j++ {
+						dense[r*vocab+j] = float64(logits[r*ld+j])
+					}
+				}
+				eye := make([]float64, vocab*vocab)
+				for j := 0; j < vocab; j++ {
+					eye[j*vocab+j] = 1
+				}
+				refD := make([]float64, n*vocab)
+				refLoss := ref.LMHeadLoss(dense, eye, targets, n, vocab, vocab, count, refD, make([]float64, vocab*vocab))
+				if math.Abs(refLoss-wantLoss) > 1e-9*math.Abs(refLoss) {
+					t.Fatalf("%s: the test's reference loss %v differs from model/ref's %v", dt, wantLoss, refLoss)
+				}
+				for i := range refD {
+					if math.Abs(refD[i]-dlogits[i]) > 1e-12 {
+						t.Fatalf("%s: the test's reference dlogits[%d] = %v, model/ref's %v", dt, i, dlogits[i], refD[i])
+					}
+				}
+			}
+
+			tg := int32Buf(t, targets)
+			for _, grad := range []bool{false, true} {
+				lgAll := upload(t, dt, all)
+				lg := subBuffer(lgAll, tc.off, len(logits))
+				rowLoss := zeros(t, kernels.F32, n)
+				sum, err := AllocFloat64(gpuLib, 1)
+				must(t, err)
+				t.Cleanup(func() { sum.Free() })
+				must(t, WriteFloat64(sum, []float64{0}))
+				must(t, gpuOps.CrossEntropy(dt, &CrossEntropyArgs{Logits: lg, LD: ld, Targets: tg, N: n, Vocab: vocab,
+					GradScale: float32(scale), ComputeGrad: grad, RowLoss: rowLoss, LossSum: sum}, 0))
+				must(t, gpuLib.Sync(0))
+				got, err := ReadFloat64(sum)
+				must(t, err)
+				name := tc.name + "_loss"
+				if !grad {
+					name = tc.name + "_loss_nograd"
+				}
+				report(t, name, dt.String(), []float32{float32(got[0])}, []float64{wantLoss}, tolF32)
+				if !grad {
+					continue
+				}
+				out := download(t, lgAll)[tc.off:]
+				gotD := make([]float32, n*vocab)
+				for r := 0; r < n; r++ {
+					copy(gotD[r*vocab:(r+1)*vocab], out[r*ld:r*ld+vocab])
+				}
+				report(t, tc.name+"_dlogits", dt.String(), gotD, dlogits, tolAct(dt))
+			}
+		}
+	}
+
+	// A target at or above vocab makes that row's loss NaN; a negative one
+	// gives a zero loss and a zero gradient row; the other rows as usual.
+	for _, dt := range dtypes {
+		const vocab = 100
+		rng := rand.New(rand.NewPCG(8, uint64(dt)))
+		logits := act(rng, dt, 3*vocab, 4)
+		lg := upload(t, dt, logits)
+		rowLoss := zeros(t, kernels.F32, 3)
+		must(t, gpuOps.CrossEntropy(dt, &CrossEntropyArgs{Logits: lg, LD: vocab, Targets: int32Buf(t, []int32{5, vocab, -1}),
+			N: 3, Vocab: vocab, GradScale: 1, ComputeGrad: true, RowLoss: rowLoss}, 0))
+		got, grads := download(t, rowLoss), download(t, lg)
+		m, sum := math.Inf(-1), 0.0
+		for _, v := range logits[:vocab] {
+			m = math.Max(m, float64(v))
+		}
+		for _, v := range logits[:vocab] {
+			sum += math.Exp(float64(v) - m)
+		}
+		report(t, "cross_entropy_target_rows", dt.String(), got[:1], []float64{m + math.Log(sum) - float64(logits[5])}, tolF32)
+		if !math.IsNaN(float64(got[1])) {
+			t.Errorf("%s: loss of the row with target = vocab is %v, want NaN", dt, got[1])
+		}
+		if got[2] != 0 {
+			t.Errorf("%s: loss of the row with a negative target is %v, want 0", dt, got[2])
+		}
+		for j, v := range grads[2*vocab:] {
+			if v != 0 {
+				t.Errorf("%s: dlogits[2, %d] = %v for a negative target, want 0", dt, j, v)
+				break
+			}
 		}
 	}
 }
