@@ -366,12 +366,17 @@ func (s *S3Store) Put(ctx context.Context, name string, r io.Reader, size int64)
 		}
 		data := (*first)[:n]
 		// A payload signed with its digest, rather than the client's
-		// chunked streaming signature, which gateways misread for an
-		// empty body and then fail the next request on the connection.
+		// chunked streaming signature: over plain HTTP the client streams
+		// whenever DisableContentSha256 is unset, digest or not, and for
+		// an empty body it sends chunk framing after a Content-Length of
+		// 0, which the server then reads as the next request on the
+		// connection and answers with a 400 that fails whichever request
+		// comes next.
 		sum := sha256.Sum256(data)
 		digest := hex.EncodeToString(sum[:])
 		return s.retry(ctx, "PutObject", name, func(ctx context.Context) error {
-			_, err := s.core.PutObject(ctx, s.cfg.Bucket, name, bytes.NewReader(data), int64(len(data)), "", digest, minio.PutObjectOptions{})
+			_, err := s.core.PutObject(ctx, s.cfg.Bucket, name, bytes.NewReader(data), int64(len(data)), "", digest,
+				minio.PutObjectOptions{DisableContentSha256: true})
 			return err
 		})
 	case err != nil:
