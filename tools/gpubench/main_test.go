@@ -42,6 +42,31 @@ func TestDefaultsAreMamba2_130m(t *testing.T) {
 	}
 }
 
+// The comparison switches reach the backend's options and the report.
+func TestComparisonFlagsReachTheBackend(t *testing.T) {
+	o, err := parseFlags([]string{"--dense-head", "--recompute-ssd"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if g := o.gpuOptions(); !g.DenseHead || !g.RecomputeSSD {
+		t.Errorf("gpu options %+v: want DenseHead and RecomputeSSD", g)
+	}
+	cfg, err := o.config()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r := newReport(o, cfg); !r.DenseHead || !r.RecomputeSSD {
+		t.Errorf("report: dense_head %v, recompute_ssd %v; want both", r.DenseHead, r.RecomputeSSD)
+	}
+	o, err = parseFlags(nil, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if g := o.gpuOptions(); g.DenseHead || g.RecomputeSSD {
+		t.Errorf("default gpu options %+v: want neither switch", g)
+	}
+}
+
 func TestFlagErrorsNameTheFlag(t *testing.T) {
 	for _, tc := range []struct {
 		args []string
